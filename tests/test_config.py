@@ -1,0 +1,169 @@
+"""formulabeat.toml: defaults, discovery, and a clear error for each bad file."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from beat_schedule import build_schedule
+from workers.config import CONFIG_ENV, DEFAULT_COMMAND, load_config, parse_config
+from workers.errors import ConfigError
+
+GOOD = """
+state_dir = "state"
+
+[[projects]]
+name = "proj"
+repo_root = "repo"
+ops_repo_root = "ops"
+forge_url = "http://forge.example:3000/"
+primary_branch = "trunk"
+
+[[agents]]
+name = "planner"
+project = "proj"
+formula = "formulas/planner.toml"
+schedule = "0 6 * * *"
+context = ["README.md", "ops:journal.md"]
+"""
+
+
+def test_defaults_of_a_minimal_file(tmp_path: Path) -> None:
+    cfg = parse_config(GOOD, tmp_path / "formulabeat.toml")
+    agent = cfg.agent("proj", "planner")
+    assert cfg.broker_url is None
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.tmux_socket is None
+    assert agent.min_memory_mb == 2000
+    assert agent.idle_timeout == 7200
+    assert agent.command == DEFAULT_COMMAND
+    assert agent.argv() == ["claude", "--dangerously-skip-permissions"]
+    assert agent.enabled is True
+    assert agent.formula == tmp_path / "formulas" / "planner.toml"
+    assert agent.context == ("README.md", "ops:journal.md")
+    project = cfg.project("proj")
+    assert project.forge_url == "http://forge.example:3000"
+    assert project.primary_branch == "trunk"
+    assert project.repo_root == tmp_path / "repo"
+    assert cfg.warnings == ()
+
+
+def test_model_adds_the_model_flag(tmp_path: Path) -> None:
+    cfg = parse_config(GOOD + 'model = "opus"\n', tmp_path / "f.toml")
+    assert cfg.agent("proj", "planner").argv()[-2:] == ["--model", "opus"]
+
+
+def test_unknown_keys_are_warnings_naming_them(tmp_path: Path) -> None:
+    cfg = parse_config(GOOD + "colour = 'blue'\n", tmp_path / "f.toml")
+    assert len(cfg.warnings) == 1
+    assert "agents[0]: unknown key(s) ignored: colour" in cfg.warnings[0]
+
+
+def test_config_is_found_by_flag_then_env_then_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("flag", "env", "cwd"):
+        (tmp_path / name).mkdir()
+        text = GOOD.replace('"proj"', f'"{name}"')
+        (tmp_path / name / "formulabeat.toml").write_text(text)
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert load_config().projects[0].name == "cwd"
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "env" / "formulabeat.toml"))
+    assert load_config().projects[0].name == "env"
+    assert load_config(tmp_path / "flag" / "formulabeat.toml").projects[0].name == "flag"
+
+
+def test_missing_file_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no configuration file"):
+        load_config(tmp_path / "nope.toml")
+
+
+BAD = [
+    ("state_dir = \n", None, "not valid TOML: Invalid value (at line 1, column 13)"),
+    ("[broker]\nurl = 5\n", "broker.url", "must be a string, not an integer"),
+    ('[broker]\nurl = "amqp://x"\n', "broker.url", "is not a Redis URL"),
+    ("[worker]\nconcurrency = 0\n", "worker.concurrency", "must be at least 1"),
+    ("[flower]\nport = 70000\n", "flower.port", "must be a TCP port"),
+    ("[monitor]\npoll_interval = -1\n", "monitor.poll_interval", "must be greater than 0"),
+    ("[monitor]\npoll_interval = true\n", "monitor.poll_interval", "must be a number"),
+    ("projects = 3\n", "projects", "must be an array of tables"),
+    ('[[projects]]\nrepo_root = "r"\n', "projects[0].name", "is required"),
+    ('[[projects]]\nname = "a b"\nrepo_root = "r"\n', "projects[0].name", "not a valid name"),
+    ('[[projects]]\nname = "p"\n', "projects[0] (p).repo_root", "is required"),
+    (
+        '[[projects]]\nname = "p"\nrepo_root = "r"\nforge_url = "ftp://x"\n',
+        "projects[0] (p).forge_url",
+        "is not an http(s) URL",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "message"), BAD)
+def test_bad_top_level_and_projects(tmp_path: Path, text: str, key: str | None, message: str) -> None:
+    path = tmp_path / "formulabeat.toml"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, path)
+    assert caught.value.key == key
+    assert message in caught.value.problem
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+AGENT_BAD = [
+    ('schedule = "0 6 * *"', "schedule", "has 4 field(s); crontab syntax has 5"),
+    ('schedule = "61 * * * *"', "schedule", "bad minute field '61'"),
+    ('schedule = "0 25 * * *"', "schedule", "bad hour field '25'"),
+    ('schedule = "0 0 * 13 *"', "schedule", "bad month field '13'"),
+    ('schedule = "0 0 * * funday"', "schedule", "bad day of week field 'funday'"),
+    ('project = "elsewhere"', "project", "names no project defined"),
+    ("min_memory_mb = -5", "min_memory_mb", "must be 0 or more"),
+    ('min_memory_mb = "lots"', "min_memory_mb", "must be an integer, not a string"),
+    ("idle_timeout = 0", "idle_timeout", "must be greater than 0"),
+    ("enabled = 1", "enabled", "must be true or false, not an integer"),
+    ('command = ""', "command", "must not be empty"),
+    ("command = \"claude 'unclosed\"", "command", "cannot be split into words"),
+    ("context = [1]", "context[0]", "must be a string"),
+    ('formula = ""', "formula", "must not be empty"),
+]
+
+
+@pytest.mark.parametrize(("line", "key", "message"), AGENT_BAD)
+def test_bad_agent_keys_name_the_agent_and_key(
+    tmp_path: Path, line: str, key: str, message: str
+) -> None:
+    name = line.split(" =")[0]
+    lines = [ln for ln in GOOD.splitlines() if not ln.startswith(f"{name} =")]
+    text = "\n".join(lines) + "\n" + line + "\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, tmp_path / "formulabeat.toml")
+    owner = "elsewhere" if name == "project" else "proj"
+    assert caught.value.key == f"agents[0] ({owner}/planner).{key}"
+    assert message in caught.value.problem
+
+
+def test_duplicate_agent_is_refused(tmp_path: Path) -> None:
+    agent = GOOD[GOOD.index("[[agents]]") :]
+    with pytest.raises(ConfigError, match="agent 'proj/planner' is defined twice"):
+        parse_config(GOOD + agent, tmp_path / "f.toml")
+
+
+def test_unknown_agent_lists_the_known_ones(tmp_path: Path) -> None:
+    cfg = parse_config(GOOD, tmp_path / "f.toml")
+    with pytest.raises(ConfigError, match=r"has no agent 'gardener' \(known: planner\)"):
+        cfg.agent("proj", "gardener")
+
+
+def test_beat_schedule_has_one_crontab_entry_per_agent(tmp_path: Path) -> None:
+    text = GOOD + "run_on_start = true\n"
+    cfg = parse_config(text, tmp_path / "f.toml")
+    schedule = build_schedule(cfg)
+    entry = schedule["proj/planner"]
+    assert entry["task"] == "formulabeat.run"
+    assert entry["args"] == ("proj", "planner")
+    assert entry["schedule"].hour == {6} and entry["schedule"].minute == {0}
+    # run_on_start: a beat with no record of the agent finds it due at once.
+    assert entry["last_run_at"] < dt.datetime(2001, 1, 1, tzinfo=dt.UTC)
+    plain = build_schedule(parse_config(GOOD, tmp_path / "f.toml"))["proj/planner"]
+    assert "last_run_at" not in plain

@@ -1,0 +1,441 @@
+"""The configuration file, ``formulabeat.toml``: typed, validated, immutable.
+
+A bad file fails fast with the file, the key and what is wrong; unknown keys
+are collected as warnings (a typo must not silently change behaviour, but it
+must not stop a fleet either).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from workers.errors import ConfigError
+
+CONFIG_ENV = "FORMULABEAT_CONFIG"
+HOST_ENV = "FORMULABEAT_HOST"
+CONFIG_NAME = "formulabeat.toml"
+DEFAULT_COMMAND = "claude --dangerously-skip-permissions"
+
+# Names end up in tmux session names, Redis keys and queue names: tmux forbids
+# '.' and ':' in session names and a space would need quoting everywhere, so
+# refuse anything beyond this set instead of mapping it ambiguously.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
+_CRON_FIELDS = ("minute", "hour", "day of month", "month", "day of week")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """One project: the repository agents work in and where it is hosted."""
+
+    name: str
+    repo_root: Path
+    ops_repo_root: Path | None
+    forge_url: str
+    forge_repo: str
+    primary_branch: str
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """One formula agent of a project and how it is scheduled and run."""
+
+    name: str
+    project: str
+    formula: Path
+    schedule: str
+    context: tuple[str, ...] = ()
+    min_memory_mb: int = 2000
+    idle_timeout: float = 7200.0
+    max_runtime: float = 4 * 3600.0
+    command: str = DEFAULT_COMMAND
+    model: str | None = None
+    enabled: bool = True
+    ready_prompt: str = "❯"
+    run_on_start: bool = False
+
+    @property
+    def key(self) -> str:
+        """``project/agent``: how users name an agent on the command line."""
+        return f"{self.project}/{self.name}"
+
+    def argv(self) -> list[str]:
+        """The agent command as an argument vector (``--model`` appended)."""
+        argv = shlex.split(self.command)
+        if self.model:
+            argv += ["--model", self.model]
+        return argv
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Timings of session start and phase monitoring (seconds, may be fractional)."""
+
+    poll_interval: float = 0.25
+    liveness_interval: float = 1.0
+    ready_timeout: float = 120.0
+    ready_quiet: float = 0.4
+    lease_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    path: Path
+    state_dir: Path
+    broker_url: str | None
+    result_backend: str | None
+    host: str
+    concurrency: int
+    tmux_socket: str | None
+    flower_address: str
+    flower_port: int
+    monitor: MonitorConfig
+    projects: tuple[ProjectConfig, ...]
+    agents: tuple[AgentConfig, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    def project(self, name: str) -> ProjectConfig:
+        """The project named ``name``, or a ConfigError naming the known ones."""
+        for project in self.projects:
+            if project.name == name:
+                return project
+        known = ", ".join(p.name for p in self.projects) or "none"
+        raise ConfigError(self.path, "projects", f"no project named {name!r} (known: {known})")
+
+    def agent(self, project: str, name: str) -> AgentConfig:
+        """The agent ``name`` of ``project``, or a ConfigError naming the known ones."""
+        self.project(project)
+        for agent in self.agents:
+            if agent.project == project and agent.name == name:
+                return agent
+        known = ", ".join(a.name for a in self.agents if a.project == project) or "none"
+        raise ConfigError(
+            self.path, "agents", f"project {project!r} has no agent {name!r} (known: {known})"
+        )
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where the config lives: ``--config``, then $FORMULABEAT_CONFIG, then ./formulabeat.toml."""
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env).expanduser().resolve()
+    return (Path.cwd() / CONFIG_NAME).resolve()
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the configuration file (see :func:`find_config_path`)."""
+    path = find_config_path(explicit)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            path,
+            None,
+            f"no configuration file (give --config, set ${CONFIG_ENV}, "
+            f"or create {CONFIG_NAME} in the current directory)",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {exc.start})") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Validate the TOML text of a config file found at ``path``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, None, f"not valid TOML: {exc}") from None
+    return _Parser(path, data).config()
+
+
+class _Parser:
+    """Walks the TOML document once, checking each key against its type."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.base = path.parent
+        self.data = data
+        self.warnings: list[str] = []
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, key, problem)
+
+    def table(self, key: str) -> dict[str, Any]:
+        value = self.data.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table ([{key}]), not {_kind(value)}")
+        return value
+
+    def tables(self, key: str) -> list[dict[str, Any]]:
+        value = self.data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.fail(key, f"must be an array of tables ([[{key}]])")
+        return value
+
+    def unknown(self, where: str, table: Mapping[str, Any], known: set[str]) -> None:
+        extra = sorted(set(table) - known)
+        if extra:
+            self.warnings.append(
+                f"{self.path}: {where}: unknown key(s) ignored: {', '.join(extra)}"
+            )
+
+    def get(
+        self,
+        table: Mapping[str, Any],
+        where: str,
+        key: str,
+        kind: type[T],
+        default: T | None = None,
+        required: bool = False,
+    ) -> T:
+        full = f"{where}.{key}" if where else key
+        if key not in table:
+            if required:
+                raise self.fail(full, "is required")
+            return default  # type: ignore[return-value]
+        value = table[key]
+        # bool is an int subclass: `idle_timeout = true` must not pass as 1.
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise self.fail(full, f"must be {_kind_name(kind)}, not {_kind(value)}")
+        return value
+
+    def check(self, full: str, ok: bool, problem: str) -> None:
+        if not ok:
+            raise self.fail(full, problem)
+
+    def path_value(self, table: Mapping[str, Any], where: str, key: str) -> Path | None:
+        value = self.get(table, where, key, str)
+        if value is None:
+            return None
+        self.check(f"{where}.{key}", value.strip() != "", "must not be empty")
+        return (self.base / Path(value).expanduser()).resolve()
+
+    def name(self, table: Mapping[str, Any], where: str) -> str:
+        value = self.get(table, where, "name", str, required=True)
+        self.check(
+            f"{where}.name",
+            bool(_NAME_RE.match(value)),
+            f"{value!r} is not a valid name: use letters, digits, '-' and '_' "
+            "(at most 48, starting with a letter or digit)",
+        )
+        return value
+
+    def config(self) -> Config:
+        top_known = {"state_dir", "broker", "worker", "tmux", "monitor", "flower"}
+        top_known |= {"projects", "agents"}
+        self.unknown("top level", self.data, top_known)
+        state_dir = self.path_value(self.data, "", "state_dir") or _default_state_dir()
+
+        broker = self.table("broker")
+        self.unknown("[broker]", broker, {"url", "result_backend"})
+        broker_url = self.get(broker, "broker", "url", str)
+        result_backend = self.get(broker, "broker", "result_backend", str)
+        for key, url in (("url", broker_url), ("result_backend", result_backend)):
+            if url is not None:
+                self.check(
+                    f"broker.{key}",
+                    url.startswith(("redis://", "rediss://", "unix://")),
+                    f"{redact_url(url)!r} is not a Redis URL (redis://, rediss:// or unix://)",
+                )
+
+        worker = self.table("worker")
+        self.unknown("[worker]", worker, {"host", "concurrency"})
+        host = os.environ.get(HOST_ENV) or self.get(worker, "worker", "host", str)
+        host = host or socket.gethostname()
+        self.check("worker.host", bool(_NAME_RE.match(host.replace(".", "-"))), "invalid")
+        concurrency = self.get(worker, "worker", "concurrency", int, 64)
+        self.check("worker.concurrency", concurrency >= 1, "must be at least 1")
+
+        tmux = self.table("tmux")
+        self.unknown("[tmux]", tmux, {"socket"})
+        tmux_socket = self.get(tmux, "tmux", "socket", str)
+
+        flower = self.table("flower")
+        self.unknown("[flower]", flower, {"address", "port"})
+        flower_address = self.get(flower, "flower", "address", str, "127.0.0.1")
+        flower_port = self.get(flower, "flower", "port", int, 5555)
+        self.check("flower.port", 0 < flower_port < 65536, "must be a TCP port (1-65535)")
+
+        monitor = self._monitor()
+        projects = tuple(self._project(i, t) for i, t in enumerate(self.tables("projects")))
+        names = [p.name for p in projects]
+        for name in names:
+            self.check("projects", names.count(name) == 1, f"project {name!r} is defined twice")
+        agents = tuple(self._agent(i, t, set(names)) for i, t in enumerate(self.tables("agents")))
+        keys = [a.key for a in agents]
+        for key in keys:
+            self.check("agents", keys.count(key) == 1, f"agent {key!r} is defined twice")
+        return Config(
+            path=self.path,
+            state_dir=state_dir,
+            broker_url=broker_url,
+            result_backend=result_backend,
+            host=host,
+            concurrency=concurrency,
+            tmux_socket=tmux_socket,
+            flower_address=flower_address,
+            flower_port=flower_port,
+            monitor=monitor,
+            projects=projects,
+            agents=agents,
+            warnings=tuple(self.warnings),
+        )
+
+    def _monitor(self) -> MonitorConfig:
+        table = self.table("monitor")
+        defaults = MonitorConfig()
+        known = set(MonitorConfig.__dataclass_fields__)
+        self.unknown("[monitor]", table, known)
+        values = {
+            key: self.get(table, "monitor", key, float, getattr(defaults, key)) for key in known
+        }
+        for key, value in values.items():
+            self.check(f"monitor.{key}", value > 0, "must be greater than 0")
+        return MonitorConfig(**values)
+
+    def _project(self, index: int, table: dict[str, Any]) -> ProjectConfig:
+        where = f"projects[{index}]"
+        known = {"name", "repo_root", "ops_repo_root", "forge_url", "forge_repo"}
+        self.unknown(where, table, known | {"primary_branch"})
+        name = self.name(table, where)
+        where = f"projects[{index}] ({name})"
+        repo_root = self.path_value(table, where, "repo_root")
+        if repo_root is None:
+            raise self.fail(f"{where}.repo_root", "is required")
+        forge_url = self.get(table, where, "forge_url", str, "http://localhost:3000")
+        self.check(
+            f"{where}.forge_url",
+            forge_url.startswith(("http://", "https://")),
+            f"{forge_url!r} is not an http(s) URL",
+        )
+        return ProjectConfig(
+            name=name,
+            repo_root=repo_root,
+            ops_repo_root=self.path_value(table, where, "ops_repo_root"),
+            forge_url=forge_url.rstrip("/"),
+            forge_repo=self.get(table, where, "forge_repo", str, name),
+            primary_branch=self.get(table, where, "primary_branch", str, "main"),
+        )
+
+    def _agent(self, index: int, table: dict[str, Any], projects: set[str]) -> AgentConfig:
+        where = f"agents[{index}]"
+        known = set(AgentConfig.__dataclass_fields__)
+        self.unknown(where, table, known)
+        name = self.name(table, where)
+        project = self.get(table, where, "project", str, required=True)
+        where = f"agents[{index}] ({project}/{name})"
+        self.check(
+            f"{where}.project",
+            project in projects,
+            f"names no project defined in [[projects]] ({project!r})",
+        )
+        formula = self.path_value(table, where, "formula")
+        if formula is None:
+            raise self.fail(f"{where}.formula", "is required")
+        schedule = self.get(table, where, "schedule", str, required=True)
+        _check_schedule(schedule, lambda problem: self.fail(f"{where}.schedule", problem))
+        context = self.get(table, where, "context", list, [])
+        for i, item in enumerate(context):
+            self.check(f"{where}.context[{i}]", isinstance(item, str), "must be a string")
+        command = self.get(table, where, "command", str, DEFAULT_COMMAND)
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise self.fail(f"{where}.command", f"cannot be split into words: {exc}") from None
+        self.check(f"{where}.command", bool(argv), "must not be empty")
+        defaults = AgentConfig(name="", project="", formula=Path(), schedule="")
+        agent = AgentConfig(
+            name=name,
+            project=project,
+            formula=formula,
+            schedule=schedule,
+            context=tuple(context),
+            min_memory_mb=self.get(table, where, "min_memory_mb", int, defaults.min_memory_mb),
+            idle_timeout=self.get(table, where, "idle_timeout", float, defaults.idle_timeout),
+            max_runtime=self.get(table, where, "max_runtime", float, defaults.max_runtime),
+            command=command,
+            model=self.get(table, where, "model", str),
+            enabled=self.get(table, where, "enabled", bool, True),
+            ready_prompt=self.get(table, where, "ready_prompt", str, defaults.ready_prompt),
+            run_on_start=self.get(table, where, "run_on_start", bool, False),
+        )
+        self.check(f"{where}.min_memory_mb", agent.min_memory_mb >= 0, "must be 0 or more")
+        self.check(f"{where}.idle_timeout", agent.idle_timeout > 0, "must be greater than 0")
+        self.check(f"{where}.max_runtime", agent.max_runtime > 0, "must be greater than 0")
+        self.check(f"{where}.ready_prompt", agent.ready_prompt.strip() != "", "must not be empty")
+        return agent
+
+
+def _check_schedule(schedule: str, fail: Callable[[str], ConfigError]) -> None:
+    """Accept exactly the 5-field crontab syntax Celery's crontab understands."""
+    from celery.schedules import ParseException, crontab_parser
+
+    fields = schedule.split()
+    if len(fields) != 5:
+        raise fail(
+            f"{schedule!r} has {len(fields)} field(s); crontab syntax has 5: "
+            "minute hour day-of-month month day-of-week"
+        )
+    parsers = (
+        crontab_parser(60),
+        crontab_parser(24),
+        crontab_parser(31, 1),
+        crontab_parser(12, 1),
+        crontab_parser(7),
+    )
+    for name, text, parser in zip(_CRON_FIELDS, fields, parsers, strict=True):
+        try:
+            parser.parse(text)
+        except (ParseException, ValueError) as exc:
+            raise fail(f"{schedule!r}: bad {name} field {text!r}: {exc}") from None
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "formulabeat"
+
+
+def _kind(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _kind_name(kind: type) -> str:
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(kind, kind.__name__)
+
+
+def redact_url(url: str) -> str:
+    """A URL with any user:password part replaced, fit for logs and errors."""
+    return re.sub(r"://[^@/]*@", "://***@", url)
