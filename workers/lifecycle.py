@@ -1,0 +1,174 @@
+"""A run's life on its host: prepare, start the session, monitor, finish.
+
+These are the steps the Celery tasks call, one each. They change the run in
+place and raise only typed errors; progress goes to a ``ProgressSink`` that
+the task layer supplies, so this module never imports Celery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import redis
+
+from workers import guards, worktrees
+from workers import run as outcomes
+from workers.config import AgentConfig, Config
+from workers.errors import ContextError, SessionError
+from workers.formula import load_formula
+from workers.locks import Lease, agent_lock_key, holder
+from workers.monitor import watch
+from workers.prompt import build_prompt
+from workers.run import Run, now_iso
+from workers.statedir import new_run_dir, write_private
+from workers.tmux import AgentSession, TmuxServer, session_name
+
+MAX_PROMPT_BYTES = 1024 * 1024
+# Credentials an agent needs, handed over through the 0600 launch file only.
+PASS_ENV = ("FORGE_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
+
+
+class ProgressSink(Protocol):
+    """Where a step publishes the run's state (the task layer's Reporter)."""
+
+    def progress(self, run: Run, state: str) -> None:
+        """Publish ``state`` with the run's snapshot."""
+
+
+def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> None:
+    """Guards, lease, formula, prompt and worktree; ends the run if any of them says no."""
+    agent = cfg.agent(run.project, run.agent)
+    project = cfg.project(run.project)
+    reason = guards.skip_reason(client, agent)
+    if reason:
+        run.end(outcomes.SKIPPED, reason)
+        return
+    key = agent_lock_key(run.project, run.agent)
+    lease = Lease.acquire(client, key, run.id, run.host, cfg.monitor.lease_seconds)
+    if lease is None:
+        owner = holder(client, key)
+        who = f"run {owner.run_id} on host {owner.host}" if owner else "another run"
+        run.end(outcomes.SKIPPED, f"agent {agent.key} is already running: {who} holds its lease")
+        return
+    run.lease_key, run.lease_token = lease.key, lease.token
+    sink.progress(run, "PREPARING")
+
+    # Everything that can be refused is checked before anything is written.
+    formula = load_formula(agent.formula)
+    run.formula_source = str(agent.formula)
+    argv = agent.argv()
+    if shutil.which(argv[0]) is None:
+        raise SessionError(
+            f"agent command {argv[0]!r} (agents {agent.key}: command) not found on PATH"
+        )
+    run_dir = new_run_dir(cfg.state_dir, run.id)
+    run.run_dir = str(run_dir)
+    worktree = run_dir / "worktree"
+    phase_file = run_dir / "phase"
+    parts = build_prompt(
+        run_id=run.id,
+        project=project,
+        agent=agent,
+        formula=formula,
+        formula_source=run.formula_source,
+        phase_file=str(phase_file),
+        worktree=str(worktree),
+    )
+    size = len(parts.prompt.encode("utf-8"))
+    if size > MAX_PROMPT_BYTES:
+        raise ContextError(f"the prompt is {size} bytes, over the {MAX_PROMPT_BYTES} byte limit")
+    worktrees.add_worktree(project.repo_root, worktree)
+    run.worktree = str(worktree)
+    write_private(phase_file, "")
+    run.phase_file = str(phase_file)
+    write_private(run_dir / "prompt.md", parts.prompt)
+    run.prompt_file = str(run_dir / "prompt.md")
+    write_private(run_dir / "context.md", parts.footer + "\n")
+    write_private(run_dir / "launch.json", json.dumps(_launch_spec(run, agent, argv)))
+
+
+def _launch_spec(run: Run, agent: AgentConfig, argv: list[str]) -> dict[str, object]:
+    env = {
+        "PHASE_FILE": run.phase_file,
+        "FORMULABEAT_RUN_ID": run.id,
+        "FORMULABEAT_RUN_DIR": run.run_dir,
+        "FORMULABEAT_PROJECT": run.project,
+        "FORMULABEAT_AGENT": agent.name,
+    }
+    env.update({name: os.environ[name] for name in PASS_ENV if name in os.environ})
+    return {"argv": argv, "env": env, "cwd": run.worktree}
+
+
+def _session(run: Run, cfg: Config) -> AgentSession:
+    if not (run.session and run.session_id and run.pane_id):
+        raise SessionError(f"run {run.id} has no session")
+    return AgentSession(
+        server=TmuxServer(cfg.tmux_socket),
+        name=run.session,
+        session_id=run.session_id,
+        pane_id=run.pane_id,
+    )
+
+
+def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
+    """Start the agent in tmux, wait until it is ready, and deliver the prompt."""
+    agent = cfg.agent(run.project, run.agent)
+    assert run.run_dir and run.worktree and run.prompt_file
+    run_dir = Path(run.run_dir)
+    session = AgentSession.start(
+        TmuxServer(cfg.tmux_socket),
+        session_name(run.project, run.agent, run.id),
+        Path(run.worktree),
+        run_dir / "launch.json",
+    )
+    run.session, run.session_id, run.pane_id = session.name, session.session_id, session.pane_id
+    sink.progress(run, "STARTING")
+    session.wait_ready(agent.ready_prompt, cfg.monitor.ready_quiet, cfg.monitor.ready_timeout)
+    session.paste_file(Path(run.prompt_file), f"formulabeat-{run.id}")
+    sink.progress(run, "RUNNING")
+
+
+def monitor(run: Run, cfg: Config, client: redis.Redis, on_phase: Callable[[Run], None]) -> None:
+    """Follow the session until the run has an outcome, renewing the lease."""
+    agent = cfg.agent(run.project, run.agent)
+    assert run.lease_key and run.lease_token
+    lease = Lease(
+        key=run.lease_key, token=run.lease_token, ttl_ms=int(cfg.monitor.lease_seconds * 1000)
+    )
+
+    def renew() -> bool:
+        try:
+            return lease.extend(client)
+        except redis.exceptions.RedisError:
+            # Redis away is not the lease lost: keep going until it answers "not yours".
+            return True
+
+    watch(run, _session(run, cfg), agent, cfg.monitor, on_phase, renew)
+
+
+def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
+    """Kill the session, release the lease, remove (or keep) the worktree."""
+    if run.outcome is None:
+        run.end(outcomes.FAILED, "the run ended without an outcome")
+    if run.session_id:
+        with contextlib.suppress(SessionError):
+            _session(run, cfg).kill()
+    if run.lease_key and run.lease_token:
+        with contextlib.suppress(redis.exceptions.RedisError):
+            Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
+    if run.run_dir:
+        run_dir = Path(run.run_dir)
+        if run.outcome == outcomes.CRASHED:
+            worktrees.preserve(run_dir, run.reason or "crashed")
+            run.worktree_preserved = True
+        else:
+            if run.worktree:
+                worktrees.remove_worktree(cfg.project(run.project).repo_root, Path(run.worktree))
+            shutil.rmtree(run_dir, ignore_errors=True)
+    run.finished_at = now_iso()

@@ -1,0 +1,93 @@
+"""Per-agent leases in Redis, in place of the original's PID files.
+
+A lease is ``SET key value NX PX ttl``; the value is an owner record (run id,
+host, random token) so that only its owner can extend or release it, through
+compare-and-extend and compare-and-delete scripts. A lease whose owner died
+simply expires: there is no stale file to clean.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+_EXTEND = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+def agent_lock_key(project: str, agent: str) -> str:
+    """The Redis key of an agent's run lease."""
+    return f"formulabeat:lock:{project}:{agent}"
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    """Who holds a lease, as read by someone who does not."""
+
+    run_id: str
+    host: str
+    ttl_seconds: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease this process acquired (or rebuilt from a run's token)."""
+
+    key: str
+    token: str
+    ttl_ms: int
+
+    @classmethod
+    def acquire(
+        cls, client: redis.Redis, key: str, run_id: str, host: str, ttl_seconds: float
+    ) -> Lease | None:
+        """Take the lease, or return None when a live owner holds it."""
+        token = json.dumps(
+            {"run_id": run_id, "host": host, "nonce": secrets.token_hex(8)}, sort_keys=True
+        )
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        if client.set(key, token, nx=True, px=ttl_ms):
+            return cls(key=key, token=token, ttl_ms=ttl_ms)
+        return None
+
+    def extend(self, client: redis.Redis) -> bool:
+        """Renew the lease for another TTL; False when it is no longer ours."""
+        return bool(client.eval(_EXTEND, 1, self.key, self.token, self.ttl_ms))
+
+    def release(self, client: redis.Redis) -> bool:
+        """Drop the lease if it is still ours; False when it had already gone."""
+        return bool(client.eval(_RELEASE, 1, self.key, self.token))
+
+
+def holder(client: redis.Redis, key: str) -> LeaseHolder | None:
+    """Who holds the lease at ``key`` now, if anyone."""
+    pipe = client.pipeline()
+    pipe.get(key)
+    pipe.pttl(key)
+    value, pttl = pipe.execute()
+    if value is None:
+        return None
+    try:
+        owner: dict[str, Any] = json.loads(value)
+    except ValueError:
+        owner = {}
+    return LeaseHolder(
+        run_id=str(owner.get("run_id", "?")),
+        host=str(owner.get("host", "?")),
+        ttl_seconds=max(0.0, int(pttl) / 1000),
+    )

@@ -1,0 +1,50 @@
+"""The run registry in Redis: every run's latest snapshot, by start time.
+
+It lets any host (the CLI, the demo, a reaper) see runs without holding a
+result handle, the way rq keeps registries of jobs by state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+RUNS_KEY = "formulabeat:runs"
+RUN_TTL_SECONDS = 7 * 24 * 3600
+
+
+def run_key(run_id: str) -> str:
+    """The key holding one run's JSON snapshot."""
+    return f"formulabeat:run:{run_id}"
+
+
+def record(client: redis.Redis, snapshot: dict[str, Any]) -> None:
+    """Store a run's latest snapshot and index it (first sight sets its position)."""
+    run_id = snapshot["run_id"]
+    pipe = client.pipeline()
+    pipe.set(run_key(run_id), json.dumps(snapshot), ex=RUN_TTL_SECONDS)
+    pipe.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
+    pipe.zremrangebyscore(RUNS_KEY, 0, time.time() - RUN_TTL_SECONDS)
+    pipe.execute()
+
+
+def get(client: redis.Redis, run_id: str) -> dict[str, Any] | None:
+    """One run's latest snapshot, if known."""
+    raw = client.get(run_key(run_id))
+    return json.loads(raw) if raw else None
+
+
+def recent(client: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
+    """The latest snapshots of the most recently started runs, newest first."""
+    ids = [_text(i) for i in client.zrevrange(RUNS_KEY, 0, limit - 1)]
+    if not ids:
+        return []
+    raws = client.mget([run_key(i) for i in ids])
+    return [json.loads(raw) for raw in raws if raw]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,107 @@
+"""A run: one value passed along the task chain and serialised as JSON.
+
+It carries everything a later step (possibly in another task) needs: names,
+paths on its host, the lease token, the phase history and, once ended, the
+outcome. No run state lives in globals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Outcomes a run can end with.
+DONE = "done"
+MERGED = "merged"
+FAILED = "failed"
+ESCALATE = "escalate"
+CRASHED = "crashed"
+IDLE_TIMEOUT = "idle_timeout"
+SKIPPED = "skipped"
+LOST_LEASE = "lost_lease"
+OUTCOMES = (DONE, MERGED, FAILED, ESCALATE, CRASHED, IDLE_TIMEOUT, SKIPPED, LOST_LEASE)
+
+
+def now_iso() -> str:
+    """The current time as an ISO 8601 UTC timestamp with microseconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+@dataclass
+class Run:
+    """One agent run, from the moment a worker takes it until it is reported."""
+
+    id: str
+    project: str
+    agent: str
+    host: str
+    started_at: str = field(default_factory=now_iso)
+    state: str = "PREPARING"
+    run_dir: str | None = None
+    worktree: str | None = None
+    phase_file: str | None = None
+    prompt_file: str | None = None
+    session: str | None = None
+    session_id: str | None = None
+    pane_id: str | None = None
+    lease_key: str | None = None
+    lease_token: str | None = None
+    formula_source: str | None = None
+    phases: list[dict[str, str]] = field(default_factory=list)
+    outcome: str | None = None
+    final_phase: str | None = None
+    reason: str | None = None
+    finished_at: str | None = None
+    worktree_preserved: bool = False
+
+    @property
+    def ended(self) -> bool:
+        """Whether an outcome has been decided (later steps only clean up)."""
+        return self.outcome is not None
+
+    def add_phase(self, phase: str, at: str | None = None) -> None:
+        """Record a phase change (the phase file's new first line)."""
+        self.phases.append({"phase": phase, "at": at or now_iso()})
+        self.final_phase = phase
+
+    def end(self, outcome: str, reason: str | None = None) -> None:
+        """Decide the outcome; the first decision wins."""
+        if self.outcome is None:
+            self.outcome = outcome
+            self.reason = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-safe form passed between tasks."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Run:
+        """Rebuild a run from :meth:`to_dict` output."""
+        return cls(**data)
+
+    def progress(self) -> dict[str, Any]:
+        """The meta shown while the run lives (result backend, registry)."""
+        return {
+            "run_id": self.id,
+            "project": self.project,
+            "agent": self.agent,
+            "state": self.state,
+            "host": self.host,
+            "session": self.session,
+            "worktree": self.worktree,
+            "started_at": self.started_at,
+            "phases": list(self.phases),
+            "final_phase": self.final_phase,
+        }
+
+    def result(self) -> dict[str, Any]:
+        """The final result dict stored under the run id."""
+        return {
+            **self.progress(),
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "finished_at": self.finished_at,
+            "formula_source": self.formula_source,
+            "worktree_preserved": self.worktree_preserved,
+        }
