@@ -1,0 +1,98 @@
+"""The Celery app: configured lazily from ``formulabeat.toml``.
+
+``celery -A tasks.app worker|beat|flower`` works as Celery users expect; the
+config is found through $FORMULABEAT_CONFIG or ./formulabeat.toml, and read
+only when Celery first needs a setting.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.entity import Queue
+
+from beat_schedule import DEFAULT_QUEUE, build_schedule
+from workers import embedded
+from workers.config import Config, load_config
+from workers.errors import BrokerError
+
+RESULT_EXPIRES_SECONDS = 7 * 24 * 3600
+
+
+@functools.cache
+def config() -> Config:
+    """This process's configuration (read once)."""
+    return load_config()
+
+
+def host_queue(host: str) -> str:
+    """The queue only the worker of ``host`` consumes: its sessions live there."""
+    return f"formulabeat.host.{host}"
+
+
+def broker_url(cfg: Config) -> str:
+    """The configured broker URL, else this host's embedded Redis started by ``up``."""
+    if cfg.broker_url:
+        return cfg.broker_url
+    url = embedded.published_url(cfg.state_dir)
+    if url is None:
+        raise BrokerError(
+            f"{cfg.path}: [broker] url is not set and no embedded Redis runs on this host "
+            f"(state dir {cfg.state_dir}): start one with `formulabeat up`, or set [broker] url"
+        )
+    return url
+
+
+def redis_client(cfg: Config) -> redis.Redis:
+    """A client for formulabeat's own keys (leases, registry, flags) on the broker."""
+    return redis.Redis.from_url(
+        broker_url(cfg), socket_timeout=10, socket_connect_timeout=10, health_check_interval=30
+    )
+
+
+def celery_settings(cfg: Config) -> dict[str, Any]:
+    """Celery settings for ``cfg``; each choice is explained in the README."""
+    url = broker_url(cfg)
+    return {
+        "broker_url": url,
+        "result_backend": cfg.result_backend or url,
+        "broker_connection_retry_on_startup": True,
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_queues": (Queue(DEFAULT_QUEUE), Queue(host_queue(cfg.host))),
+        # Runs are acked on receipt: kombu's Redis transport redelivers unacked
+        # messages after the visibility timeout even while a task still runs,
+        # and a session may live for hours. The lease stops a second copy.
+        "task_acks_late": False,
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "result_extended": True,
+        "result_expires": RESULT_EXPIRES_SECONDS,
+        # Monitoring a session is mostly waiting: threads are cheap slots.
+        "worker_pool": "threads",
+        "worker_concurrency": cfg.concurrency,
+        # libtmux reads sys.stdout.encoding at import; Celery's LoggingProxy has none.
+        "worker_redirect_stdouts": False,
+        "beat_schedule": build_schedule(cfg),
+        "beat_schedule_filename": str(cfg.state_dir / "beat-schedule"),
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+app = Celery("formulabeat", include=["tasks.runs"])
+app.add_defaults(lambda: celery_settings(config()))
+
+
+def client_app(cfg: Config) -> Celery:
+    """A Celery app for clients of ``cfg`` (CLI, demo, tests): sends and reads, runs nothing."""
+    client = Celery("formulabeat-client", set_as_current=False)
+    client.conf.update(celery_settings(cfg))
+    return client

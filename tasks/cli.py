@@ -1,0 +1,286 @@
+"""The ``formulabeat`` command line.
+
+Errors formulabeat can explain are printed as one line naming what is wrong
+(exit status 4); run outcomes map to exit statuses with ``run --wait``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from workers.config import CONFIG_ENV, Config, load_config
+from workers.errors import FormulabeatError
+
+EXIT_ERROR = 4
+# `run --wait` exit statuses, by outcome.
+EXIT_BY_OUTCOME = {"done": 0, "merged": 0, "escalate": 2, "skipped": 3}
+
+
+def _config(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    # Children (Celery's commands) and the lazily configured app read the same file.
+    os.environ[CONFIG_ENV] = str(cfg.path)
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return cfg
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the embedded Redis (if no broker is configured), a worker, beat and Flower."""
+    from tasks.stack import Stack
+
+    cfg = _config(args)
+    stack = Stack(cfg, flower=not args.no_flower)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        parts = "worker, beat" + ("" if args.no_flower else f", Flower at {stack.flower_url}")
+        print(f"formulabeat up: {parts} for {cfg.path} (Ctrl-C stops)", file=sys.stderr)
+        while not stopping:
+            dead = stack.alive()
+            if dead:
+                print(f"formulabeat up: {', '.join(dead)} exited; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("formulabeat up: stopping", file=sys.stderr)
+        stack.stop()
+    return 0
+
+
+def _exec_celery(argv: list[str], env: dict[str, str]) -> int:
+    os.execvpe(argv[0], argv, env)
+    return 0  # not reached
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run one Celery worker for this config (``celery -A tasks.app worker``)."""
+    from tasks.stack import child_env, worker_argv
+
+    cfg = _config(args)
+    return _exec_celery(worker_argv(cfg, args.celery_args), child_env(cfg))
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    """Run Celery beat for this config (``celery -A tasks.app beat``)."""
+    from tasks.stack import beat_argv, child_env
+
+    cfg = _config(args)
+    return _exec_celery(beat_argv(cfg, args.celery_args), child_env(cfg))
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    """Run Flower for this config (``celery -A tasks.app flower``)."""
+    from tasks.stack import child_env, flower_argv
+
+    cfg = _config(args)
+    return _exec_celery(flower_argv(cfg, args.celery_args), child_env(cfg, flower=True))
+
+
+def _progress_line(started: float, meta: dict[str, Any], state: str) -> str:
+    phase = meta.get("final_phase") or "-"
+    return (
+        f"[{time.monotonic() - started:7.1f}s] {state:<12} phase {phase:<22} "
+        f"host {meta.get('host') or '-'}  session {meta.get('session') or '-'}"
+    )
+
+
+def wait_for(
+    cfg: Config, run_id: str, timeout: float | None, show: Callable[[str], None]
+) -> dict[str, Any]:
+    """Follow a run's states until it has a result; return the result dict."""
+    from tasks.app import client_app
+
+    app = client_app(cfg)
+    result = app.AsyncResult(run_id)
+    started = time.monotonic()
+    last: tuple[str, str | None] | None = None
+    try:
+        while True:
+            state = result.state
+            info = result.info
+            if state == "SUCCESS" and isinstance(info, dict):
+                return info
+            if state == "FAILURE":
+                raise FormulabeatError(f"run {run_id} failed inside formulabeat: {info!r}")
+            if isinstance(info, dict) and "phases" in info:
+                key = (state, info.get("final_phase"))
+                if key != last:
+                    last = key
+                    show(_progress_line(started, info, state))
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise FormulabeatError(f"run {run_id} did not end within {timeout:g} s")
+            time.sleep(0.2)
+    finally:
+        app.close()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Enqueue a run now; with --wait, follow it and exit with its outcome."""
+    from beat_schedule import DEFAULT_QUEUE, RUN_TASK
+    from tasks.app import client_app
+
+    cfg = _config(args)
+    cfg.agent(args.project, args.agent)
+    app = client_app(cfg)
+    try:
+        sent = app.send_task(
+            RUN_TASK,
+            args=[args.project, args.agent],
+            kwargs={"trigger": "cli"},
+            queue=DEFAULT_QUEUE,
+        )
+    finally:
+        app.close()
+    print(sent.id, file=sys.stderr if args.json else sys.stdout, flush=True)
+    if not args.wait:
+        return 0
+
+    def show(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = wait_for(cfg, sent.id, args.timeout, show)
+    outcome = result.get("outcome") or "failed"
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        reason = f" ({result['reason']})" if result.get("reason") else ""
+        print(f"{outcome}{reason}")
+    return EXIT_BY_OUTCOME.get(outcome, 1)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show recent runs, or one run in detail."""
+    from tasks.app import redis_client
+    from workers import registry
+
+    cfg = _config(args)
+    client = redis_client(cfg)
+    if args.run_id:
+        snapshot = registry.get(client, args.run_id)
+        if snapshot is None:
+            raise FormulabeatError(f"no run {args.run_id} is known (runs are kept 7 days)")
+        if args.json:
+            print(json.dumps(snapshot))
+        else:
+            for key, value in snapshot.items():
+                if key != "phases":
+                    print(f"{key:>18}: {value}")
+            for phase in snapshot.get("phases", []):
+                print(f"{'phase':>18}: {phase['at']}  {phase['phase']}")
+        return 0
+    runs = registry.recent(client, args.limit)
+    if args.json:
+        print(json.dumps(runs))
+        return 0
+    print(f"{'run':<36}  {'agent':<24} {'host':<14} {'state':<12} {'outcome':<12} reason")
+    for snap in runs:
+        agent = f"{snap['project']}/{snap['agent']}"
+        print(
+            f"{snap['run_id']:<36}  {agent:<24} {snap.get('host') or '-':<14} "
+            f"{snap.get('state') or '-':<12} {snap.get('outcome') or '-':<12} "
+            f"{snap.get('reason') or ''}"
+        )
+    return 0
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    """Enable or disable an agent on every host."""
+    from tasks.app import redis_client
+    from workers.guards import set_enabled
+
+    cfg = _config(args)
+    cfg.agent(args.project, args.agent)
+    enabled = args.command == "enable"
+    set_enabled(redis_client(cfg), args.project, args.agent, enabled)
+    print(f"{args.project}/{args.agent}: {'enabled' if enabled else 'disabled'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo project end to end and check every run's outcome."""
+    from tasks.demo import run_demo
+
+    return run_demo(keep=args.keep, timeout=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="formulabeat", description="Run scheduled AI coding agents on Celery, tmux and git."
+    )
+    parser.add_argument(
+        "--config", help=f"config file (default: ${CONFIG_ENV}, then ./formulabeat.toml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start Redis (embedded default), a worker, beat and Flower")
+    up.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    up.set_defaults(func=cmd_up)
+
+    for name, func, what in (
+        ("worker", cmd_worker, "one Celery worker for this host"),
+        ("beat", cmd_beat, "Celery beat, scheduling the agents"),
+        ("flower", cmd_flower, "Flower, the Celery monitoring UI"),
+    ):
+        part = sub.add_parser(name, help=f"run {what}; extra arguments go to Celery")
+        part.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed to celery")
+        part.set_defaults(func=func)
+
+    run = sub.add_parser("run", help="enqueue a run of an agent now and print its run id")
+    run.add_argument("project")
+    run.add_argument("agent")
+    run.add_argument("--wait", action="store_true", help="follow the run until it ends")
+    run.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    run.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="recent runs, or one run in detail")
+    status.add_argument("run_id", nargs="?")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--limit", type=int, default=20)
+    status.set_defaults(func=cmd_status)
+
+    for name in ("enable", "disable"):
+        flag = sub.add_parser(name, help=f"{name} an agent on every host")
+        flag.add_argument("project")
+        flag.add_argument("agent")
+        flag.set_defaults(func=cmd_enable)
+
+    demo = sub.add_parser("demo", help="run a throwaway demo project end to end")
+    demo.add_argument("--keep", action="store_true", help="keep the demo directory")
+    demo.add_argument("--timeout", type=float, default=120.0, help="give up after S s")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``formulabeat`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except FormulabeatError as exc:
+        print(f"formulabeat: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

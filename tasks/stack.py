@@ -1,0 +1,193 @@
+"""The processes ``formulabeat up`` runs: embedded Redis, a worker, beat, Flower.
+
+Each Celery part is Celery's own command (``celery -A tasks.app …``) in its
+own process group, so a Ctrl-C reaches ``up`` alone, which then stops the
+parts in order: Flower and beat first (no new runs), the worker next, Redis
+last (so no run loses its broker before its worker is down).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from tasks.app import client_app
+from workers import embedded
+from workers.config import CONFIG_ENV, HOST_ENV, Config
+from workers.errors import BrokerError, FormulabeatError
+from workers.statedir import private_dir
+
+CELERY = [sys.executable, "-m", "celery", "-A", "tasks.app"]
+
+
+def worker_argv(cfg: Config, extra: list[str] | None = None) -> list[str]:
+    """``celery worker`` for this host (its node name carries the host)."""
+    return [*CELERY, "worker", "-n", f"formulabeat@{cfg.host}", "-l", "info", *(extra or [])]
+
+
+def beat_argv(cfg: Config, extra: list[str] | None = None) -> list[str]:
+    """``celery beat`` with its schedule and pid files in the state dir."""
+    return [
+        *CELERY,
+        "beat",
+        "-l",
+        "info",
+        "-s",
+        str(cfg.state_dir / "beat-schedule"),
+        f"--pidfile={cfg.state_dir / 'beat.pid'}",
+        *(extra or []),
+    ]
+
+
+def flower_argv(cfg: Config, extra: list[str] | None = None) -> list[str]:
+    """``celery flower`` on the configured address and port."""
+    return [
+        *CELERY,
+        "flower",
+        f"--address={cfg.flower_address}",
+        f"--port={cfg.flower_port}",
+        *(extra or []),
+    ]
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` only listens on this machine."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def child_env(cfg: Config, flower: bool = False) -> dict[str, str]:
+    """The environment of a Celery part: the config path, plus Flower's API switch."""
+    env = dict(os.environ)
+    env[CONFIG_ENV] = str(cfg.path)
+    env[HOST_ENV] = cfg.host
+    if flower:
+        if is_loopback(cfg.flower_address):
+            env["FLOWER_UNAUTHENTICATED_API"] = "true"
+        elif not env.get("FLOWER_BASIC_AUTH"):
+            raise FormulabeatError(
+                f"{cfg.path}: flower.address {cfg.flower_address} listens beyond loopback: "
+                "set FLOWER_BASIC_AUTH=user:password in the environment first"
+            )
+    return env
+
+
+class Stack:
+    """A running set of parts for one config on this host."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        flower: bool = True,
+        beat: bool = True,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.with_flower = flower
+        self.with_beat = beat
+        self.log_dir = log_dir
+        self.redis: embedded.EmbeddedRedis | None = None
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def flower_url(self) -> str:
+        """Where Flower answers."""
+        return f"http://{self.cfg.flower_address}:{self.cfg.flower_port}/"
+
+    def start(self, ready_timeout: float = 60.0) -> None:
+        """Start every part and wait until the worker answers a ping."""
+        private_dir(self.cfg.state_dir)
+        try:
+            if self.cfg.broker_url is None:
+                running = embedded.published_url(self.cfg.state_dir)
+                if running:
+                    raise BrokerError(
+                        f"an embedded Redis already runs for state dir {self.cfg.state_dir}: "
+                        "is another `formulabeat up` running?"
+                    )
+                self.redis = embedded.start_redis(self.cfg.state_dir / "redis")
+                embedded.publish(self.cfg.state_dir, self.redis)
+            self._spawn("worker", worker_argv(self.cfg), child_env(self.cfg))
+            self._wait_worker(ready_timeout)
+            if self.with_beat:
+                self._spawn("beat", beat_argv(self.cfg), child_env(self.cfg))
+            if self.with_flower:
+                self._spawn("flower", flower_argv(self.cfg), child_env(self.cfg, flower=True))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        out: IO[bytes] | None = None
+        if self.log_dir is not None:
+            private_dir(self.log_dir)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop)
+            self._logs.append(out)
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        self.procs.append((name, proc))
+
+    def _wait_worker(self, timeout: float) -> None:
+        app = client_app(self.cfg)
+        node = f"formulabeat@{self.cfg.host}"
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                for name, proc in self.procs:
+                    if proc.poll() is not None:
+                        raise FormulabeatError(
+                            f"the {name} exited at start (status {proc.returncode})"
+                        )
+                if app.control.ping(destination=[node], timeout=0.5):
+                    return
+            raise FormulabeatError(f"the worker {node} did not answer within {timeout:g} s")
+        finally:
+            app.close()
+
+    def alive(self) -> list[str]:
+        """Names of parts that have exited (empty while all run)."""
+        return [name for name, proc in self.procs if proc.poll() is not None]
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Stop every part: Flower and beat, then the worker, then Redis."""
+        order = {"flower": 0, "beat": 1, "worker": 2}
+        for name, proc in sorted(self.procs, key=lambda item: order.get(item[0], 3)):
+            _terminate(proc, grace if name == "worker" else 10.0)
+        self.procs.clear()
+        if self.redis is not None:
+            embedded.stop_redis(self.redis)
+            embedded.unpublish(self.cfg.state_dir)
+            self.redis = None
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+
+def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """TERM (Celery's warm shutdown), then QUIT (cold), then KILL, to the process group."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)

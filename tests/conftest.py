@@ -1,0 +1,219 @@
+"""Fixtures that give real parts: Redis, tmux, git repositories, Celery workers.
+
+Nothing here is a mock. Redis is a private server on a free port with its
+data in a temp dir; tmux runs on a private socket per test; repositories are
+real git repositories; workers are real ``celery worker`` processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import git
+import pytest
+import redis
+
+from tasks.app import client_app
+from tasks.stack import Stack
+from workers.config import Config, load_config
+from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+
+AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A private Redis server for the whole test session."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    stop_redis(server)
+
+
+@pytest.fixture
+def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
+    """A client of the private server, emptied before each test."""
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=10)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def tmux_socket() -> Iterator[str]:
+    """A private tmux socket name; its server is killed after the test."""
+    name = f"fbtest-{secrets.token_hex(6)}"
+    yield name
+    subprocess.run(
+        ["tmux", "-L", name, "kill-server"], capture_output=True, timeout=10, check=False
+    )
+
+
+def tmux_sessions(socket: str) -> list[str]:
+    """Names of the sessions on a private tmux server (empty when it is not running)."""
+    proc = subprocess.run(
+        ["tmux", "-L", socket, "list-sessions", "-F", "#{session_name}"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return proc.stdout.split() if proc.returncode == 0 else []
+
+
+def commit_files(repo_dir: Path, files: dict[str, str], message: str = "add") -> git.Repo:
+    """Create (or extend) a git repository with ``files`` committed."""
+    repo = git.Repo.init(repo_dir, initial_branch="main")
+    with repo.config_writer() as writer:
+        writer.set_value("user", "name", "formulabeat tests")
+        writer.set_value("user", "email", "tests@formulabeat.invalid")
+    for name, text in files.items():
+        path = repo_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    repo.index.add(list(files))
+    repo.index.commit(message)
+    return repo
+
+
+def formula_text(name: str, scenario: str) -> str:
+    """A valid formula whose step carries a scripted-agent scenario line."""
+    return textwrap.dedent(
+        f'''\
+        name = "{name}"
+
+        [context]
+        files = ["README.md"]
+
+        [[steps]]
+        id = "work"
+        title = "Do the work"
+        description = """
+        SCENARIO: {scenario}
+        """
+        '''
+    )
+
+
+@dataclass
+class Fleet:
+    """A project, its config file and the parts a test starts for it."""
+
+    root: Path
+    redis_url: str | None
+    tmux_socket: str
+    agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stacks: list[Stack] = field(default_factory=list)
+
+    @property
+    def repo(self) -> Path:
+        return self.root / "project"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "formulabeat.toml"
+
+    def add_agent(self, name: str, scenario: str = "phase=done", **options: Any) -> None:
+        """Add an agent with a formula carrying ``scenario`` (committed to the repo)."""
+        commit_files(self.repo, {f"formulas/{name}.toml": formula_text(name, scenario)})
+        self.agents[name] = options
+
+    def write_config(self, extra: str = "") -> Config:
+        """Write formulabeat.toml for the agents added so far and load it."""
+        broker = f'[broker]\nurl = "{self.redis_url}"\n' if self.redis_url else ""
+        agents = []
+        for name, options in self.agents.items():
+            settings = {
+                "name": name,
+                "project": "proj",
+                "formula": f"project/formulas/{name}.toml",
+                "schedule": "0 0 1 1 *",
+                "command": AGENT,
+                "min_memory_mb": 0,
+                **options,
+            }
+            body = "\n".join(f"{key} = {_toml(value)}" for key, value in settings.items())
+            agents.append(f"[[agents]]\n{body}\n")
+        text = (
+            f'state_dir = "state"\n{broker}\n[worker]\nconcurrency = 8\n\n'
+            f'[tmux]\nsocket = "{self.tmux_socket}"\n\n'
+            "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n\n"
+            '[[projects]]\nname = "proj"\nrepo_root = "project"\nops_repo_root = "ops"\n'
+            'forge_url = "http://127.0.0.1:9"\nprimary_branch = "main"\n\n'
+            + "\n".join(agents)
+            + extra
+        )
+        self.config_path.write_text(text)
+        return load_config(self.config_path)
+
+    def start_worker(self, host: str = "host-a") -> Stack:
+        """Start a real Celery worker for this fleet's config (no beat, no Flower)."""
+        cfg = dataclasses.replace(load_config(self.config_path), host=host)
+        stack = Stack(cfg, flower=False, beat=False, log_dir=self.root / f"logs-{host}")
+        stack.start()
+        self.stacks.append(stack)
+        return stack
+
+    def run(self, agent: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Send a run of ``agent`` and wait for its result dict."""
+        return wait_result(self.send(agent), timeout)
+
+    def send(self, agent: str) -> Any:
+        """Send a run of ``agent``; return its AsyncResult."""
+        app = client_app(load_config(self.config_path))
+        return app.send_task("formulabeat.run", args=["proj", agent], queue="formulabeat")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def wait_result(result: Any, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll an AsyncResult until SUCCESS; return its result dict."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result.state == "SUCCESS":
+            value: dict[str, Any] = result.result
+            return value
+        assert result.state != "FAILURE", result.traceback
+        time.sleep(0.1)
+    raise AssertionError(f"run {result.id} did not end within {timeout} s (state {result.state})")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+@pytest.fixture
+def fleet(
+    tmp_path: Path, redis_server: EmbeddedRedis, redis_client: redis.Redis, tmux_socket: str
+) -> Iterator[Fleet]:
+    """A fleet on the private Redis with a project and ops repo; its workers stop after."""
+    commit_files(tmp_path / "project", {"README.md": "# proj\n"})
+    commit_files(tmp_path / "ops", {"journal.md": "# journal\n"})
+    fleet = Fleet(root=tmp_path, redis_url=redis_server.url, tmux_socket=tmux_socket)
+    yield fleet
+    for stack in fleet.stacks:
+        stack.stop()
