@@ -16,6 +16,9 @@ from workers.config import Config
 
 RUN_TASK = "formulabeat.run"
 DEFAULT_QUEUE = "formulabeat"
+# Every worker consumes this fanout queue: per-host upkeep goes through it.
+BROADCAST_QUEUE = "formulabeat.broadcast"
+CLEANUP_TASK = "formulabeat.cleanup"
 # A last run far in the past makes the entry due at once on a fresh beat.
 _LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
@@ -46,4 +49,9 @@ def build_schedule(config: Config) -> dict[str, dict[str, Any]]:
         if agent.run_on_start:
             entry["last_run_at"] = _LONG_AGO
         schedule[agent.key] = entry
+    schedule["formulabeat/cleanup"] = {
+        "task": CLEANUP_TASK,
+        "schedule": crontab(minute="17"),
+        "options": {"queue": BROADCAST_QUEUE, "exchange": BROADCAST_QUEUE},
+    }
     return schedule

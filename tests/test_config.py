@@ -102,7 +102,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("text", "key", "message"), BAD)
-def test_bad_top_level_and_projects(tmp_path: Path, text: str, key: str | None, message: str) -> None:
+def test_bad_top_level_and_projects(
+    tmp_path: Path, text: str, key: str | None, message: str
+) -> None:
     path = tmp_path / "formulabeat.toml"
     with pytest.raises(ConfigError) as caught:
         parse_config(text, path)
@@ -123,7 +125,7 @@ AGENT_BAD = [
     ("idle_timeout = 0", "idle_timeout", "must be greater than 0"),
     ("enabled = 1", "enabled", "must be true or false, not an integer"),
     ('command = ""', "command", "must not be empty"),
-    ("command = \"claude 'unclosed\"", "command", "cannot be split into words"),
+    ('command = "claude \'unclosed"', "command", "cannot be split into words"),
     ("context = [1]", "context[0]", "must be a string"),
     ('formula = ""', "formula", "must not be empty"),
 ]
@@ -167,3 +169,10 @@ def test_beat_schedule_has_one_crontab_entry_per_agent(tmp_path: Path) -> None:
     assert entry["last_run_at"] < dt.datetime(2001, 1, 1, tzinfo=dt.UTC)
     plain = build_schedule(parse_config(GOOD, tmp_path / "f.toml"))["proj/planner"]
     assert "last_run_at" not in plain
+
+
+def test_the_deploy_example_config_is_valid() -> None:
+    example = Path(__file__).parent.parent / "deploy" / "formulabeat.example.toml"
+    cfg = load_config(example)
+    assert [a.name for a in cfg.agents] == ["planner", "predictor", "gardener", "supervisor"]
+    assert cfg.warnings == ()

@@ -119,9 +119,7 @@ def test_run_wait_exit_status_for_skipped_and_errors(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 4
-    assert proc.stderr.strip() == (
-        f"formulabeat: {config}: agents[0].project: is required"
-    )
+    assert proc.stderr.strip() == (f"formulabeat: {config}: agents[0].project: is required")
 
 
 def test_run_without_a_broker_says_how_to_start_one(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ CONFIG_ENV = "FORMULABEAT_CONFIG"
 HOST_ENV = "FORMULABEAT_HOST"
 CONFIG_NAME = "formulabeat.toml"
 DEFAULT_COMMAND = "claude --dangerously-skip-permissions"
+MODES = ("session", "oneshot")
 
 # Names end up in tmux session names, Redis keys and queue names: tmux forbids
 # '.' and ':' in session names and a space would need quoting everywhere, so
@@ -43,6 +44,8 @@ class ProjectConfig:
     forge_url: str
     forge_repo: str
     primary_branch: str
+    graph_command: str | None = None
+    graph_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class AgentConfig:
     enabled: bool = True
     ready_prompt: str = "❯"
     run_on_start: bool = False
+    mode: str = "session"
+    scratch: bool = True
 
     @property
     def key(self) -> str:
@@ -85,6 +90,8 @@ class MonitorConfig:
     ready_timeout: float = 120.0
     ready_quiet: float = 0.4
     lease_seconds: float = 300.0
+    stale_worktree_hours: float = 24.0
+    preserved_worktree_hours: float = 168.0
 
 
 @dataclass(frozen=True)
@@ -314,8 +321,8 @@ class _Parser:
 
     def _project(self, index: int, table: dict[str, Any]) -> ProjectConfig:
         where = f"projects[{index}]"
-        known = {"name", "repo_root", "ops_repo_root", "forge_url", "forge_repo"}
-        self.unknown(where, table, known | {"primary_branch"})
+        known = set(ProjectConfig.__dataclass_fields__)
+        self.unknown(where, table, known)
         name = self.name(table, where)
         where = f"projects[{index}] ({name})"
         repo_root = self.path_value(table, where, "repo_root")
@@ -334,6 +341,8 @@ class _Parser:
             forge_url=forge_url.rstrip("/"),
             forge_repo=self.get(table, where, "forge_repo", str, name),
             primary_branch=self.get(table, where, "primary_branch", str, "main"),
+            graph_command=self.get(table, where, "graph_command", str),
+            graph_timeout=self.get(table, where, "graph_timeout", float, 120.0),
         )
 
     def _agent(self, index: int, table: dict[str, Any], projects: set[str]) -> AgentConfig:
@@ -377,6 +386,13 @@ class _Parser:
             enabled=self.get(table, where, "enabled", bool, True),
             ready_prompt=self.get(table, where, "ready_prompt", str, defaults.ready_prompt),
             run_on_start=self.get(table, where, "run_on_start", bool, False),
+            mode=self.get(table, where, "mode", str, "session"),
+            scratch=self.get(table, where, "scratch", bool, True),
+        )
+        self.check(
+            f"{where}.mode",
+            agent.mode in MODES,
+            f'{agent.mode!r} is not a mode: use "session" (tmux) or "oneshot"',
         )
         self.check(f"{where}.min_memory_mb", agent.min_memory_mb >= 0, "must be 0 or more")
         self.check(f"{where}.idle_timeout", agent.idle_timeout > 0, "must be greater than 0")

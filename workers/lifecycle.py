@@ -19,17 +19,22 @@ import redis
 
 from workers import guards, worktrees
 from workers import run as outcomes
+from workers.analysis import structural_report
 from workers.config import AgentConfig, Config
 from workers.errors import ContextError, SessionError
 from workers.formula import load_formula
 from workers.locks import Lease, agent_lock_key, holder
-from workers.monitor import watch
+from workers.monitor import EXITED_MARKER, IDLE_MARKER, watch
+from workers.oneshot import run_oneshot
 from workers.prompt import build_prompt
 from workers.run import Run, now_iso
-from workers.statedir import new_run_dir, write_private
+from workers.statedir import new_run_dir, private_dir, write_private
 from workers.tmux import AgentSession, TmuxServer, session_name
 
 MAX_PROMPT_BYTES = 1024 * 1024
+# A crashed session is started again once in the same worktree; a second
+# crash ends the run (as the original's phase callback did).
+MAX_RECOVERIES = 1
 # Credentials an agent needs, handed over through the 0600 launch file only.
 PASS_ENV = ("FORGE_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
 
@@ -67,10 +72,16 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
         raise SessionError(
             f"agent command {argv[0]!r} (agents {agent.key}: command) not found on PATH"
         )
+    oneshot = agent.mode == "oneshot"
+    run.mode = agent.mode
+    # One-shot runs work from the forge's latest primary branch, as the
+    # original's formula_worktree_setup did; sessions from the repo's HEAD.
+    ref = worktrees.fresh_ref(project.repo_root, project.primary_branch) if oneshot else "HEAD"
     run_dir = new_run_dir(cfg.state_dir, run.id)
     run.run_dir = str(run_dir)
     worktree = run_dir / "worktree"
     phase_file = run_dir / "phase"
+    scratch = scratch_file(cfg, run) if agent.scratch else None
     parts = build_prompt(
         run_id=run.id,
         project=project,
@@ -79,18 +90,28 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
         formula_source=run.formula_source,
         phase_file=str(phase_file),
         worktree=str(worktree),
+        protocol=not oneshot,
+        scratch_file=scratch,
+        graph_json=structural_report(project),
     )
     size = len(parts.prompt.encode("utf-8"))
     if size > MAX_PROMPT_BYTES:
         raise ContextError(f"the prompt is {size} bytes, over the {MAX_PROMPT_BYTES} byte limit")
-    worktrees.add_worktree(project.repo_root, worktree)
+    worktrees.add_worktree(project.repo_root, worktree, ref)
     run.worktree = str(worktree)
     write_private(phase_file, "")
     run.phase_file = str(phase_file)
     write_private(run_dir / "prompt.md", parts.prompt)
     run.prompt_file = str(run_dir / "prompt.md")
     write_private(run_dir / "context.md", parts.footer + "\n")
+    if oneshot and not {"-p", "--print"} & set(argv):
+        argv.append("-p")
     write_private(run_dir / "launch.json", json.dumps(_launch_spec(run, agent, argv)))
+
+
+def scratch_file(cfg: Config, run: Run) -> Path:
+    """The agent's scratch file: it outlives runs, so it lives beside them."""
+    return private_dir(cfg.state_dir / "scratch") / f"{run.project}-{run.agent}.md"
 
 
 def _launch_spec(run: Run, agent: AgentConfig, argv: list[str]) -> dict[str, object]:
@@ -120,6 +141,9 @@ def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
     """Start the agent in tmux, wait until it is ready, and deliver the prompt."""
     agent = cfg.agent(run.project, run.agent)
     assert run.run_dir and run.worktree and run.prompt_file
+    if agent.mode == "oneshot":
+        # A one-shot agent is a child of the monitoring task, started there.
+        return
     run_dir = Path(run.run_dir)
     session = AgentSession.start(
         TmuxServer(cfg.tmux_socket),
@@ -134,13 +158,14 @@ def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
     sink.progress(run, "RUNNING")
 
 
-def monitor(run: Run, cfg: Config, client: redis.Redis, on_phase: Callable[[Run], None]) -> None:
-    """Follow the session until the run has an outcome, renewing the lease."""
+def monitor(
+    run: Run, cfg: Config, client: redis.Redis, on_phase: Callable[[Run], None], sink: ProgressSink
+) -> None:
+    """Follow the session until the run has an outcome; recover once from a crash."""
     agent = cfg.agent(run.project, run.agent)
-    assert run.lease_key and run.lease_token
-    lease = Lease(
-        key=run.lease_key, token=run.lease_token, ttl_ms=int(cfg.monitor.lease_seconds * 1000)
-    )
+    assert run.lease_key and run.lease_token and run.run_dir
+    ttl_ms = int(cfg.monitor.lease_seconds * 1000)
+    lease = Lease(key=run.lease_key, token=run.lease_token, ttl_ms=ttl_ms)
 
     def renew() -> bool:
         try:
@@ -149,7 +174,26 @@ def monitor(run: Run, cfg: Config, client: redis.Redis, on_phase: Callable[[Run]
             # Redis away is not the lease lost: keep going until it answers "not yours".
             return True
 
-    watch(run, _session(run, cfg), agent, cfg.monitor, on_phase, renew)
+    if agent.mode == "oneshot":
+        ended = run_oneshot(run, agent, cfg.monitor, on_phase, renew)
+        run.end(ended.outcome, ended.reason)
+        return
+    while True:
+        session = _session(run, cfg)
+        ended = watch(run, session, agent, cfg.monitor, on_phase, renew)
+        session.kill()
+        if ended.outcome != outcomes.CRASHED or run.recoveries >= MAX_RECOVERIES:
+            run.end(ended.outcome, ended.reason)
+            return
+        run.recoveries += 1
+        for marker in (EXITED_MARKER, IDLE_MARKER):
+            (Path(run.run_dir) / marker).unlink(missing_ok=True)
+        sink.progress(run, "RECOVERING")
+        try:
+            start(run, cfg, sink)
+        except SessionError as exc:
+            run.end(outcomes.CRASHED, f"{ended.reason}; recovery failed: {exc}")
+            return
 
 
 def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
@@ -164,6 +208,7 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
             Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
     if run.run_dir:
         run_dir = Path(run.run_dir)
+        run.nudges = _count(run_dir / "nudges")
         if run.outcome == outcomes.CRASHED:
             worktrees.preserve(run_dir, run.reason or "crashed")
             run.worktree_preserved = True
@@ -172,3 +217,10 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
                 worktrees.remove_worktree(cfg.project(run.project).repo_root, Path(run.worktree))
             shutil.rmtree(run_dir, ignore_errors=True)
     run.finished_at = now_iso()
+
+
+def _count(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0

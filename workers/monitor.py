@@ -1,23 +1,67 @@
 """Watching a live session: the phase file, the pane, the clocks and the lease.
 
-The monitor decides how a running session ends. It reads the phase file on
-every tick (a read of a few bytes; cheaper than being wrong about a rewrite
-within the filesystem's timestamp granularity) and asks tmux about the pane
-less often. Each new first line of the phase file is reported through
-``on_phase`` as soon as it is seen.
+The monitor decides how one session ends and returns that as a value; the
+caller decides what follows (recover once after a crash, or end the run).
+
+It sleeps on inotify over the run's private directory, so a write of the
+phase file, or a marker written by a hook (SessionEnd's ``exited``, Stop's
+``idle``, PostToolUse's ``phase-changed``), wakes it at once; the poll
+interval is only the fallback for what inotify cannot see (a tmux server
+that died, the clocks).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from inotify_simple import INotify
+from inotify_simple import flags as inotify_flags
 
 from workers import run as outcomes
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import PhaseFileError
-from workers.phases import TERMINAL, PhaseReading, read_phase
+from workers.phases import TERMINAL, read_phase
 from workers.run import Run
 from workers.tmux import AgentSession
+
+# Marker files the hooks write into the run directory.
+EXITED_MARKER = "exited"
+IDLE_MARKER = "idle"
+# Checks (at the liveness interval) with an idle agent and no phase before
+# the run is given up as idle_prompt, as the original did with its polls.
+IDLE_PROMPT_CHECKS = 3
+
+_WAKE_MASK = (
+    inotify_flags.CLOSE_WRITE | inotify_flags.MODIFY | inotify_flags.MOVED_TO | inotify_flags.CREATE
+)
+
+
+@dataclass(frozen=True)
+class MonitorExit:
+    """How a session ended: an outcome and a reason (None for a plain done)."""
+
+    outcome: str
+    reason: str | None = None
+
+
+class RunDirWake:
+    """Sleep until something is written in a run directory, or a timeout."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._inotify = INotify(nonblocking=True)
+        self._inotify.add_watch(str(run_dir), _WAKE_MASK)
+
+    def wait(self, timeout: float) -> None:
+        """Return on the next write in the directory, or after ``timeout`` seconds."""
+        self._inotify.read(timeout=max(0, int(timeout * 1000)))
+
+    def close(self) -> None:
+        """Release the inotify descriptor."""
+        self._inotify.close()
 
 
 def watch(
@@ -27,49 +71,75 @@ def watch(
     timing: MonitorConfig,
     on_phase: Callable[[Run], None],
     renew: Callable[[], bool],
-) -> None:
-    """Monitor ``session`` until the run has an outcome (set on ``run``)."""
-    assert run.phase_file is not None
-    start = last_change = last_live = last_renew = time.monotonic()
-    while not run.ended:
-        now = time.monotonic()
-        if _check_phase(run, run.phase_file, on_phase):
-            last_change = now
-        if run.ended:
-            break
-        if now - last_live >= timing.liveness_interval:
-            last_live = now
-            alive, code = session.status()
-            # The agent may write its phase and exit between two ticks.
-            if not alive and not _check_phase(run, run.phase_file, on_phase):
-                run.end(outcomes.CRASHED, f"the agent's session ended (exit status {code})")
-        if run.ended:
-            break
-        if now - last_change >= agent.idle_timeout:
-            run.end(outcomes.IDLE_TIMEOUT, f"no phase change for {agent.idle_timeout:g} s")
-        elif now - start >= agent.max_runtime:
-            run.end(outcomes.FAILED, f"max_runtime of {agent.max_runtime:g} s reached")
-        elif now - last_renew >= timing.lease_seconds / 3:
-            last_renew = now
-            if not renew():
-                run.end(outcomes.LOST_LEASE, "the agent's lease could not be renewed")
-        if not run.ended:
-            time.sleep(timing.poll_interval)
-    session.kill()
-
-
-def _check_phase(run: Run, phase_file: str, on_phase: Callable[[Run], None]) -> bool:
-    """Record a new phase if the file shows one; True when the phase changed."""
+) -> MonitorExit:
+    """Monitor ``session`` until it ends; new phases are added to ``run`` as seen."""
+    assert run.phase_file is not None and run.run_dir is not None
+    run_dir = Path(run.run_dir)
+    started = started_epoch(run)
+    wake = RunDirWake(run_dir)
     try:
-        reading: PhaseReading | None = read_phase(phase_file)
-    except PhaseFileError as exc:
-        run.end(outcomes.FAILED, str(exc))
-        return False
+        now = time.monotonic()
+        last_change = last_live = last_renew = now
+        idle_checks = 0
+        while True:
+            try:
+                if check_phase(run, on_phase):
+                    last_change = time.monotonic()
+                    idle_checks = 0
+            except PhaseFileError as exc:
+                return MonitorExit(outcomes.FAILED, str(exc))
+            terminal = TERMINAL.get(run.final_phase or "")
+            if terminal is not None:
+                reading = read_phase(run.phase_file)
+                return MonitorExit(terminal, reading.reason if reading else None)
+            now = time.monotonic()
+            exited = (run_dir / EXITED_MARKER).exists()
+            if exited or now - last_live >= timing.liveness_interval:
+                last_live = now
+                alive, code = session.status()
+                if not alive:
+                    if check_phase(run, on_phase):
+                        continue  # it wrote its phase on the way out: judge that
+                    return MonitorExit(
+                        outcomes.CRASHED, f"the agent's session ended (exit status {code})"
+                    )
+                idle = run.final_phase is None and (run_dir / IDLE_MARKER).exists()
+                idle_checks = idle_checks + 1 if idle else 0
+                if idle_checks >= IDLE_PROMPT_CHECKS:
+                    return MonitorExit(
+                        outcomes.FAILED,
+                        "idle_prompt: the agent returned to its prompt without writing a phase",
+                    )
+            if now - last_change >= agent.idle_timeout:
+                return MonitorExit(
+                    outcomes.IDLE_TIMEOUT, f"no phase change for {agent.idle_timeout:g} s"
+                )
+            if time.time() - started >= agent.max_runtime:
+                return MonitorExit(
+                    outcomes.FAILED, f"max_runtime of {agent.max_runtime:g} s reached"
+                )
+            if now - last_renew >= timing.lease_seconds / 3:
+                last_renew = now
+                if not renew():
+                    return MonitorExit(
+                        outcomes.LOST_LEASE, "the agent's lease could not be renewed"
+                    )
+            wake.wait(timing.poll_interval)
+    finally:
+        wake.close()
+
+
+def check_phase(run: Run, on_phase: Callable[[Run], None]) -> bool:
+    """Record a new phase if the file shows one; True when the phase changed."""
+    assert run.phase_file is not None
+    reading = read_phase(run.phase_file)
     if reading is None or reading.phase == run.final_phase:
         return False
     run.add_phase(reading.phase)
-    outcome = TERMINAL.get(reading.phase)
-    if outcome is not None:
-        run.end(outcome, reading.reason)
     on_phase(run)
     return True
+
+
+def started_epoch(run: Run) -> float:
+    """When the run started, as a Unix time."""
+    return dt.datetime.fromisoformat(run.started_at).timestamp()

@@ -16,6 +16,7 @@ from workers.errors import ContextError
 from workers.formula import Formula
 
 MAX_CONTEXT_FILE_BYTES = 256 * 1024
+MAX_SCRATCH_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,10 @@ def forge_api(project: ProjectConfig) -> str:
     return f"{project.forge_url}/api/v1/repos/{project.forge_repo}"
 
 
-def build_footer(project: ProjectConfig, phase_file: str | None, worktree: str) -> str:
-    """The footer; with ``phase_file`` None the phase protocol is left out (one-shot mode)."""
+def build_footer(
+    project: ProjectConfig, phase_file: str | None, worktree: str, protocol: bool = True
+) -> str:
+    """The footer; ``protocol`` False leaves out the phase protocol (the SDK/one-shot form)."""
     api = forge_api(project)
     auth = '-H "Authorization: token ${FORGE_TOKEN}"'
     lines = [
@@ -93,11 +96,11 @@ def build_footer(project: ProjectConfig, phase_file: str | None, worktree: str) 
         f"OPS_REPO_ROOT={project.ops_repo_root or ''}",
         f"PRIMARY_BRANCH={project.primary_branch}",
     ]
-    if phase_file is not None:
-        if "'" in phase_file:
-            raise ContextError(f"phase file path {phase_file!r} contains a single quote")
+    if phase_file is not None and "'" in phase_file:
+        raise ContextError(f"phase file path {phase_file!r} contains a single quote")
+    lines.append(f"PHASE_FILE={phase_file or ''}")
+    if phase_file is not None and protocol:
         lines += [
-            f"PHASE_FILE={phase_file}",
             "## Phase protocol (REQUIRED)",
             "When all work is done:",
             f"echo 'PHASE:done' > '{phase_file}'",
@@ -105,6 +108,44 @@ def build_footer(project: ProjectConfig, phase_file: str | None, worktree: str) 
             f"printf 'PHASE:failed\\nReason: %s\\n' 'describe error' > '{phase_file}'",
         ]
     return "\n".join(lines)
+
+
+def scratch_instruction(scratch_file: str) -> str:
+    """Ask the agent to flush its notes to a scratch file that survives compaction."""
+    return "\n".join(
+        [
+            "## Context scratch file (compaction survival)",
+            "Periodically (every 10-15 tool calls), write a summary of:",
+            "- What you have discovered so far",
+            "- Decisions made and why",
+            "- What remains to do",
+            f"to: {scratch_file}",
+            "If this file existed at session start, its contents have already been injected "
+            "into your prompt above.",
+            "This file is ephemeral — not evidence or permanent memory, just a compaction "
+            "survival mechanism.",
+        ]
+    )
+
+
+def scratch_context(scratch_file: Path) -> str:
+    """The previous run's scratch notes (at most 8192 bytes), or nothing."""
+    try:
+        with scratch_file.open("rb") as handle:
+            data = handle.read(MAX_SCRATCH_BYTES)
+    except OSError:
+        return ""
+    if not data.strip():
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    return f"## Previous context (from scratch file)\n{text.rstrip()}\n"
+
+
+def graph_section(report_json: str | None) -> str:
+    """The structural-analysis section around a JSON report (empty when there is none)."""
+    if not report_json:
+        return ""
+    return f"## Structural analysis\n```json\n{report_json.strip()}\n```\n"
 
 
 def build_prompt(
@@ -116,10 +157,13 @@ def build_prompt(
     formula_source: str,
     phase_file: str | None,
     worktree: str,
+    protocol: bool = True,
+    scratch_file: Path | None = None,
+    graph_json: str | None = None,
 ) -> PromptParts:
-    """Assemble the prompt for one run."""
+    """Assemble the prompt for one run (``protocol`` False: the one-shot footer)."""
     context = build_context_block(context_paths(agent, formula), project)
-    footer = build_footer(project, phase_file, worktree)
+    footer = build_footer(project, phase_file, worktree, protocol)
     sections = [
         f"You are the {agent.name} agent of project {project.name} "
         f"(formula {formula.name!r}, run {run_id}).",
@@ -131,5 +175,14 @@ def build_prompt(
     ]
     if context:
         sections += ["## Context", context]
+    if scratch_file is not None:
+        previous = scratch_context(scratch_file)
+        if previous:
+            sections.append(previous)
+    graph = graph_section(graph_json)
+    if graph:
+        sections.append(graph)
+    if scratch_file is not None:
+        sections += [scratch_instruction(str(scratch_file)), ""]
     sections.append(footer)
     return PromptParts(prompt="\n".join(sections) + "\n", footer=footer)

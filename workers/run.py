@@ -54,6 +54,10 @@ class Run:
     reason: str | None = None
     finished_at: str | None = None
     worktree_preserved: bool = False
+    recoveries: int = 0
+    nudges: int = 0
+    mode: str = "session"
+    output_tail: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -104,4 +108,8 @@ class Run:
             "finished_at": self.finished_at,
             "formula_source": self.formula_source,
             "worktree_preserved": self.worktree_preserved,
+            "recoveries": self.recoveries,
+            "nudges": self.nudges,
+            "mode": self.mode,
+            "output_tail": self.output_tail,
         }

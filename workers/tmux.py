@@ -105,6 +105,13 @@ class TmuxServer(libtmux.Server):
         stderr = [line for line in proc.stderr.split("\n") if line]
         return TmuxResult(argv, stdout, stderr, proc.returncode)
 
+    def pane_paths(self) -> set[Path]:
+        """Current directories of every pane on this server (empty when it is not running)."""
+        result = self.cmd("list-panes", "-a", "-F", "#{pane_current_path}")
+        if result.returncode != 0:
+            return set()
+        return {Path(line) for line in result.stdout if line}
+
     def checked(self, cmd: str, *args: Any, target: str | None = None) -> list[str]:
         """Run a tmux command; a failure becomes a SessionError with tmux's message."""
         result = self.cmd(cmd, *args, target=target)

@@ -45,6 +45,20 @@ def add_worktree(repo_root: Path, path: Path, ref: str = "HEAD") -> Path:
     return path
 
 
+def fresh_ref(repo_root: Path, primary_branch: str) -> str:
+    """``origin/<primary>`` after a fetch; the local branch when there is no origin."""
+    repo = open_repo(repo_root)
+    if "origin" not in [remote.name for remote in repo.remotes]:
+        return primary_branch
+    try:
+        repo.git.fetch("origin", primary_branch, kill_after_timeout=GIT_TIMEOUT)
+    except git.GitCommandError as exc:
+        raise RepoError(
+            f"git fetch origin {primary_branch} in {repo_root} failed: {_stderr(exc)}"
+        ) from None
+    return f"origin/{primary_branch}"
+
+
 def remove_worktree(repo_root: Path, path: Path) -> None:
     """Remove a run's worktree; a directory already gone is pruned from git's list."""
     with contextlib.suppress(RepoError, git.GitCommandError):
@@ -66,3 +80,52 @@ def preserve(run_dir: Path, reason: str) -> Path:
 def _stderr(exc: git.GitCommandError) -> str:
     text = str(exc.stderr or exc).strip()
     return text.removeprefix("stderr:").strip().strip("'").strip()
+
+
+def run_dir_age(run_dir: Path, now: float) -> float:
+    """Seconds since anything directly in ``run_dir`` last changed."""
+    newest = run_dir.stat().st_mtime
+    for entry in run_dir.iterdir():
+        with contextlib.suppress(OSError):
+            newest = max(newest, entry.lstat().st_mtime)
+    return now - newest
+
+
+def cleanup_stale(
+    runs_root: Path,
+    repo_roots: list[Path],
+    max_age: float,
+    preserved_max_age: float,
+    in_use: set[Path],
+    now: float,
+) -> list[Path]:
+    """Remove run directories older than ``max_age`` (preserved ones after
+    ``preserved_max_age``) unless a live tmux pane works in them; then prune
+    each repository's worktree list. Returns what was removed."""
+    removed: list[Path] = []
+    if not runs_root.is_dir():
+        return removed
+    for run_dir in sorted(runs_root.iterdir()):
+        if not run_dir.is_dir() or run_dir.is_symlink():
+            continue
+        if any(path == run_dir or run_dir in path.parents for path in in_use):
+            continue
+        limit = preserved_max_age if (run_dir / PRESERVED_MARKER).exists() else max_age
+        try:
+            if run_dir_age(run_dir, now) < limit:
+                continue
+        except OSError:
+            continue
+        worktree = run_dir / "worktree"
+        for root in repo_roots:
+            if worktree.exists():
+                with contextlib.suppress(RepoError, git.GitCommandError):
+                    open_repo(root).git.worktree(
+                        "remove", "--force", str(worktree), kill_after_timeout=GIT_TIMEOUT
+                    )
+        shutil.rmtree(run_dir, ignore_errors=True)
+        removed.append(run_dir)
+    for root in repo_roots:
+        with contextlib.suppress(RepoError, git.GitCommandError):
+            open_repo(root).git.worktree("prune", kill_after_timeout=GIT_TIMEOUT)
+    return removed

@@ -1,0 +1,145 @@
+"""One-shot runs: the agent as a child process with the prompt on stdin.
+
+The original moved its planner, predictor, gardener and supervisor to
+``claude -p`` runs; here the same lock, guards, timeouts and reporting apply.
+The child runs in its own process group (killed whole on a timeout), its
+output goes to ``output.log`` in the run directory, and its tail goes into
+the result. A terminal phase in the phase file decides the outcome; without
+one, the exit status does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from workers import run as outcomes
+from workers.config import AgentConfig, MonitorConfig
+from workers.errors import PhaseFileError
+from workers.monitor import MonitorExit, RunDirWake, check_phase, started_epoch
+from workers.phases import TERMINAL, read_phase
+from workers.run import Run
+from workers.tmux import scrubbed_env
+
+OUTPUT_NAME = "output.log"
+TAIL_BYTES = 2000
+
+
+def run_oneshot(
+    run: Run,
+    agent: AgentConfig,
+    timing: MonitorConfig,
+    on_phase: Callable[[Run], None],
+    renew: Callable[[], bool],
+) -> MonitorExit:
+    """Run the agent to completion (or a timeout); the way it ended."""
+    assert run.run_dir and run.prompt_file and run.phase_file
+    run_dir = Path(run.run_dir)
+    spec = json.loads((run_dir / "launch.json").read_text())
+    env = {**scrubbed_env(), **{str(k): str(v) for k, v in spec["env"].items()}}
+    output = run_dir / OUTPUT_NAME
+    with open(run.prompt_file, "rb") as stdin, open(output, "wb") as out:
+        try:
+            proc = subprocess.Popen(
+                spec["argv"],
+                stdin=stdin,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=spec["cwd"],
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            return MonitorExit(outcomes.FAILED, f"cannot start {spec['argv'][0]!r}: {exc.strerror}")
+    try:
+        ended = _follow(run, proc, output, agent, timing, on_phase, renew)
+    finally:
+        _kill_group(proc)
+        run.output_tail = _tail(output)
+    return ended
+
+
+def _follow(
+    run: Run,
+    proc: subprocess.Popen[bytes],
+    output: Path,
+    agent: AgentConfig,
+    timing: MonitorConfig,
+    on_phase: Callable[[Run], None],
+    renew: Callable[[], bool],
+) -> MonitorExit:
+    assert run.run_dir and run.phase_file
+    started = started_epoch(run)
+    wake = RunDirWake(Path(run.run_dir))
+    try:
+        last_change = last_renew = time.monotonic()
+        last_size = 0
+        while True:
+            try:
+                if check_phase(run, on_phase):
+                    last_change = time.monotonic()
+            except PhaseFileError as exc:
+                return MonitorExit(outcomes.FAILED, str(exc))
+            code = proc.poll()
+            if code is not None:
+                return _judge(run, code)
+            size = output.stat().st_size
+            now = time.monotonic()
+            if size != last_size:
+                last_size, last_change = size, now
+            if now - last_change >= agent.idle_timeout:
+                return MonitorExit(
+                    outcomes.IDLE_TIMEOUT, f"no output or phase change for {agent.idle_timeout:g} s"
+                )
+            if time.time() - started >= agent.max_runtime:
+                return MonitorExit(
+                    outcomes.FAILED, f"max_runtime of {agent.max_runtime:g} s reached"
+                )
+            if now - last_renew >= timing.lease_seconds / 3:
+                last_renew = now
+                if not renew():
+                    return MonitorExit(
+                        outcomes.LOST_LEASE, "the agent's lease could not be renewed"
+                    )
+            wake.wait(timing.poll_interval)
+    finally:
+        wake.close()
+
+
+def _judge(run: Run, code: int) -> MonitorExit:
+    """A terminal phase wins; else exit status 0 is done and anything else failed."""
+    assert run.phase_file
+    reading = read_phase(run.phase_file)
+    if reading is not None and reading.phase in TERMINAL:
+        return MonitorExit(TERMINAL[reading.phase], reading.reason)
+    if code == 0:
+        return MonitorExit(outcomes.DONE, None)
+    return MonitorExit(outcomes.FAILED, f"the agent exited with status {code}")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def _tail(output: Path) -> str:
+    try:
+        with output.open("rb") as handle:
+            handle.seek(max(0, output.stat().st_size - TAIL_BYTES))
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
