@@ -13,7 +13,8 @@ the run and passes it on, and ``report`` always cleans up.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec
 
 from celery import Task, chain
 
@@ -28,16 +29,19 @@ from workers.phases import state_name
 from workers.run import Run
 
 log = logging.getLogger("formulabeat.runs")
+P = ParamSpec("P")
 
 
 def _reporter(task: Task) -> Reporter:
     return Reporter(task.app, config(), task.request.hostname)
 
 
-def _guarded(run: Run, step: str, func: Any, *args: Any) -> None:
+def _guarded(
+    run: Run, step: str, func: Callable[P, None], *args: P.args, **kwargs: P.kwargs
+) -> None:
     """Run one step; an error ends the run as failed with a readable reason."""
     try:
-        func(*args)
+        func(*args, **kwargs)
     except FormulabeatError as exc:
         run.end(outcomes.FAILED, str(exc))
     except Exception as exc:
@@ -86,7 +90,8 @@ def monitor(self: Task, data: dict[str, Any]) -> dict[str, Any]:
             reporter.progress(changed, state_name(changed.final_phase))
 
         cfg = config()
-        _guarded(current, "monitor", lifecycle.monitor, current, cfg, redis_client(cfg), on_phase)
+        client = redis_client(cfg)
+        _guarded(current, "monitor", lifecycle.monitor, current, cfg, client, on_phase, reporter)
     return current.to_dict()
 
 
