@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.conftest import commit_files, tmux_sessions, wait_until
@@ -130,7 +129,6 @@ def test_run_without_a_broker_says_how_to_start_one(tmp_path: Path) -> None:
         '[[agents]]\nname = "a"\nproject = "p"\nformula = "repo/formulas/shell.toml"\n'
         'schedule = "* * * * *"\n'
     )
-    started = time.monotonic()
     proc = subprocess.run(
         [*FORMULABEAT, "--config", str(config), "run", "p", "a"],
         capture_output=True,
@@ -138,7 +136,6 @@ def test_run_without_a_broker_says_how_to_start_one(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert time.monotonic() - started < 60
     assert proc.returncode == 4
     assert "[broker] url is not set and no embedded Redis runs on this host" in proc.stderr
     assert "formulabeat up" in proc.stderr
