@@ -212,6 +212,82 @@ def cmd_enable(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check tmux, git, the agent commands, Redis, clocks, memory and the state dir."""
+    from tasks.app import broker_url, redis_client
+    from workers.doctor import run_checks
+
+    cfg = _config(args)
+    try:
+        url: str | None = broker_url(cfg)
+    except FormulabeatError:
+        url = None
+    checks = run_checks(cfg, url, lambda: redis_client(cfg))
+    for check in checks:
+        print(f"{'ok  ' if check.ok else 'FIX '} {check.name:<22} {check.detail}")
+    return 0 if all(check.ok for check in checks) else 1
+
+
+def _snapshot(cfg: Config, run_id: str) -> dict[str, Any]:
+    from tasks.app import redis_client
+    from workers import registry
+
+    snapshot = registry.get(redis_client(cfg), run_id)
+    if snapshot is None:
+        raise FormulabeatError(f"no run {run_id} is known (runs are kept 7 days)")
+    return snapshot
+
+
+def _tmux_argv(cfg: Config) -> list[str]:
+    if not cfg.tmux_socket:
+        return ["tmux"]
+    flag = "-S" if "/" in cfg.tmux_socket else "-L"
+    return ["tmux", flag, cfg.tmux_socket]
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Attach to a run's tmux session, or say how to from its host."""
+    import shlex
+
+    cfg = _config(args)
+    snap = _snapshot(cfg, args.run_id)
+    if not snap.get("session") or snap.get("outcome"):
+        raise FormulabeatError(f"run {args.run_id} has no live session ({snap.get('outcome')})")
+    argv = [*_tmux_argv(cfg), "attach-session", "-t", f"={snap['session']}"]
+    if snap.get("host") != cfg.host:
+        print(f"run {args.run_id} lives on host {snap['host']}; there, run: {shlex.join(argv)}")
+        return 0
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print the agent's pane (this host's sessions); --follow repeats until it ends."""
+    import subprocess
+
+    cfg = _config(args)
+    while True:
+        snap = _snapshot(cfg, args.run_id)
+        if snap.get("host") != cfg.host:
+            raise FormulabeatError(
+                f"run {args.run_id} lives on host {snap.get('host')}: run `formulabeat logs` there"
+            )
+        if not snap.get("session") or snap.get("outcome"):
+            print(f"run {args.run_id} ended: {snap.get('outcome')} ({snap.get('reason') or ''})")
+            return 0
+        proc = subprocess.run(
+            [*_tmux_argv(cfg), "capture-pane", "-p", "-t", f"={snap['session']}:"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+        print(proc.stdout if proc.returncode == 0 else proc.stderr.strip(), flush=True)
+        if not args.follow:
+            return 0
+        time.sleep(2)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo project end to end and check every run's outcome."""
     from tasks.demo import run_demo
@@ -261,6 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
         flag.add_argument("project")
         flag.add_argument("agent")
         flag.set_defaults(func=cmd_enable)
+
+    doctor = sub.add_parser("doctor", help="check this host: tmux, git, agents, Redis, clock")
+    doctor.set_defaults(func=cmd_doctor)
+
+    for name, func, what in (
+        ("attach", cmd_attach, "attach to a run's tmux session"),
+        ("logs", cmd_logs, "print a run's agent pane"),
+    ):
+        part = sub.add_parser(name, help=what)
+        part.add_argument("run_id")
+        if name == "logs":
+            part.add_argument("--follow", "-f", action="store_true", help="repeat until it ends")
+        part.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="run a throwaway demo project end to end")
     demo.add_argument("--keep", action="store_true", help="keep the demo directory")

@@ -1,0 +1,142 @@
+"""``formulabeat doctor``: each thing a host needs, checked, with what to do.
+
+Every check returns a line that is either ok with what was found, or what is
+wrong and how to fix it; none of them changes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+import redis
+
+from workers.config import Config, redact_url
+
+# Beyond this, lease TTLs and timestamps from different hosts disagree.
+MAX_CLOCK_SKEW_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def _version(argv: list[str]) -> str | None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or proc.stderr.strip() or None
+
+
+def check_tool(name: str, argv: list[str], package: str) -> Check:
+    """A system tool on PATH, with its version."""
+    if shutil.which(argv[0]) is None:
+        return Check(name, False, f"not found on PATH: install it (apt-get install {package})")
+    return Check(name, True, _version(argv) or "found")
+
+
+def check_agents(cfg: Config) -> list[Check]:
+    """Each agent's command is on PATH."""
+    checks = []
+    for agent in cfg.agents:
+        program = agent.argv()[0]
+        found = shutil.which(program)
+        checks.append(
+            Check(
+                f"agent {agent.key}",
+                found is not None,
+                f"{program} → {found}"
+                if found
+                else f"{program!r} not found on PATH (agents.command)",
+            )
+        )
+    return checks
+
+
+def check_redis(url: str, client_factory: Callable[[], redis.Redis]) -> list[Check]:
+    """Redis reachable, its version, and this host's clock against Redis's."""
+    shown = redact_url(url)
+    try:
+        client = client_factory()
+        info = client.info("server")
+        before = time.time()
+        seconds, micros = client.time()
+        after = time.time()
+    except redis.exceptions.AuthenticationError:
+        return [Check("redis", False, f"{shown}: wrong password (fix the URL's password)")]
+    except redis.exceptions.RedisError as exc:
+        return [Check("redis", False, f"{shown}: unreachable ({exc}); is it running?")]
+    skew = (seconds + micros / 1e6) - (before + after) / 2
+    return [
+        Check("redis", True, f"{shown}: Redis {info.get('redis_version', '?')}"),
+        Check(
+            "clock",
+            abs(skew) <= MAX_CLOCK_SKEW_SECONDS,
+            f"this host is {-skew:+.3f} s from Redis's clock"
+            + (
+                ""
+                if abs(skew) <= MAX_CLOCK_SKEW_SECONDS
+                else ": run NTP (chrony, systemd-timesyncd)"
+            ),
+        ),
+    ]
+
+
+def check_memory(cfg: Config) -> Check:
+    """Available memory against the largest min_memory_mb of the agents."""
+    available = psutil.virtual_memory().available // (1024 * 1024)
+    needed = max((a.min_memory_mb for a in cfg.agents), default=0)
+    return Check(
+        "memory",
+        available >= needed,
+        f"{available} MB available, agents need up to {needed} MB"
+        + ("" if available >= needed else ": runs will be skipped"),
+    )
+
+
+def check_state_dir(cfg: Config) -> Check:
+    """The state dir exists (or can be made) and only its owner can enter it."""
+    path = cfg.state_dir
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        writable = parent is not None and os.access(parent, os.W_OK)
+        return Check(
+            "state dir",
+            writable,
+            f"{path} will be created" if writable else f"{path} cannot be created: no write access",
+        )
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        return Check("state dir", False, f"{path} has mode {mode:o}: run chmod 700 {path}")
+    return Check("state dir", True, f"{path} (mode {mode:o})")
+
+
+def run_checks(
+    cfg: Config, url: str | None, client_factory: Callable[[], redis.Redis]
+) -> list[Check]:
+    """Every check for this host and config."""
+    checks = [
+        check_tool("tmux", ["tmux", "-V"], "tmux"),
+        check_tool("git", ["git", "--version"], "git"),
+        *check_agents(cfg),
+    ]
+    if url is None:
+        checks.append(
+            Check("redis", False, "no [broker] url and no embedded Redis: run `formulabeat up`")
+        )
+    else:
+        checks += check_redis(url, client_factory)
+    checks += [check_memory(cfg), check_state_dir(cfg)]
+    return checks
