@@ -46,7 +46,8 @@ description = "Read the context below and decide what to do."
 id = "act"
 title = "Do the work"
 description = \"\"\"The scripted agent follows this line:
-SCENARIO: {scenario}\"\"\"
+SCENARIO: {scenario}
+\"\"\"
 """
 
 

@@ -48,7 +48,7 @@ def test_a_session_named_like_ours_neither_masks_a_crash_nor_dies_with_it(
     )
     assert prefix.returncode == 0, "tmux prefix matching is what this test guards against"
     wait_until(lambda: not ours.alive(), 30, "our agent to exit")
-    assert ours.status() == (False, 3)
+    assert ours.status() == (False, "exit status 3")
     assert twin.alive()
     ours.kill()
     assert twin.alive()
@@ -89,7 +89,7 @@ def test_an_agent_that_exits_before_its_prompt_is_a_clear_error(
         tmp_path,
         launch(tmp_path, "d", py("print('bye'); raise SystemExit(7)")),
     )
-    with pytest.raises(SessionError, match=r"exited \(status 7\) before showing its prompt"):
+    with pytest.raises(SessionError, match=r"ended \(exit status 7\) before showing its prompt"):
         session.wait_ready("❯", quiet=0.2, timeout=30)
     session.kill()
 

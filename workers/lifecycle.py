@@ -217,6 +217,7 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
                 worktrees.remove_worktree(cfg.project(run.project).repo_root, Path(run.worktree))
             shutil.rmtree(run_dir, ignore_errors=True)
     run.finished_at = now_iso()
+    run.state = (run.outcome or outcomes.FAILED).upper()
 
 
 def _count(path: Path) -> int:

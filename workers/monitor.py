@@ -96,13 +96,11 @@ def watch(
             exited = (run_dir / EXITED_MARKER).exists()
             if exited or now - last_live >= timing.liveness_interval:
                 last_live = now
-                alive, code = session.status()
+                alive, how = session.status()
                 if not alive:
                     if check_phase(run, on_phase):
                         continue  # it wrote its phase on the way out: judge that
-                    return MonitorExit(
-                        outcomes.CRASHED, f"the agent's session ended (exit status {code})"
-                    )
+                    return MonitorExit(outcomes.CRASHED, f"the agent's session ended ({how})")
                 idle = run.final_phase is None and (run_dir / IDLE_MARKER).exists()
                 idle_checks = idle_checks + 1 if idle else 0
                 if idle_checks >= IDLE_PROMPT_CHECKS:

@@ -168,17 +168,23 @@ class AgentSession:
         """The libtmux Pane of the agent (commands go through the timed server)."""
         return Pane(server=self.server, pane_id=self.pane_id)
 
-    def status(self) -> tuple[bool, int | None]:
-        """(alive, exit status): dead when the pane's process exited or the session is gone."""
+    def status(self) -> tuple[bool, str | None]:
+        """(alive, how it ended): dead when the pane's process exited or the session is gone."""
         result = self.server.cmd(
-            "display-message", "-p", "-t", self.pane_id, "#{pane_dead} #{pane_dead_status}"
+            "display-message",
+            "-p",
+            "-t",
+            self.pane_id,
+            "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}",
         )
         if result.returncode != 0 or not result.stdout:
-            return False, None
-        dead, _, code = result.stdout[0].partition(" ")
-        if dead == "1":
-            return False, int(code) if code.strip().lstrip("-").isdigit() else None
-        return True, None
+            return False, "its tmux session is gone"
+        dead, code, sig = [*result.stdout[0].split(":"), "", ""][:3]
+        if dead != "1":
+            return True, None
+        if sig.strip():
+            return False, f"killed by signal {sig.strip()}"
+        return False, f"exit status {code.strip() or 'unknown'}"
 
     def alive(self) -> bool:
         """Whether the agent process in the pane is still running."""
@@ -193,10 +199,10 @@ class AgentSession:
         deadline = time.monotonic() + timeout
         last, changed_at = None, time.monotonic()
         while True:
-            alive, code = self.status()
+            alive, how = self.status()
             if not alive:
                 raise SessionError(
-                    f"the agent exited (status {code}) before showing its prompt; "
+                    f"the agent ended ({how}) before showing its prompt; "
                     f"last output: {_tail(last or '')!r}"
                 )
             screen = self.capture()

@@ -1,0 +1,356 @@
+"""A scripted stand-in for the Claude Code CLI, speaking the same protocol.
+
+It shows its ready prompt ``❯``, reads the pasted prompt in raw mode (with
+bracketed paste on, as Claude Code does), takes a scenario from a line
+``SCENARIO: <tokens>`` in the prompt, writes the phase file the prompt names,
+and runs the hooks of ``.claude/settings.json`` in its working directory with
+Claude Code's JSON payloads. Nothing in formulabeat depends on its internals.
+
+Scenario tokens, run in order (underscores in arguments become spaces):
+
+- ``phase=NAME`` writes ``PHASE:NAME`` (``phase=failed:REASON`` adds a
+  ``Reason:`` line), as a Bash tool call with PreToolUse/PostToolUse hooks;
+- ``sleep=SECONDS``; ``crash`` (exit 1 at once, no hooks); ``exit`` (SessionEnd
+  hook, exit 0); ``idle`` (end the turn here); ``apifail=KIND`` (StopFailure
+  hook, end the turn); ``bash=COMMAND`` (a Bash tool call that runs nothing).
+
+No scenario line means ``phase=done``. Every event is appended as a JSON line
+to ``<phase file>.agent.jsonl`` with its time, for tests and benchmarks.
+
+Standard library only: it starts in every test pane and must start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import termios
+import threading
+import time
+import tty
+import uuid
+from pathlib import Path
+from typing import Any
+
+PASTE_START = b"\x1b[200~"
+PASTE_END = b"\x1b[201~"
+_PHASE_PATH_RE = re.compile(r"echo 'PHASE:done' > '([^']+)'")
+_TOOL_EVENTS = ("PreToolUse", "PostToolUse")
+
+
+class Agent:
+    """One scripted agent process: its hooks, its log, its scenario runner."""
+
+    def __init__(self, prompt_char: str, interactive: bool) -> None:
+        self.prompt_char = prompt_char
+        self.interactive = interactive
+        self.session_id = str(uuid.uuid4())
+        self.cwd = os.getcwd()
+        self.phase_file: str | None = None
+        self.api_failed = False
+        self._scratch = tempfile.mkdtemp(prefix="scripted-agent-")
+
+    # -- output and log ---------------------------------------------------
+    def say(self, text: str) -> None:
+        """Print a line (CR LF: the tty may be in raw mode)."""
+        end = "\r\n" if self.interactive else "\n"
+        sys.stdout.write(text.replace("\n", end) + end)
+        sys.stdout.flush()
+
+    def show_prompt(self) -> None:
+        """Show the ready prompt and wait for input."""
+        sys.stdout.write(f"{self.prompt_char} ")
+        sys.stdout.flush()
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append one event to the agent log (next to the phase file)."""
+        if self.phase_file is None:
+            return
+        record = {"event": event, "at": time.time(), "pid": os.getpid(), **fields}
+        with open(f"{self.phase_file}.agent.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    @property
+    def transcript_path(self) -> str:
+        base = self.phase_file or os.path.join(self._scratch, "agent")
+        return f"{base}.transcript.jsonl"
+
+    # -- hooks ------------------------------------------------------------
+    def _settings_hooks(self) -> dict[str, Any]:
+        path = Path(self.cwd) / ".claude" / "settings.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            self.say(f"[warning: cannot read {path}: {exc}]")
+            return {}
+        hooks = data.get("hooks", {}) if isinstance(data, dict) else {}
+        return hooks if isinstance(hooks, dict) else {}
+
+    def run_hooks(
+        self, event: str, match: str | None = None, **fields: Any
+    ) -> list[tuple[int, str]]:
+        """Run every hook of ``event`` whose matcher fits; (exit code, stderr) of each."""
+        commands: list[tuple[str, float]] = []
+        for group in self._settings_hooks().get(event, []) or []:
+            if not isinstance(group, dict):
+                continue
+            matcher = str(group.get("matcher") or "")
+            if matcher not in ("", "*") and match is not None:
+                try:
+                    if not re.fullmatch(matcher, match):
+                        continue
+                except re.error:
+                    continue
+            for hook in group.get("hooks", []) or []:
+                if isinstance(hook, dict) and hook.get("type") == "command" and hook.get("command"):
+                    default = 1.5 if event == "SessionEnd" else 600.0
+                    commands.append((str(hook["command"]), float(hook.get("timeout", default))))
+        if not commands:
+            return []
+        payload = json.dumps(
+            {
+                "session_id": self.session_id,
+                "transcript_path": self.transcript_path,
+                "cwd": self.cwd,
+                "hook_event_name": event,
+                **fields,
+            }
+        ).encode()
+        results: list[tuple[int, str]] = [(0, "")] * len(commands)
+
+        def run_one(index: int, command: str, timeout: float) -> None:
+            env = {**os.environ, "CLAUDE_PROJECT_DIR": self.cwd}
+            try:
+                proc = subprocess.run(
+                    ["/bin/sh", "-c", command],
+                    input=payload,
+                    capture_output=True,
+                    cwd=self.cwd,
+                    env=env,
+                    timeout=timeout,
+                    check=False,
+                )
+                results[index] = (proc.returncode, proc.stderr.decode(errors="replace").strip())
+            except subprocess.TimeoutExpired:
+                results[index] = (-1, f"hook timed out after {timeout:g} s")
+            except OSError as exc:
+                results[index] = (-1, str(exc))
+
+        threads = [
+            threading.Thread(target=run_one, args=(i, cmd, limit), daemon=True)
+            for i, (cmd, limit) in enumerate(commands)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for code, _ in results:
+            self.log("hook", hook=event, code=code)
+        return results
+
+    # -- tools ------------------------------------------------------------
+    def bash_tool(self, command: str, effect: Any = None) -> bool:
+        """A Bash tool call: PreToolUse may deny it; else run ``effect`` and PostToolUse."""
+        tool_input = {"command": command}
+        denied = [
+            err
+            for code, err in self.run_hooks(
+                "PreToolUse", "Bash", tool_name="Bash", tool_input=tool_input
+            )
+            if code == 2
+        ]
+        if denied:
+            self.say(f"[tool denied: {'; '.join(denied)}]")
+            self.log("denied", command=command)
+            return False
+        if effect is not None:
+            effect()
+        response = {"stdout": "", "stderr": "", "interrupted": False}
+        self.run_hooks(
+            "PostToolUse", "Bash", tool_name="Bash", tool_input=tool_input, tool_response=response
+        )
+        return True
+
+    def write_phase(self, argument: str) -> None:
+        """The phase token: write the phase file through a Bash tool call."""
+        if self.phase_file is None:
+            self.say("[warning: the prompt names no phase file]")
+            return
+        path = self.phase_file
+        name, _, reason = argument.partition(":")
+        if reason:
+            text = f"PHASE:{name}\nReason: {reason.replace('_', ' ')}\n"
+            command = (
+                f"printf 'PHASE:{name}\\nReason: %s\\n' '{reason.replace('_', ' ')}' > '{path}'"
+            )
+        else:
+            text = f"PHASE:{name}\n"
+            command = f"echo 'PHASE:{name}' > '{path}'"
+
+        def write() -> None:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            self.log("phase", phase=f"PHASE:{name}")
+
+        self.bash_tool(command, write)
+
+    # -- turns ------------------------------------------------------------
+    def turn(self, text: str) -> None:
+        """One submitted prompt: run its scenario, then the Stop (or StopFailure) hook."""
+        found = _PHASE_PATH_RE.search(text)
+        if found:
+            self.phase_file = found.group(1)
+        self.log("prompt", bytes=len(text.encode()))
+        self.run_hooks("UserPromptSubmit", prompt=text)
+        tokens = ["phase=done"]
+        for line in text.splitlines():
+            if line.strip().startswith("SCENARIO:"):
+                tokens = line.split("SCENARIO:", 1)[1].split()
+                break
+        for token in tokens:
+            key, _, value = token.partition("=")
+            if key == "phase":
+                self.write_phase(value)
+            elif key == "sleep":
+                time.sleep(float(value or 0))
+            elif key == "crash":
+                self.log("crash")
+                os._exit(1)
+            elif key == "exit":
+                self.end("prompt_input_exit", 0)
+            elif key == "idle":
+                break
+            elif key == "apifail":
+                self.say(f"API Error: {value}")
+                self.api_failed = True
+                self.run_hooks("StopFailure", value, error=value, error_details="scripted failure")
+                return
+            elif key == "bash":
+                self.bash_tool(value.replace("_", " "))
+            else:
+                self.say(f"[warning: unknown scenario token {token!r}]")
+        self.run_hooks("Stop", stop_hook_active=False)
+
+    def end(self, reason: str, code: int) -> None:
+        """Run the SessionEnd hook and exit."""
+        self.run_hooks("SessionEnd", reason=reason)
+        self.log("exit", code=code)
+        raise SystemExit(code)
+
+
+def _read_interactive(agent: Agent) -> None:
+    """The TUI loop: raw mode, bracketed paste, Enter submits."""
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+
+    def restore() -> None:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        sys.stdout.write("\x1b[?2004l")
+        sys.stdout.flush()
+
+    def on_signal(signum: int, frame: object) -> None:
+        restore()
+        agent.end("other", 0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    try:
+        sys.stdout.write("\x1b[?2004h")
+        agent.say("scripted agent (formulabeat) — ready")
+        agent.show_prompt()
+        buffer, pending, in_paste = bytearray(), b"", False
+        while True:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                agent.end("other", 0)
+            data = pending + chunk
+            pending = b""
+            while data:
+                if in_paste:
+                    end = data.find(PASTE_END)
+                    if end < 0:
+                        keep = _partial_suffix(data, PASTE_END)
+                        buffer += data[: len(data) - keep]
+                        pending = data[len(data) - keep :]
+                        break
+                    buffer += data[:end]
+                    data = data[end + len(PASTE_END) :]
+                    in_paste = False
+                    agent.say(f"[pasted {len(buffer)} bytes]")
+                    continue
+                start = data.find(PASTE_START)
+                head = data if start < 0 else data[:start]
+                keep = _partial_suffix(head, PASTE_START) if start < 0 else 0
+                for byte in head[: len(head) - keep]:
+                    if byte in (0x0D, 0x0A):
+                        text = buffer.decode("utf-8", errors="replace").strip()
+                        buffer.clear()
+                        if text:
+                            agent.say(f"[received {len(text)} characters]")
+                            agent.turn(text)
+                            agent.show_prompt()
+                    elif byte == 0x03:  # Ctrl-C
+                        agent.end("other", 0)
+                    else:
+                        buffer.append(byte)
+                if start < 0:
+                    pending = head[len(head) - keep :]
+                    break
+                data = data[start + len(PASTE_START) :]
+                in_paste = True
+    finally:
+        restore()
+
+
+def _partial_suffix(data: bytes, marker: bytes) -> int:
+    """How many trailing bytes of ``data`` could begin ``marker`` (split across reads)."""
+    for size in range(min(len(marker) - 1, len(data)), 0, -1):
+        if marker.startswith(data[-size:]):
+            return size
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``formulabeat-scripted-agent``."""
+    parser = argparse.ArgumentParser(
+        prog="formulabeat-scripted-agent", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--dangerously-skip-permissions", action="store_true")
+    parser.add_argument("--model")
+    parser.add_argument("-p", "--print", dest="oneshot", action="store_true")
+    parser.add_argument("--startup-delay", type=float, default=0.0)
+    parser.add_argument("--prompt-char", default="❯")
+    args = parser.parse_args(argv)
+    interactive = not args.oneshot and sys.stdin.isatty()
+    agent = Agent(args.prompt_char, interactive)
+    if args.startup_delay:
+        time.sleep(args.startup_delay)
+    try:
+        if not interactive:
+            text = sys.stdin.read()
+            agent.run_hooks("SessionStart", "startup", source="startup")
+            agent.turn(text)
+            agent.end("other", 1 if agent.api_failed else 0)
+        agent.run_hooks("SessionStart", "startup", source="startup")
+        agent.log("start")
+        _read_interactive(agent)
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
