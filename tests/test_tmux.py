@@ -33,7 +33,15 @@ def test_a_session_named_like_ours_neither_masks_a_crash_nor_dies_with_it(
         server,
         "proj-agent",
         tmp_path,
-        launch(tmp_path, "a", py("import time; time.sleep(1); raise SystemExit(3)")),
+        launch(
+            tmp_path,
+            "a",
+            py(
+                "import os, time\n"
+                f"while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.05)\n"
+                "raise SystemExit(3)"
+            ),
+        ),
     )
     twin = AgentSession.start(
         server, "proj-agent-2", tmp_path, launch(tmp_path, "b", py("import time; time.sleep(120)"))
@@ -47,6 +55,7 @@ def test_a_session_named_like_ours_neither_masks_a_crash_nor_dies_with_it(
         check=False,
     )
     assert prefix.returncode == 0, "tmux prefix matching is what this test guards against"
+    (tmp_path / "go").touch()
     wait_until(lambda: not ours.alive(), 30, "our agent to exit")
     assert ours.status() == (False, "exit status 3")
     assert twin.alive()

@@ -170,21 +170,27 @@ class AgentSession:
 
     def status(self) -> tuple[bool, str | None]:
         """(alive, how it ended): dead when the pane's process exited or the session is gone."""
-        result = self.server.cmd(
-            "display-message",
-            "-p",
-            "-t",
-            self.pane_id,
-            "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}",
-        )
-        if result.returncode != 0 or not result.stdout:
-            return False, "its tmux session is gone"
-        dead, code, sig = [*result.stdout[0].split(":"), "", ""][:3]
-        if dead != "1":
-            return True, None
-        if sig.strip():
-            return False, f"killed by signal {sig.strip()}"
-        return False, f"exit status {code.strip() or 'unknown'}"
+        # tmux marks the pane dead when the pty closes, which can come before
+        # it reaps the process: give it a moment to record how it ended.
+        for _ in range(25):
+            result = self.server.cmd(
+                "display-message",
+                "-p",
+                "-t",
+                self.pane_id,
+                "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}",
+            )
+            if result.returncode != 0 or not result.stdout:
+                return False, "its tmux session is gone"
+            dead, code, sig = [*result.stdout[0].split(":"), "", ""][:3]
+            if dead != "1":
+                return True, None
+            if sig.strip():
+                return False, f"killed by signal {sig.strip()}"
+            if code.strip():
+                return False, f"exit status {code.strip()}"
+            time.sleep(0.02)
+        return False, "exit status unknown"
 
     def alive(self) -> bool:
         """Whether the agent process in the pane is still running."""
