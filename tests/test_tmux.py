@@ -57,7 +57,9 @@ def test_a_session_named_like_ours_neither_masks_a_crash_nor_dies_with_it(
     assert prefix.returncode == 0, "tmux prefix matching is what this test guards against"
     (tmp_path / "go").touch()
     wait_until(lambda: not ours.alive(), 30, "our agent to exit")
-    assert ours.status() == (False, "exit status 3")
+    alive, how = ours.status()
+    # tmux 3.3 sometimes marks the pane dead without recording the status.
+    assert not alive and how in ("exit status 3", "exit status unknown")
     assert twin.alive()
     ours.kill()
     assert twin.alive()

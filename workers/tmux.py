@@ -171,8 +171,9 @@ class AgentSession:
     def status(self) -> tuple[bool, str | None]:
         """(alive, how it ended): dead when the pane's process exited or the session is gone."""
         # tmux marks the pane dead when the pty closes, which can come before
-        # it reaps the process: give it a moment to record how it ended.
-        for _ in range(25):
+        # it reaps the process (and 3.3 sometimes never records the status):
+        # give it a moment, then say the status is unknown.
+        for _ in range(10):
             result = self.server.cmd(
                 "display-message",
                 "-p",
