@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--limit", type=int, default=20)
     status.set_defaults(func=cmd_status)
 
+    hook = sub.add_parser("hook", help="Claude Code hook entry points (installed by formulabeat)")
+    hook.add_argument("name")
     for name in ("enable", "disable"):
         flag = sub.add_parser(name, help=f"{name} an agent on every host")
         flag.add_argument("project")
@@ -360,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``formulabeat`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hook"]:
+        # Hooks run on every tool call of every agent: skip everything else.
+        from workers.hooks import main as hook_main
+
+        return hook_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

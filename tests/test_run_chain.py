@@ -87,7 +87,7 @@ def test_crash_keeps_the_worktree_with_a_marker(fleet: Fleet) -> None:
 
 
 def test_idle_session_is_killed_after_idle_timeout(fleet: Fleet) -> None:
-    fleet.add_agent("idler", "idle", idle_timeout=1.5)
+    fleet.add_agent("idler", "sleep=60", idle_timeout=1.5)
     fleet.write_config()
     fleet.start_worker()
     result = fleet.run("idler")
@@ -152,3 +152,45 @@ def test_missing_agent_command_fails_clearly(fleet: Fleet, redis_client: redis.R
     assert result["outcome"] == "failed"
     assert "'no-such-agent-cli'" in result["reason"] and "not found on PATH" in result["reason"]
     assert redis_client.get(agent_lock_key("proj", "ghost")) is None
+
+
+def test_an_agent_back_at_its_prompt_is_nudged_into_writing_its_phase(fleet: Fleet) -> None:
+    fleet.add_agent("forgetful", "idle")
+    fleet.write_config()
+    fleet.start_worker()
+    result = fleet.run("forgetful")
+    assert result["outcome"] == "done"
+    assert result["nudges"] == 1
+
+
+def test_an_agent_that_ignores_two_nudges_ends_as_idle_prompt(fleet: Fleet) -> None:
+    fleet.add_agent("deaf", "deaf idle")
+    fleet.write_config()
+    fleet.start_worker()
+    result = fleet.run("deaf")
+    assert result["outcome"] == "failed"
+    assert result["reason"].startswith("idle_prompt")
+    assert result["nudges"] == 2
+    assert tmux_sessions(fleet.tmux_socket) == []
+
+
+def test_a_crashed_session_is_recovered_once_with_the_prompt_again(fleet: Fleet) -> None:
+    # crash_once: the first session dies, the recovered one finishes.
+    fleet.add_agent("flaky", "phase=awaiting_ci crash_once phase=done")
+    fleet.write_config()
+    fleet.start_worker()
+    result = fleet.run("flaky")
+    assert result["outcome"] == "done"
+    assert result["recoveries"] == 1
+    assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
+    assert result["worktree_preserved"] is False
+
+
+def test_a_second_crash_ends_the_run_as_crashed(fleet: Fleet) -> None:
+    fleet.add_agent("doomed", "phase=awaiting_ci crash")
+    fleet.write_config()
+    fleet.start_worker()
+    result = fleet.run("doomed")
+    assert result["outcome"] == "crashed"
+    assert result["recoveries"] == 1
+    assert result["worktree_preserved"] is True

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -23,8 +24,9 @@ from workers.analysis import structural_report
 from workers.config import AgentConfig, Config
 from workers.errors import ContextError, SessionError
 from workers.formula import load_formula
+from workers.hooks import EXITED_MARKER, IDLE_MARKER, install_hooks
 from workers.locks import Lease, agent_lock_key, holder
-from workers.monitor import EXITED_MARKER, IDLE_MARKER, watch
+from workers.monitor import watch
 from workers.oneshot import run_oneshot
 from workers.prompt import build_prompt
 from workers.run import Run, now_iso
@@ -99,6 +101,10 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
         raise ContextError(f"the prompt is {size} bytes, over the {MAX_PROMPT_BYTES} byte limit")
     worktrees.add_worktree(project.repo_root, worktree, ref)
     run.worktree = str(worktree)
+    try:
+        install_hooks(worktree, hook_command(), run_dir, project.primary_branch)
+    except ValueError as exc:
+        raise SessionError(f"cannot install the hooks: {exc}") from None
     write_private(phase_file, "")
     run.phase_file = str(phase_file)
     write_private(run_dir / "prompt.md", parts.prompt)
@@ -107,6 +113,12 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
     if oneshot and not {"-p", "--print"} & set(argv):
         argv.append("-p")
     write_private(run_dir / "launch.json", json.dumps(_launch_spec(run, agent, argv)))
+
+
+def hook_command() -> list[str]:
+    """How the agent's hooks call formulabeat: this installation's own script."""
+    script = Path(sys.executable).with_name("formulabeat")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "tasks.cli"]
 
 
 def scratch_file(cfg: Config, run: Run) -> Path:

@@ -13,6 +13,7 @@ that died, the clocks).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,13 +25,11 @@ from inotify_simple import flags as inotify_flags
 from workers import run as outcomes
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import PhaseFileError
+from workers.hooks import EXITED_MARKER, HOOKS_LIVE, IDLE_MARKER, JOURNAL
 from workers.phases import TERMINAL, read_phase
 from workers.run import Run
 from workers.tmux import AgentSession
 
-# Marker files the hooks write into the run directory.
-EXITED_MARKER = "exited"
-IDLE_MARKER = "idle"
 # Checks (at the liveness interval) with an idle agent and no phase before
 # the run is given up as idle_prompt, as the original did with its polls.
 IDLE_PROMPT_CHECKS = 3
@@ -88,8 +87,11 @@ def watch(
                     idle_checks = 0
             except PhaseFileError as exc:
                 return MonitorExit(outcomes.FAILED, str(exc))
+            if merge_journal(run):
+                on_phase(run)
             terminal = TERMINAL.get(run.final_phase or "")
             if terminal is not None:
+                _drain_journal(run, on_phase)
                 reading = read_phase(run.phase_file)
                 return MonitorExit(terminal, reading.reason if reading else None)
             now = time.monotonic()
@@ -136,6 +138,58 @@ def check_phase(run: Run, on_phase: Callable[[Run], None]) -> bool:
     run.add_phase(reading.phase)
     on_phase(run)
     return True
+
+
+def merge_journal(run: Run) -> bool:
+    """Fold new entries of the hooks' phase journal into the run's history.
+
+    The journal lists every phase a tool call wrote, in order, even two in
+    one millisecond that the phase file alone cannot show. Phases seen in the
+    file and not yet in the journal are provisional: a journal entry that
+    matches the oldest one confirms it; one that does not was missed, and is
+    inserted before it. True when the history gained a phase.
+    """
+    assert run.run_dir is not None
+    try:
+        with open(Path(run.run_dir) / JOURNAL, "rb") as journal:
+            journal.seek(run.journal_offset)
+            data = journal.read()
+    except OSError:
+        return False
+    complete = data[: data.rfind(b"\n") + 1]
+    run.journal_offset += len(complete)
+    grew = False
+    for line in complete.splitlines():
+        try:
+            entry = json.loads(line)
+            phase, at = str(entry["phase"]), float(entry["at"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        pending = run.phases[run.journal_confirmed :]
+        if pending and pending[0]["phase"] == phase:
+            run.journal_confirmed += 1
+            continue
+        last = run.phases[run.journal_confirmed - 1]["phase"] if run.journal_confirmed else None
+        if not pending and phase == last:
+            continue  # the same phase written again
+        stamp = dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="microseconds")
+        run.phases.insert(run.journal_confirmed, {"phase": phase, "at": stamp})
+        run.journal_confirmed += 1
+        run.final_phase = run.phases[-1]["phase"]
+        grew = True
+    return grew
+
+
+def _drain_journal(run: Run, on_phase: Callable[[Run], None], timeout: float = 1.0) -> None:
+    """Before ending on a terminal phase, let the hooks' journal catch up with it."""
+    assert run.run_dir is not None
+    if run.journal_offset == 0 and not (Path(run.run_dir) / HOOKS_LIVE).exists():
+        return  # this agent runs no hooks: nothing to wait for
+    deadline = time.monotonic() + timeout
+    while run.journal_confirmed < len(run.phases) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        if merge_journal(run):
+            on_phase(run)
 
 
 def started_epoch(run: Run) -> float:

@@ -58,6 +58,10 @@ class Run:
     nudges: int = 0
     mode: str = "session"
     output_tail: str | None = None
+    # How far the hooks' phase journal has been read, and how many recorded
+    # phases it has confirmed (the rest were seen only in the phase file).
+    journal_offset: int = 0
+    journal_confirmed: int = 0
 
     @property
     def ended(self) -> bool:

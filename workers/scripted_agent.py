@@ -10,6 +10,11 @@ Scenario tokens, run in order (underscores in arguments become spaces):
 
 - ``phase=NAME`` writes ``PHASE:NAME`` (``phase=failed:REASON`` adds a
   ``Reason:`` line), as a Bash tool call with PreToolUse/PostToolUse hooks;
+- ``phases=A,B,…`` writes several phases in one Bash tool call, back to back
+  (within the same millisecond, as ``echo A > f; echo B > f`` would);
+- ``deaf``: later prompts (a nudge) are taken but do nothing;
+- ``crash_once``: crash the first session of a run only (a flag beside the
+  phase file remembers it), so a recovered session goes on;
 - ``sleep=SECONDS``; ``crash`` (exit 1 at once, no hooks); ``exit`` (SessionEnd
   hook, exit 0); ``idle`` (end the turn here); ``apifail=KIND`` (StopFailure
   hook, end the turn); ``bash=COMMAND`` (a Bash tool call that runs nothing).
@@ -55,6 +60,7 @@ class Agent:
         self.cwd = os.getcwd()
         self.phase_file: str | None = None
         self.api_failed = False
+        self.deaf = False
         self._scratch = tempfile.mkdtemp(prefix="scripted-agent-")
 
     # -- output and log ---------------------------------------------------
@@ -180,6 +186,23 @@ class Agent:
         )
         return True
 
+    def write_phases(self, names: list[str]) -> None:
+        """Several phase writes in one tool call, with no pause between them."""
+        if self.phase_file is None:
+            self.say("[warning: the prompt names no phase file]")
+            return
+        path = self.phase_file
+        command = "; ".join(f"echo 'PHASE:{name}' > '{path}'" for name in names)
+
+        def write() -> None:
+            for name in names:
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(f"PHASE:{name}\n")
+            for name in names:
+                self.log("phase", phase=f"PHASE:{name}")
+
+        self.bash_tool(command, write)
+
     def write_phase(self, argument: str) -> None:
         """The phase token: write the phase file through a Bash tool call."""
         if self.phase_file is None:
@@ -211,7 +234,7 @@ class Agent:
             self.phase_file = found.group(1)
         self.log("prompt", bytes=len(text.encode()))
         self.run_hooks("UserPromptSubmit", prompt=text)
-        tokens = ["phase=done"]
+        tokens = ["idle"] if self.deaf else ["phase=done"]
         for line in text.splitlines():
             if line.strip().startswith("SCENARIO:"):
                 tokens = line.split("SCENARIO:", 1)[1].split()
@@ -220,15 +243,19 @@ class Agent:
             key, _, value = token.partition("=")
             if key == "phase":
                 self.write_phase(value)
+            elif key == "phases":
+                self.write_phases([name for name in value.split(",") if name])
             elif key == "sleep":
                 time.sleep(float(value or 0))
-            elif key == "crash":
+            elif key == "crash" or (key == "crash_once" and self._first_crash()):
                 self.log("crash")
                 os._exit(1)
             elif key == "exit":
                 self.end("prompt_input_exit", 0)
             elif key == "idle":
                 break
+            elif key == "deaf":
+                self.deaf = True
             elif key == "apifail":
                 self.say(f"API Error: {value}")
                 self.api_failed = True
@@ -239,6 +266,15 @@ class Agent:
             else:
                 self.say(f"[warning: unknown scenario token {token!r}]")
         self.run_hooks("Stop", stop_hook_active=False)
+
+    def _first_crash(self) -> bool:
+        if self.phase_file is None:
+            return True
+        flag = Path(f"{self.phase_file}.crashed-once")
+        if flag.exists():
+            return False
+        flag.touch()
+        return True
 
     def end(self, reason: str, code: int) -> None:
         """Run the SessionEnd hook and exit."""

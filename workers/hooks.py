@@ -1,0 +1,455 @@
+"""Claude Code hooks: installed into the worktree, run as ``formulabeat hook NAME``.
+
+Each hook reads Claude Code's JSON payload on stdin and talks to the monitor
+through files in the run's private directory:
+
+- ``stop``: writes the ``idle`` marker, or (phase file still empty, fewer than
+  two nudges so far) types a nudge into the session instead;
+- ``post-tool-use``: when the tool wrote the phase file, appends each phase it
+  wrote to ``phase-journal`` (so two writes in one millisecond are both seen,
+  in order) and touches ``phase-changed``;
+- ``stop-failure``: writes ``PHASE:failed`` / ``Reason: api_error: <kind>``
+  unless a terminal phase is there already;
+- ``guard`` (PreToolUse, Bash): denies dangerous commands with exit status 2
+  and the reason on stderr, which is what Claude Code shows the model;
+- ``session-end``: writes the ``exited`` marker (fast: its timeout is short);
+- ``session-start``: after a compaction, prints the run's compact context.
+
+Standard library only, and no other formulabeat module: it starts on every
+tool call of every agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_NUDGES = 2
+TERMINAL = ("PHASE:done", "PHASE:merged", "PHASE:failed", "PHASE:escalate")
+# Files in the run directory that the monitor reads.
+JOURNAL = "phase-journal"
+HOOKS_LIVE = "hooks-live"
+IDLE_MARKER = "idle"
+EXITED_MARKER = "exited"
+NUDGE = (
+    "You returned to the prompt without writing the phase file. Finish the formula's "
+    "steps, then write the phase: echo 'PHASE:done' > '{phase}' "
+    "(or PHASE:failed with a Reason: line)."
+)
+
+# (event, matcher, hook name, timeout seconds)
+HOOKS = (
+    ("Stop", "", "stop", 30),
+    ("PostToolUse", "Bash|Write", "post-tool-use", 30),
+    ("StopFailure", "", "stop-failure", 30),
+    ("PreToolUse", "Bash", "guard", 30),
+    ("SessionEnd", "", "session-end", 1),
+    ("SessionStart", "compact", "session-start", 30),
+)
+
+
+# -- installation ---------------------------------------------------------
+
+
+def install_hooks(
+    worktree: Path, hook_command: list[str], run_dir: Path, primary_branch: str
+) -> Path:
+    """Merge formulabeat's hooks into ``<worktree>/.claude/settings.json``, idempotently."""
+    path = worktree / ".claude" / "settings.json"
+    settings: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: not valid JSON, left as it is: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: not a JSON object, left as it is")
+        settings = loaded
+    hooks = settings.setdefault("hooks", {})
+    if not isinstance(hooks, dict):
+        raise ValueError(f"{path}: 'hooks' is not an object, left as it is")
+    for event, matcher, name, timeout in HOOKS:
+        command = shlex.join(
+            [
+                *hook_command,
+                "hook",
+                name,
+                "--run-dir",
+                str(run_dir),
+                "--primary-branch",
+                primary_branch,
+            ]
+        )
+        groups = hooks.setdefault(event, [])
+        present = any(
+            isinstance(hook, dict) and hook.get("command") == command
+            for group in groups
+            if isinstance(group, dict)
+            for hook in group.get("hooks", [])
+        )
+        if not present:
+            groups.append(
+                {
+                    "matcher": matcher,
+                    "hooks": [{"type": "command", "command": command, "timeout": timeout}],
+                }
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(settings, indent=2) + "\n"
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        tmp = path.with_name(f".settings.json.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+# -- the guard ------------------------------------------------------------
+
+_SEPARATORS = {"&&", "||", ";", "|", "&", "\n", "(", ")", "|&", ";;"}
+_PREFIXES = {"sudo", "command", "exec", "nohup", "time", "nice", "builtin"}
+_TEMP_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def _commands(command: str) -> list[list[str]]:
+    """Split a shell command line into simple commands (words of each)."""
+    lexer = shlex.shlex(command.replace("\n", " ; "), posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    result: list[list[str]] = [[]]
+    for token in lexer:
+        if token in _SEPARATORS or (token and set(token) <= set("&|;()")):
+            result.append([])
+        else:
+            result[-1].append(token)
+    stripped = (_strip_prefixes(words) for words in result)
+    return [words for words in stripped if words]
+
+
+def _strip_prefixes(words: list[str]) -> list[str]:
+    while words:
+        head = words[0]
+        if head in _PREFIXES:
+            words = words[1:]
+        elif head == "env":
+            words = words[1:]
+            while words and (words[0].startswith("-") or "=" in words[0]):
+                words = words[1:]
+        elif re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", head):
+            words = words[1:]
+        else:
+            break
+    return words
+
+
+def _short_flags(word: str) -> set[str]:
+    return set(word[1:]) if word.startswith("-") and not word.startswith("--") else set()
+
+
+def _git_args(words: list[str]) -> list[str]:
+    """The words after ``git`` and its global options (-C dir, -c k=v, --git-dir=…)."""
+    args = words[1:]
+    while args and args[0].startswith("-"):
+        takes_value = args[0] in ("-C", "-c", "--git-dir", "--work-tree", "--namespace")
+        args = args[2:] if takes_value else args[1:]
+    return args
+
+
+def _refspec_target(refspec: str) -> str:
+    dest = refspec.lstrip("+").split(":")[-1]
+    return dest.removeprefix("refs/heads/")
+
+
+def _git_reason(args: list[str], primary: str) -> str | None:
+    if not args:
+        return None
+    sub, rest = args[0], args[1:]
+    if sub == "push":
+        force = any(
+            w in ("--force", "--force-if-includes", "--mirror")
+            or w.startswith("--force-with-lease")
+            or "f" in _short_flags(w)
+            for w in rest
+        )
+        positional = [w for w in rest if not w.startswith("-")]
+        refspecs = positional[1:]
+        for refspec in refspecs:
+            if _refspec_target(refspec) == primary and (force or refspec.startswith("+")):
+                return f"force-pushing to the primary branch {primary!r} is not allowed"
+        if force and not refspecs:
+            return "a force push without an explicit branch is not allowed: name the branch"
+        return None
+    if sub in ("checkout", "switch"):
+        if any(w in ("-b", "-B", "-c", "-C", "--orphan", "--") for w in rest):
+            return None
+        positional = [w for w in rest if not w.startswith("-")]
+        if positional and positional[0] == primary:
+            return (
+                f"switching the worktree to the primary branch {primary!r} is not allowed: "
+                "work on a branch (git checkout -b NAME)"
+            )
+    return None
+
+
+def _rm_reason(words: list[str], worktree: str) -> str | None:
+    flags: set[str] = set()
+    paths: list[str] = []
+    for word in words[1:]:
+        if word == "--recursive":
+            flags.add("r")
+        elif word == "--force":
+            flags.add("f")
+        elif word.startswith("-") and not word.startswith("--"):
+            flags |= {c.lower() for c in word[1:]}
+        elif not word.startswith("--"):
+            paths.append(word)
+    if not {"r", "f"} <= flags:
+        return None
+    root = os.path.realpath(worktree)
+    for path in paths:
+        if path.startswith(("~", "$HOME", "${HOME}")):
+            return f"rm -rf of {path} (outside the worktree) is not allowed"
+        if path.startswith("$"):
+            return f"rm -rf of {path}: cannot tell where the variable points; use a literal path"
+        full = os.path.normpath(path if path.startswith("/") else os.path.join(root, path))
+        if full == root or full.startswith(root + os.sep):
+            continue
+        temp_roots = {*_TEMP_ROOTS, tempfile.gettempdir()}
+        if any(full.startswith(t.rstrip("/") + "/") for t in temp_roots) or full.startswith(
+            "/dev/"
+        ):
+            continue
+        return f"rm -rf of {full} (outside the worktree {root}) is not allowed"
+    return None
+
+
+_MERGE_RE = re.compile(r"/pulls/\d+/merge\b")
+_ISSUE_RE = re.compile(r"/issues/\d+\b")
+_CLOSE_RE = re.compile(r"""["']?state["']?\s*[:=]\s*\\?["']?closed""")
+
+
+def guard_reason(command: str, worktree: str, primary_branch: str) -> str | None:
+    """Why the guard denies ``command`` run in ``worktree``, or None to allow it."""
+    if _MERGE_RE.search(command):
+        return "merging through the forge API is not allowed: the merge is not the agent's call"
+    if _ISSUE_RE.search(command) and _CLOSE_RE.search(command):
+        return "closing issues through the forge API is not allowed"
+    try:
+        commands = _commands(command)
+    except ValueError:
+        # Unbalanced quotes: judge the raw text conservatively.
+        if re.search(r"\bgit\b.*\bpush\b.*(\s-\w*f|--force)", command):
+            return "a force push (in a command that could not be parsed) is not allowed"
+        if re.search(r"\brm\s+-\w*[rR]\w*", command):
+            return "rm -r in a command that could not be parsed is not allowed"
+        return None
+    for words in commands:
+        program = os.path.basename(words[0])
+        if program == "git":
+            reason = _git_reason(_git_args(words), primary_branch)
+        elif program == "rm":
+            reason = _rm_reason(words, worktree)
+        else:
+            reason = None
+        if reason:
+            return reason
+    return None
+
+
+# -- phase writes ---------------------------------------------------------
+
+_PHASE_RE = re.compile(r"PHASE:[A-Za-z0-9_-]+")
+
+
+def _write_patterns(phase_file: str) -> list[str]:
+    names = [re.escape(phase_file), r"\$\{?PHASE_FILE\}?"]
+    return [rf"""(?:>>?|\btee(?:\s+-a)?)\s*['"]?(?:{name})['"]?""" for name in names]
+
+
+def writes_phase_file(tool_name: str, tool_input: Any, cwd: str, phase_file: str) -> bool:
+    """Whether this tool call wrote the phase file (a read does not count)."""
+    if not isinstance(tool_input, dict):
+        return False
+    if tool_name == "Write":
+        target = str(tool_input.get("file_path", ""))
+        return bool(target) and os.path.abspath(os.path.join(cwd, target)) == os.path.abspath(
+            phase_file
+        )
+    if tool_name == "Bash":
+        command = str(tool_input.get("command", ""))
+        return any(re.search(pattern, command) for pattern in _write_patterns(phase_file))
+    return False
+
+
+def phases_written(tool_name: str, tool_input: dict[str, Any]) -> list[str]:
+    """The phases a phase-file write put there, in order."""
+    if tool_name == "Write":
+        first = str(tool_input.get("content", "")).strip().splitlines()[:1]
+        return [first[0].strip()] if first else []
+    return _PHASE_RE.findall(str(tool_input.get("command", "")))
+
+
+# -- handlers -------------------------------------------------------------
+
+
+def _phase_text(phase_file: Path) -> str | None:
+    try:
+        fd = os.open(phase_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 65536).decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _write_marker(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def _type_into_pane(text: str) -> bool:
+    """Type ``text`` and Enter into this agent's tmux pane ($TMUX, $TMUX_PANE)."""
+    socket = os.environ.get("TMUX", "").split(",")[0]
+    pane = os.environ.get("TMUX_PANE", "")
+    if not socket or not pane:
+        return False
+    for keys in (["-l", text], ["Enter"]):
+        subprocess.run(
+            ["tmux", "-S", socket, "send-keys", "-t", pane, *keys],
+            capture_output=True,
+            timeout=5,
+            check=False,
+        )
+    return True
+
+
+def on_stop(run_dir: Path, payload: dict[str, Any]) -> int:
+    """Idle marker; or a nudge when the phase file is still empty (twice at most)."""
+    phase_file = run_dir / "phase"
+    text = _phase_text(phase_file)
+    nudges_file = run_dir / "nudges"
+    try:
+        nudges = int(nudges_file.read_text().strip() or 0)
+    except (OSError, ValueError):
+        nudges = 0
+    empty = text is not None and not text.strip()
+    if empty and nudges < MAX_NUDGES and _type_into_pane(NUDGE.format(phase=phase_file)):
+        _write_marker(nudges_file, str(nudges + 1))
+        (run_dir / IDLE_MARKER).unlink(missing_ok=True)
+        return 0
+    _write_marker(run_dir / IDLE_MARKER, str(time.time()))
+    return 0
+
+
+def on_post_tool_use(run_dir: Path, payload: dict[str, Any]) -> int:
+    """Journal each phase a tool call wrote, and wake the monitor."""
+    tool, tool_input = str(payload.get("tool_name", "")), payload.get("tool_input")
+    cwd = str(payload.get("cwd") or os.getcwd())
+    phase_file = str(run_dir / "phase")
+    if not isinstance(tool_input, dict) or not writes_phase_file(tool, tool_input, cwd, phase_file):
+        return 0
+    now = time.time()
+    lines = "".join(
+        json.dumps({"phase": p, "at": now}) + "\n" for p in phases_written(tool, tool_input)
+    )
+    fd = os.open(run_dir / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a") as journal:
+        journal.write(lines)
+    _write_marker(run_dir / "phase-changed", str(now))
+    return 0
+
+
+def on_stop_failure(run_dir: Path, payload: dict[str, Any]) -> int:
+    """Record an API failure as the run's phase, unless it already ended."""
+    kind = str(payload.get("error") or "unknown")
+    phase_file = run_dir / "phase"
+    current = (_phase_text(phase_file) or "").strip().splitlines()[:1]
+    if current and current[0].strip() in TERMINAL:
+        return 0
+    _write_marker(phase_file, f"PHASE:failed\nReason: api_error: {kind}\n")
+    return 0
+
+
+def on_guard(run_dir: Path, payload: dict[str, Any], primary_branch: str) -> int:
+    """Deny a dangerous Bash command: exit 2, reason on stderr."""
+    live = run_dir / HOOKS_LIVE
+    if not live.exists():
+        # Tells the monitor that PostToolUse journal entries will follow tool calls.
+        _write_marker(live, str(time.time()))
+    tool_input = payload.get("tool_input")
+    if payload.get("tool_name") != "Bash" or not isinstance(tool_input, dict):
+        return 0
+    cwd = str(payload.get("cwd") or os.getcwd())
+    reason = guard_reason(str(tool_input.get("command", "")), cwd, primary_branch)
+    if reason is None:
+        return 0
+    print(f"formulabeat guard: {reason}", file=sys.stderr)
+    return 2
+
+
+def on_session_end(run_dir: Path, payload: dict[str, Any]) -> int:
+    """Tell the monitor the session is over."""
+    _write_marker(
+        run_dir / EXITED_MARKER, json.dumps({"at": time.time(), "reason": payload.get("reason")})
+    )
+    return 0
+
+
+def on_session_start(run_dir: Path, payload: dict[str, Any]) -> int:
+    """After a compaction, put the run's compact context back."""
+    if payload.get("source", "compact") != "compact":
+        return 0
+    with contextlib.suppress(OSError):
+        sys.stdout.write((run_dir / "context.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``formulabeat hook NAME [--run-dir DIR] [--primary-branch B]``, payload on stdin."""
+    parser = argparse.ArgumentParser(
+        prog="formulabeat hook", description="Claude Code hook entry points"
+    )
+    parser.add_argument("name", choices=[name for _, _, name, _ in HOOKS])
+    parser.add_argument("--run-dir", default=os.environ.get("FORMULABEAT_RUN_DIR"))
+    parser.add_argument("--primary-branch", default="main")
+    args = parser.parse_args(argv)
+    if not args.run_dir:
+        print("formulabeat hook: no --run-dir and no $FORMULABEAT_RUN_DIR", file=sys.stderr)
+        return 1
+    raw = sys.stdin.buffer.read(MAX_PAYLOAD_BYTES)
+    try:
+        payload = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        print(
+            f"formulabeat hook {args.name}: payload is not a JSON object; ignored", file=sys.stderr
+        )
+        return 0
+    run_dir = Path(args.run_dir)
+    try:
+        if args.name == "guard":
+            return on_guard(run_dir, payload, args.primary_branch)
+        handler = {
+            "stop": on_stop,
+            "post-tool-use": on_post_tool_use,
+            "stop-failure": on_stop_failure,
+            "session-end": on_session_end,
+            "session-start": on_session_start,
+        }[args.name]
+        return handler(run_dir, payload)
+    except OSError as exc:
+        print(f"formulabeat hook {args.name}: {exc}", file=sys.stderr)
+        return 1
