@@ -22,7 +22,7 @@ from pathlib import Path
 from workers import run as outcomes
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import PhaseFileError
-from workers.monitor import MonitorExit, RunDirWake, check_phase, started_epoch
+from workers.monitor import MonitorExit, RunDirWake, check_phase, merge_journal, started_epoch
 from workers.phases import TERMINAL, read_phase
 from workers.run import Run
 from workers.tmux import scrubbed_env
@@ -87,8 +87,15 @@ def _follow(
                     last_change = time.monotonic()
             except PhaseFileError as exc:
                 return MonitorExit(outcomes.FAILED, str(exc))
+            if merge_journal(run):
+                on_phase(run)
             code = proc.poll()
             if code is not None:
+                # Its last writes may have come between the read above and the exit.
+                with contextlib.suppress(PhaseFileError):
+                    check_phase(run, on_phase)
+                if merge_journal(run):
+                    on_phase(run)
                 return _judge(run, code)
             size = output.stat().st_size
             now = time.monotonic()

@@ -12,6 +12,7 @@ Scenario tokens, run in order (underscores in arguments become spaces):
   ``Reason:`` line), as a Bash tool call with PreToolUse/PostToolUse hooks;
 - ``phases=A,B,…`` writes several phases in one Bash tool call, back to back
   (within the same millisecond, as ``echo A > f; echo B > f`` would);
+- ``ls`` prints the working directory's entries (a Bash tool call);
 - ``deaf``: later prompts (a nudge) are taken but do nothing;
 - ``crash_once``: crash the first session of a run only (a flag beside the
   phase file remembers it), so a recovered session goes on;
@@ -58,7 +59,9 @@ class Agent:
         self.interactive = interactive
         self.session_id = str(uuid.uuid4())
         self.cwd = os.getcwd()
-        self.phase_file: str | None = None
+        # A prompt names the phase file; a one-shot prompt does not, so the
+        # environment's PHASE_FILE is the fallback.
+        self.phase_file: str | None = os.environ.get("PHASE_FILE") or None
         self.api_failed = False
         self.deaf = False
         self._scratch = tempfile.mkdtemp(prefix="scripted-agent-")
@@ -223,6 +226,7 @@ class Agent:
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(text)
             self.log("phase", phase=f"PHASE:{name}")
+            self.say(f"wrote PHASE:{name}")
 
         self.bash_tool(command, write)
 
@@ -254,6 +258,8 @@ class Agent:
                 self.end("prompt_input_exit", 0)
             elif key == "idle":
                 break
+            elif key == "ls":
+                self.bash_tool("ls", lambda: self.say(" ".join(sorted(os.listdir(self.cwd)))))
             elif key == "deaf":
                 self.deaf = True
             elif key == "apifail":
