@@ -46,6 +46,7 @@ class ProjectConfig:
     primary_branch: str
     graph_command: str | None = None
     graph_timeout: float = 120.0
+    ops_repo: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class AgentConfig:
     run_on_start: bool = False
     mode: str = "session"
     scratch: bool = True
+    forge_token_env: str = "FORGE_TOKEN"
+    ops_commit: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -307,6 +310,12 @@ class _Parser:
             warnings=tuple(self.warnings),
         )
 
+    def _strings(self, table: Mapping[str, Any], where: str, key: str) -> list[str]:
+        values = self.get(table, where, key, list, [])
+        for i, item in enumerate(values):
+            self.check(f"{where}.{key}[{i}]", isinstance(item, str), "must be a string")
+        return values
+
     def _monitor(self) -> MonitorConfig:
         table = self.table("monitor")
         defaults = MonitorConfig()
@@ -343,6 +352,7 @@ class _Parser:
             primary_branch=self.get(table, where, "primary_branch", str, "main"),
             graph_command=self.get(table, where, "graph_command", str),
             graph_timeout=self.get(table, where, "graph_timeout", float, 120.0),
+            ops_repo=self.get(table, where, "ops_repo", str),
         )
 
     def _agent(self, index: int, table: dict[str, Any], projects: set[str]) -> AgentConfig:
@@ -362,9 +372,7 @@ class _Parser:
             raise self.fail(f"{where}.formula", "is required")
         schedule = self.get(table, where, "schedule", str, required=True)
         _check_schedule(schedule, lambda problem: self.fail(f"{where}.schedule", problem))
-        context = self.get(table, where, "context", list, [])
-        for i, item in enumerate(context):
-            self.check(f"{where}.context[{i}]", isinstance(item, str), "must be a string")
+        context = self._strings(table, where, "context")
         command = self.get(table, where, "command", str, DEFAULT_COMMAND)
         try:
             argv = shlex.split(command)
@@ -388,6 +396,8 @@ class _Parser:
             run_on_start=self.get(table, where, "run_on_start", bool, False),
             mode=self.get(table, where, "mode", str, "session"),
             scratch=self.get(table, where, "scratch", bool, True),
+            forge_token_env=self.get(table, where, "forge_token_env", str, "FORGE_TOKEN"),
+            ops_commit=tuple(self._strings(table, where, "ops_commit")),
         )
         self.check(
             f"{where}.mode",

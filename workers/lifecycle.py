@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -22,17 +23,20 @@ from workers import guards, worktrees
 from workers import run as outcomes
 from workers.analysis import structural_report
 from workers.config import AgentConfig, Config
-from workers.errors import ContextError, SessionError
+from workers.errors import ContextError, RepoError, SessionError
+from workers.forge import git_auth_env, resolve_identity
 from workers.formula import load_formula
 from workers.hooks import EXITED_MARKER, IDLE_MARKER, install_hooks
 from workers.locks import Lease, agent_lock_key, holder
 from workers.monitor import watch
 from workers.oneshot import run_oneshot
 from workers.prompt import build_prompt
+from workers.repos import ensure_ops_repo, load_profile_formula, ops_commit_and_push
 from workers.run import Run, now_iso
 from workers.statedir import new_run_dir, private_dir, write_private
 from workers.tmux import AgentSession, TmuxServer, session_name
 
+log = logging.getLogger("formulabeat.lifecycle")
 MAX_PROMPT_BYTES = 1024 * 1024
 # A crashed session is started again once in the same worktree; a second
 # crash ends the run (as the original's phase callback did).
@@ -67,8 +71,20 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
     sink.progress(run, "PREPARING")
 
     # Everything that can be refused is checked before anything is written.
-    formula = load_formula(agent.formula)
-    run.formula_source = str(agent.formula)
+    token = os.environ.get(agent.forge_token_env) or None
+    login = resolve_identity(project.forge_url, token) if token else None
+    formula_path, run.formula_source = load_profile_formula(
+        project.forge_url, token, cfg.state_dir / "profiles", agent.formula, login
+    )
+    formula = load_formula(formula_path)
+    if project.ops_repo_root is not None:
+        ensure_ops_repo(
+            project.ops_repo_root,
+            project.forge_url,
+            project.ops_repo,
+            project.primary_branch,
+            git_auth_env(login, token) if login and token else {"GIT_TERMINAL_PROMPT": "0"},
+        )
     argv = agent.argv()
     if shutil.which(argv[0]) is None:
         raise SessionError(
@@ -135,6 +151,8 @@ def _launch_spec(run: Run, agent: AgentConfig, argv: list[str]) -> dict[str, obj
         "FORMULABEAT_AGENT": agent.name,
     }
     env.update({name: os.environ[name] for name in PASS_ENV if name in os.environ})
+    if agent.forge_token_env in os.environ:
+        env["FORGE_TOKEN"] = os.environ[agent.forge_token_env]
     return {"argv": argv, "env": env, "cwd": run.worktree}
 
 
@@ -215,6 +233,7 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
     if run.session_id:
         with contextlib.suppress(SessionError):
             _session(run, cfg).kill()
+    _commit_ops(run, cfg)
     if run.lease_key and run.lease_token:
         with contextlib.suppress(redis.exceptions.RedisError):
             Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
@@ -230,6 +249,24 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
     run.finished_at = now_iso()
     run.state = (run.outcome or outcomes.FAILED).upper()
+
+
+def _commit_ops(run: Run, cfg: Config) -> None:
+    """Commit and push the agent's ops files when they changed (a failure is logged)."""
+    agent = cfg.agent(run.project, run.agent)
+    project = cfg.project(run.project)
+    if not agent.ops_commit or project.ops_repo_root is None or run.outcome == outcomes.SKIPPED:
+        return
+    token = os.environ.get(agent.forge_token_env) or None
+    login = resolve_identity(project.forge_url, token) if token else None
+    env = git_auth_env(login, token) if login and token else {"GIT_TERMINAL_PROMPT": "0"}
+    message = f"{run.agent}: run {run.id} ({run.outcome})"
+    try:
+        ops_commit_and_push(
+            project.ops_repo_root, message, list(agent.ops_commit), project.primary_branch, env
+        )
+    except RepoError as exc:
+        log.warning("run %s: ops commit failed: %s", run.id, exc)
 
 
 def _count(path: Path) -> int:
