@@ -16,8 +16,6 @@ from workers.config import Config
 
 RUN_TASK = "formulabeat.run"
 DEFAULT_QUEUE = "formulabeat"
-# Every worker consumes this fanout queue: per-host upkeep goes through it.
-BROADCAST_QUEUE = "formulabeat.broadcast"
 CLEANUP_TASK = "formulabeat.cleanup"
 # A last run far in the past makes the entry due at once on a fresh beat.
 _LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
@@ -52,6 +50,6 @@ def build_schedule(config: Config) -> dict[str, dict[str, Any]]:
     schedule["formulabeat/cleanup"] = {
         "task": CLEANUP_TASK,
         "schedule": crontab(minute="17"),
-        "options": {"queue": BROADCAST_QUEUE, "exchange": BROADCAST_QUEUE},
+        "options": {"queue": DEFAULT_QUEUE},
     }
     return schedule

@@ -12,10 +12,9 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.common import Broadcast
 from kombu.entity import Queue
 
-from beat_schedule import BROADCAST_QUEUE, DEFAULT_QUEUE, build_schedule
+from beat_schedule import DEFAULT_QUEUE, build_schedule
 from workers import embedded
 from workers.config import Config, load_config
 from workers.errors import BrokerError
@@ -62,11 +61,7 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         "result_backend": cfg.result_backend or url,
         "broker_connection_retry_on_startup": True,
         "task_default_queue": DEFAULT_QUEUE,
-        "task_queues": (
-            Queue(DEFAULT_QUEUE),
-            Queue(host_queue(cfg.host)),
-            Broadcast(BROADCAST_QUEUE),
-        ),
+        "task_queues": (Queue(DEFAULT_QUEUE), Queue(host_queue(cfg.host))),
         # Runs are acked on receipt: kombu's Redis transport redelivers unacked
         # messages after the visibility timeout even while a task still runs,
         # and a session may live for hours. The lease stops a second copy.

@@ -121,3 +121,33 @@ def test_cleanup_removes_stale_run_dirs_but_not_preserved_or_in_use(tmp_path: Pa
     listed = git.Repo(repo).git.worktree("list")
     assert str(dirs["stale"]) not in listed and str(dirs["old-preserved"]) not in listed
     assert str(dirs["fresh"]) in listed
+
+
+def test_the_cleanup_task_reaches_every_worker(fleet: Fleet) -> None:
+    from beat_schedule import CLEANUP_TASK, build_schedule
+    from tasks.app import client_app
+    from tests.conftest import wait_until
+    from workers.config import load_config
+
+    fleet.add_agent("planner")
+    cfg = fleet.write_config()
+    entry = build_schedule(cfg)["formulabeat/cleanup"]
+    assert entry["task"] == CLEANUP_TASK
+    # Two hosts, each with its own state dir and a stale run directory in it.
+    stale = []
+    for host in ("host-a", "host-b"):
+        state = fleet.root / f"state-{host}"
+        fleet.config_path.write_text(
+            fleet.config_path.read_text().replace('state_dir = "state"', f'state_dir = "{state}"')
+            if host == "host-a"
+            else fleet.config_path.read_text().replace(str(fleet.root / "state-host-a"), str(state))
+        )
+        run_dir = state / "runs" / "deadbeef-stale"
+        run_dir.mkdir(parents=True)
+        (run_dir / "phase").write_text("PHASE:done\n")
+        _age(run_dir, 30 * 3600)
+        stale.append(run_dir)
+        fleet.start_worker(host)
+    app = client_app(load_config(fleet.config_path))
+    app.send_task(CLEANUP_TASK, **entry["options"])
+    wait_until(lambda: not any(p.exists() for p in stale), 30, "both hosts to clean up")
