@@ -19,6 +19,8 @@ from workers.config import CONFIG_ENV, Config, load_config
 from workers.errors import FormulabeatError
 
 EXIT_ERROR = 4
+# The broker URL of the config this command read, for error messages (redacted there).
+_broker_shown: list[str] = []
 # `run --wait` exit statuses, by outcome.
 EXIT_BY_OUTCOME = {"done": 0, "merged": 0, "escalate": 2, "skipped": 3}
 
@@ -27,6 +29,7 @@ def _config(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config)
     # Children (Celery's commands) and the lazily configured app read the same file.
     os.environ[CONFIG_ENV] = str(cfg.path)
+    _broker_shown.append(cfg.broker_url or "")
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return cfg
@@ -295,6 +298,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep, timeout=args.timeout)
 
 
+def _broker_problem(exc: BaseException) -> str | None:
+    """A one-line explanation of a Redis/broker failure, or None for other errors."""
+    import kombu.exceptions
+    import redis
+
+    from workers.config import redact_url
+
+    url = (
+        redact_url(_broker_shown[-1])
+        if _broker_shown and _broker_shown[-1]
+        else "the configured Redis"
+    )
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, redis.exceptions.AuthenticationError) or "WRONGPASS" in str(seen):
+            return f"Redis at {url} refused the password: fix the password in [broker] url"
+        if isinstance(seen, redis.exceptions.RedisError | kombu.exceptions.OperationalError):
+            return f"cannot reach Redis at {url}: {seen}; is it running? (formulabeat doctor)"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -373,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
     except FormulabeatError as exc:
         print(f"formulabeat: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        message = _broker_problem(exc)
+        if message is None:
+            raise
+        print(f"formulabeat: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

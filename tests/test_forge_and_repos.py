@@ -80,7 +80,7 @@ def test_fallback_to_formulas_when_no_profile(
     assert load_profile_formula(forge.url, None, cache, fallback) == (fallback, "formulas/")
     assert load_profile_formula(forge.url, "wrong", cache, fallback) == (fallback, "formulas/")
     fallback.unlink()
-    with pytest.raises(FormulaError, match=r"no \.profile formula\.toml for this agent and no"):
+    with pytest.raises(FormulaError, match=r"neither a \.profile formula\.toml nor"):
         load_profile_formula(forge.url, TOKEN, cache, fallback)
     assert_no_token(tmp_path, caplog, forge)
 

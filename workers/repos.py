@@ -92,10 +92,9 @@ def load_profile_formula(
                     log.info("formula source: .profile (%s)", formula)
                     return formula, f".profile ({login})"
                 log.warning(".profile of %s has no formula.toml, using %s", login, fallback)
-    if not fallback.is_file():
-        raise FormulaError(
-            f"formula not found: no .profile formula.toml for this agent and no {fallback}"
-        )
+    if token and not fallback.is_file():
+        raise FormulaError(f"formula not found: neither a .profile formula.toml nor {fallback}")
+    # Without a token there is no .profile to try: load_formula says what is missing.
     return fallback, "formulas/"
 
 

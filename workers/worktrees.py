@@ -21,8 +21,15 @@ GIT_TIMEOUT = 120.0
 PRESERVED_MARKER = "PRESERVED.json"
 
 
+def require_git() -> None:
+    """A RepoError unless a git executable is on PATH."""
+    if shutil.which("git") is None:
+        raise RepoError("git not found on PATH: install git (apt-get install git)")
+
+
 def open_repo(repo_root: Path) -> git.Repo:
     """The git repository at ``repo_root``, or a RepoError that says what is wrong."""
+    require_git()
     if not repo_root.exists():
         raise RepoError(f"repository {repo_root} does not exist")
     try:
