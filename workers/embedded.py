@@ -64,8 +64,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """Certificate, key and CA for a TLS-only server (``rediss://``)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 def start_redis(
-    data_dir: Path, port: int | None = None, password: str | None = None
+    data_dir: Path,
+    port: int | None = None,
+    password: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> EmbeddedRedis:
     """Start a private redis-server with its data in ``data_dir``; wait until it answers."""
     data_dir = private_dir(data_dir)
@@ -76,11 +88,23 @@ def start_redis(
     for _ in range(attempts):
         chosen = port or free_port()
         conf = data_dir / "redis.conf"
+        listen = [f"port {chosen}"]
+        scheme, query = "redis", ""
+        if tls is not None:
+            listen = [
+                "port 0",
+                f"tls-port {chosen}",
+                f'tls-cert-file "{tls.cert}"',
+                f'tls-key-file "{tls.key}"',
+                f'tls-ca-cert-file "{tls.ca}"',
+                "tls-auth-clients no",
+            ]
+            scheme, query = "rediss", f"?ssl_cert_reqs=required&ssl_ca_certs={tls.ca}"
         write_private(
             conf,
             "\n".join(
                 [
-                    f"port {chosen}",
+                    *listen,
                     "bind 127.0.0.1",
                     "protected-mode yes",
                     f'dir "{data_dir}"',
@@ -103,7 +127,7 @@ def start_redis(
             start_new_session=True,
             close_fds=True,
         )
-        url = f"redis://:{password}@127.0.0.1:{chosen}/0"
+        url = f"{scheme}://:{password}@127.0.0.1:{chosen}/0{query}"
         server = EmbeddedRedis(url=url, pid=proc.pid, port=chosen, data_dir=data_dir)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
