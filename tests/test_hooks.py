@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_stop_nudges_twice_into_the_real_pane_then_marks_idle(
             text=True,
             timeout=30,
             check=True,
-            env={**__import__("os").environ, **env},
+            env={**os.environ, **env},
         )
 
     stop()
