@@ -202,6 +202,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Stop a run from any host: its monitor kills the session and reports it cancelled."""
+    from tasks.app import redis_client
+    from workers import registry
+
+    cfg = _config(args)
+    client = redis_client(cfg)
+    snap = _snapshot(cfg, args.run_id)
+    if snap.get("outcome"):
+        print(f"run {args.run_id} already ended: {snap['outcome']}")
+        return 0
+    registry.request_cancel(client, args.run_id, f"formulabeat cancel on host {cfg.host}")
+    print(f"cancel requested for run {args.run_id} (on host {snap.get('host')})", file=sys.stderr)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        snap = _snapshot(cfg, args.run_id)
+        if snap.get("outcome"):
+            print(f"{snap['outcome']} ({snap.get('reason') or ''})")
+            return 0
+        time.sleep(0.3)
+    raise FormulabeatError(f"run {args.run_id} has not stopped within {args.timeout:g} s")
+
+
 def cmd_enable(args: argparse.Namespace) -> int:
     """Enable or disable an agent on every host."""
     from tasks.app import redis_client
@@ -356,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--limit", type=int, default=20)
     status.set_defaults(func=cmd_status)
+
+    cancel = sub.add_parser("cancel", help="stop a run, from any host")
+    cancel.add_argument("run_id")
+    cancel.add_argument("--timeout", type=float, default=60.0, help="wait this long for it")
+    cancel.set_defaults(func=cmd_cancel)
 
     hook = sub.add_parser("hook", help="Claude Code hook entry points (installed by formulabeat)")
     hook.add_argument("name")

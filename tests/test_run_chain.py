@@ -7,7 +7,7 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import Fleet, tmux_sessions, wait_until
+from tests.conftest import Fleet, tmux_sessions, wait_result, wait_until
 from workers import registry
 from workers.locks import Lease, agent_lock_key
 
@@ -194,3 +194,31 @@ def test_a_second_crash_ends_the_run_as_crashed(fleet: Fleet) -> None:
     assert result["outcome"] == "crashed"
     assert result["recoveries"] == 1
     assert result["worktree_preserved"] is True
+
+
+def test_cancel_from_another_host_kills_the_session_and_frees_the_lease(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    fleet.add_agent("stuck", "phase=awaiting_ci sleep=120")
+    fleet.write_config()
+    fleet.start_worker("host-a")
+    sent = fleet.send("stuck")
+    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "--config", str(fleet.config_path), "cancel", sent.id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "FORMULABEAT_HOST": "host-b"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("cancelled (cancelled by formulabeat cancel on host host-b)")
+    result = wait_result(sent)
+    assert result["outcome"] == "cancelled"
+    assert tmux_sessions(fleet.tmux_socket) == []
+    assert redis_client.get(agent_lock_key("proj", "stuck")) is None

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import redis
 
-from workers import guards, worktrees
+from workers import guards, registry, worktrees
 from workers import run as outcomes
 from workers.analysis import structural_report
 from workers.config import AgentConfig, Config
@@ -56,6 +56,10 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
     """Guards, lease, formula, prompt and worktree; ends the run if any of them says no."""
     agent = cfg.agent(run.project, run.agent)
     project = cfg.project(run.project)
+    who = registry.cancel_requested(client, run.id)
+    if who:
+        run.end(outcomes.CANCELLED, f"cancelled by {who} before it started")
+        return
     reason = guards.skip_reason(client, agent)
     if reason:
         run.end(outcomes.SKIPPED, reason)
@@ -204,13 +208,19 @@ def monitor(
             # Redis away is not the lease lost: keep going until it answers "not yours".
             return True
 
+    def cancelled() -> str | None:
+        try:
+            return registry.cancel_requested(client, run.id)
+        except redis.exceptions.RedisError:
+            return None
+
     if agent.mode == "oneshot":
-        ended = run_oneshot(run, agent, cfg.monitor, on_phase, renew)
+        ended = run_oneshot(run, agent, cfg.monitor, on_phase, renew, cancelled)
         run.end(ended.outcome, ended.reason)
         return
     while True:
         session = _session(run, cfg)
-        ended = watch(run, session, agent, cfg.monitor, on_phase, renew)
+        ended = watch(run, session, agent, cfg.monitor, on_phase, renew, cancelled)
         session.kill()
         if ended.outcome != outcomes.CRASHED or run.recoveries >= MAX_RECOVERIES:
             run.end(ended.outcome, ended.reason)

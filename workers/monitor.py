@@ -70,6 +70,7 @@ def watch(
     timing: MonitorConfig,
     on_phase: Callable[[Run], None],
     renew: Callable[[], bool],
+    cancelled: Callable[[], str | None] = lambda: None,
 ) -> MonitorExit:
     """Monitor ``session`` until it ends; new phases are added to ``run`` as seen."""
     assert run.phase_file is not None and run.run_dir is not None
@@ -103,6 +104,9 @@ def watch(
                     if check_phase(run, on_phase):
                         continue  # it wrote its phase on the way out: judge that
                     return MonitorExit(outcomes.CRASHED, f"the agent's session ended ({how})")
+                who = cancelled()
+                if who:
+                    return MonitorExit(outcomes.CANCELLED, f"cancelled by {who}")
                 idle = run.final_phase is None and (run_dir / IDLE_MARKER).exists()
                 idle_checks = idle_checks + 1 if idle else 0
                 if idle_checks >= IDLE_PROMPT_CHECKS:

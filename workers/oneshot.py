@@ -37,6 +37,7 @@ def run_oneshot(
     timing: MonitorConfig,
     on_phase: Callable[[Run], None],
     renew: Callable[[], bool],
+    cancelled: Callable[[], str | None] = lambda: None,
 ) -> MonitorExit:
     """Run the agent to completion (or a timeout); the way it ended."""
     assert run.run_dir and run.prompt_file and run.phase_file
@@ -59,7 +60,7 @@ def run_oneshot(
         except OSError as exc:
             return MonitorExit(outcomes.FAILED, f"cannot start {spec['argv'][0]!r}: {exc.strerror}")
     try:
-        ended = _follow(run, proc, output, agent, timing, on_phase, renew)
+        ended = _follow(run, proc, output, agent, timing, on_phase, renew, cancelled)
     finally:
         _kill_group(proc)
         run.output_tail = _tail(output)
@@ -74,6 +75,7 @@ def _follow(
     timing: MonitorConfig,
     on_phase: Callable[[Run], None],
     renew: Callable[[], bool],
+    cancelled: Callable[[], str | None],
 ) -> MonitorExit:
     assert run.run_dir and run.phase_file
     started = started_epoch(run)
@@ -101,6 +103,9 @@ def _follow(
             now = time.monotonic()
             if size != last_size:
                 last_size, last_change = size, now
+            who = cancelled()
+            if who:
+                return MonitorExit(outcomes.CANCELLED, f"cancelled by {who}")
             if now - last_change >= agent.idle_timeout:
                 return MonitorExit(
                     outcomes.IDLE_TIMEOUT, f"no output or phase change for {agent.idle_timeout:g} s"

@@ -48,3 +48,19 @@ def recent(client: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def cancel_key(run_id: str) -> str:
+    """The key that asks a run, wherever it lives, to stop."""
+    return f"formulabeat:cancel:{run_id}"
+
+
+def request_cancel(client: redis.Redis, run_id: str, who: str) -> None:
+    """Ask the run to stop; its monitor (on its own host) acts on it."""
+    client.set(cancel_key(run_id), who, ex=RUN_TTL_SECONDS)
+
+
+def cancel_requested(client: redis.Redis, run_id: str) -> str | None:
+    """Who asked the run to stop, if anyone did."""
+    value = client.get(cancel_key(run_id))
+    return _text(value) if value is not None else None
