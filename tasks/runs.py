@@ -20,6 +20,7 @@ from celery import Task, chain
 
 # libtmux must be imported before Celery swaps sys.stdout (see STACK notes).
 import workers.tmux  # noqa: F401
+from tasks import metrics
 from tasks.app import app, config, host_queue, redis_client
 from tasks.reporting import Reporter
 from workers import lifecycle
@@ -88,10 +89,17 @@ def monitor(self: Task, data: dict[str, Any]) -> dict[str, Any]:
         def on_phase(changed: Run) -> None:
             assert changed.final_phase is not None
             reporter.progress(changed, state_name(changed.final_phase))
+            metrics.phase_seen(changed)
 
         cfg = config()
         client = redis_client(cfg)
-        _guarded(current, "monitor", lifecycle.monitor, current, cfg, client, on_phase, reporter)
+        metrics.LIVE.inc()
+        try:
+            _guarded(
+                current, "monitor", lifecycle.monitor, current, cfg, client, on_phase, reporter
+            )
+        finally:
+            metrics.LIVE.dec()
     return current.to_dict()
 
 
@@ -109,6 +117,7 @@ def finish(current: Run, reporter: Reporter) -> dict[str, Any]:
     except Exception:
         log.exception("run %s: cleanup failed", current.id)
     result = current.result()
+    metrics.run_ended(current)
     reporter.record(current, result)
     reporter.event(current, current.outcome or "ended")
     log.info("run %s: %s (%s)", current.id, current.outcome, current.reason or "no reason")

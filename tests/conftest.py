@@ -126,7 +126,7 @@ class Fleet:
         commit_files(self.repo, {f"formulas/{name}.toml": formula_text(name, scenario)})
         self.agents[name] = options
 
-    def write_config(self, extra: str = "") -> Config:
+    def write_config(self, extra: str = "", metrics_port: int = 0) -> Config:
         """Write formulabeat.toml for the agents added so far and load it."""
         broker = f'[broker]\nurl = "{self.redis_url}"\n' if self.redis_url else ""
         agents = []
@@ -146,6 +146,7 @@ class Fleet:
             f'state_dir = "state"\n{broker}\n[worker]\nconcurrency = 8\n\n'
             f'[tmux]\nsocket = "{self.tmux_socket}"\n\n'
             "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n\n"
+            f"[metrics]\nport = {metrics_port}\n\n"
             '[[projects]]\nname = "proj"\nrepo_root = "project"\nops_repo_root = "ops"\n'
             'forge_url = "http://127.0.0.1:9"\nprimary_branch = "main"\n\n'
             + "\n".join(agents)

@@ -110,6 +110,8 @@ class Config:
     tmux_socket: str | None
     flower_address: str
     flower_port: int
+    metrics_address: str
+    metrics_port: int
     monitor: MonitorConfig
     projects: tuple[ProjectConfig, ...]
     agents: tuple[AgentConfig, ...]
@@ -250,7 +252,7 @@ class _Parser:
         return value
 
     def config(self) -> Config:
-        top_known = {"state_dir", "broker", "worker", "tmux", "monitor", "flower"}
+        top_known = {"state_dir", "broker", "worker", "tmux", "monitor", "flower", "metrics"}
         top_known |= {"projects", "agents"}
         self.unknown("top level", self.data, top_known)
         state_dir = self.path_value(self.data, "", "state_dir") or _default_state_dir()
@@ -285,6 +287,12 @@ class _Parser:
         flower_port = self.get(flower, "flower", "port", int, 5555)
         self.check("flower.port", 0 < flower_port < 65536, "must be a TCP port (1-65535)")
 
+        metrics = self.table("metrics")
+        self.unknown("[metrics]", metrics, {"address", "port"})
+        metrics_address = self.get(metrics, "metrics", "address", str, "127.0.0.1")
+        metrics_port = self.get(metrics, "metrics", "port", int, 9808)
+        self.check("metrics.port", 0 <= metrics_port < 65536, "must be a TCP port, or 0 for none")
+
         monitor = self._monitor()
         projects = tuple(self._project(i, t) for i, t in enumerate(self.tables("projects")))
         names = [p.name for p in projects]
@@ -304,6 +312,8 @@ class _Parser:
             tmux_socket=tmux_socket,
             flower_address=flower_address,
             flower_port=flower_port,
+            metrics_address=metrics_address,
+            metrics_port=metrics_port,
             monitor=monitor,
             projects=projects,
             agents=agents,
