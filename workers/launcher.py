@@ -26,6 +26,13 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in spec.get("env", {}).items()})
         os.chdir(spec["cwd"])
+        exit_file = spec.get("exit_file")
+        if exit_file:
+            # tmux 3.3 sometimes marks a pane dead without its exit status: a
+            # shell parent (a few hundred KB) writes it down for the monitor.
+            env["FORMULABEAT_EXIT_FILE"] = str(exit_file)
+            script = '"$@"; code=$?; printf %s "$code" > "$FORMULABEAT_EXIT_FILE"; exit "$code"'
+            command = ["/bin/sh", "-c", script, "formulabeat-agent", *command]
         os.execvpe(command[0], command, env)
     except FileNotFoundError as exc:
         print(f"formulabeat: cannot start the agent: {exc.filename}: not found", file=sys.stderr)

@@ -41,6 +41,7 @@ MAX_PROMPT_BYTES = 1024 * 1024
 # A crashed session is started again once in the same worktree; a second
 # crash ends the run (as the original's phase callback did).
 MAX_RECOVERIES = 1
+EXIT_STATUS = "exit-status"
 # Credentials an agent needs, handed over through the 0600 launch file only.
 PASS_ENV = ("FORGE_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
 
@@ -157,7 +158,8 @@ def _launch_spec(run: Run, agent: AgentConfig, argv: list[str]) -> dict[str, obj
     env.update({name: os.environ[name] for name in PASS_ENV if name in os.environ})
     if agent.forge_token_env in os.environ:
         env["FORGE_TOKEN"] = os.environ[agent.forge_token_env]
-    return {"argv": argv, "env": env, "cwd": run.worktree}
+    exit_file = str(Path(run.run_dir) / EXIT_STATUS) if run.run_dir else None
+    return {"argv": argv, "env": env, "cwd": run.worktree, "exit_file": exit_file}
 
 
 def _session(run: Run, cfg: Config) -> AgentSession:
@@ -168,6 +170,7 @@ def _session(run: Run, cfg: Config) -> AgentSession:
         name=run.session,
         session_id=run.session_id,
         pane_id=run.pane_id,
+        exit_file=Path(run.run_dir) / EXIT_STATUS if run.run_dir else None,
     )
 
 
@@ -179,11 +182,13 @@ def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
         # A one-shot agent is a child of the monitoring task, started there.
         return
     run_dir = Path(run.run_dir)
+    (run_dir / EXIT_STATUS).unlink(missing_ok=True)
     session = AgentSession.start(
         TmuxServer(cfg.tmux_socket),
         session_name(run.project, run.agent, run.id),
         Path(run.worktree),
         run_dir / "launch.json",
+        run_dir / EXIT_STATUS,
     )
     run.session, run.session_id, run.pane_id = session.name, session.session_id, session.pane_id
     sink.progress(run, "STARTING")

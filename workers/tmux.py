@@ -129,9 +129,18 @@ class AgentSession:
     name: str
     session_id: str
     pane_id: str
+    # Where the launcher writes the agent's exit status (see workers.launcher).
+    exit_file: Path | None = None
 
     @classmethod
-    def start(cls, server: TmuxServer, name: str, cwd: Path, launch_file: Path) -> AgentSession:
+    def start(
+        cls,
+        server: TmuxServer,
+        name: str,
+        cwd: Path,
+        launch_file: Path,
+        exit_file: Path | None = None,
+    ) -> AgentSession:
         """Create a detached session in ``cwd`` running the launcher for ``launch_file``."""
         command = shlex.join([sys.executable, "-m", "workers.launcher", str(launch_file)])
         # remain-on-exit is set in the same tmux command queue as new-session,
@@ -161,7 +170,9 @@ class AgentSession:
             session_id, pane_id = out[0].split()
         except (IndexError, ValueError):
             raise SessionError(f"tmux new-session printed {out!r}, not ids") from None
-        return cls(server=server, name=name, session_id=session_id, pane_id=pane_id)
+        return cls(
+            server=server, name=name, session_id=session_id, pane_id=pane_id, exit_file=exit_file
+        )
 
     @property
     def pane(self) -> Pane:
@@ -190,6 +201,10 @@ class AgentSession:
                 return False, f"killed by signal {sig.strip()}"
             if code.strip():
                 return False, f"exit status {code.strip()}"
+            if self.exit_file is not None and self.exit_file.exists():
+                recorded = self.exit_file.read_text().strip()
+                if recorded:
+                    return False, f"exit status {recorded}"
             time.sleep(0.02)
         return False, "exit status unknown"
 
