@@ -64,12 +64,14 @@ def _commit_all(repo_dir: Path, files: dict[str, str], message: str) -> None:
     repo.index.commit(message)
 
 
-def make_demo_project(root: Path) -> Path:
+def make_demo_project(root: Path, scenarios: dict[str, str] | None = None) -> Path:
     """Create the demo's repositories and config under ``root``; return the config path."""
     project, ops = root / "project", root / "ops"
+    chosen = {agent: scenario for agent, (scenario, _) in SCENARIOS.items()}
+    chosen.update(scenarios or {})
     formulas = {
         f"formulas/{agent}.toml": FORMULA.format(agent=agent, scenario=scenario)
-        for agent, (scenario, _) in SCENARIOS.items()
+        for agent, scenario in chosen.items()
     }
     _commit_all(project, {"README.md": "# demo\nA throwaway project.\n", **formulas}, "demo")
     _commit_all(ops, {"journal.md": "# journal\nNothing yet.\n"}, "ops")

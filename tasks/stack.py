@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,10 +123,13 @@ class Stack:
                 embedded.publish(self.cfg.state_dir, self.redis)
             self._spawn("worker", worker_argv(self.cfg), child_env(self.cfg))
             self._wait_worker(ready_timeout)
-            if self.with_beat:
-                self._spawn("beat", beat_argv(self.cfg), child_env(self.cfg))
+            # Flower before beat: it builds task pages from events, and a run
+            # that beat starts at once must not happen before it listens.
             if self.with_flower:
                 self._spawn("flower", flower_argv(self.cfg), child_env(self.cfg, flower=True))
+                self._wait_flower(ready_timeout)
+            if self.with_beat:
+                self._spawn("beat", beat_argv(self.cfg), child_env(self.cfg))
         except BaseException:
             self.stop()
             raise
@@ -162,6 +166,23 @@ class Stack:
             raise FormulabeatError(f"the worker {node} did not answer within {timeout:g} s")
         finally:
             app.close()
+
+    def _wait_flower(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_children()
+            try:
+                with socket.create_connection((self.cfg.flower_address, self.cfg.flower_port), 0.5):
+                    time.sleep(0.5)  # listening on HTTP; its event consumer follows at once
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise FormulabeatError(f"Flower did not listen on {self.flower_url} within {timeout:g} s")
+
+    def _check_children(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise FormulabeatError(f"the {name} exited at start (status {proc.returncode})")
 
     def alive(self) -> list[str]:
         """Names of parts that have exited (empty while all run)."""
