@@ -191,15 +191,38 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(runs))
         return 0
-    print(f"{'run':<36}  {'agent':<24} {'host':<14} {'state':<12} {'outcome':<12} reason")
+    print(
+        f"{'run':<8} {'project':<12} {'agent':<12} {'host':<12} {'phase':<20} "
+        f"{'age':>7} {'outcome':<12} reason"
+    )
+    now = time.time()
     for snap in runs:
-        agent = f"{snap['project']}/{snap['agent']}"
+        started = _epoch(snap.get("started_at"))
+        age = _age(now - started) if started else "-"
+        phase = snap.get("final_phase") or snap.get("state") or "-"
         print(
-            f"{snap['run_id']:<36}  {agent:<24} {snap.get('host') or '-':<14} "
-            f"{snap.get('state') or '-':<12} {snap.get('outcome') or '-':<12} "
-            f"{snap.get('reason') or ''}"
+            f"{snap['run_id'][:8]:<8} {snap['project']:<12} {snap['agent']:<12} "
+            f"{snap.get('host') or '-':<12} {phase:<20} "
+            f"{age:>7} {snap.get('outcome') or 'live':<12} {snap.get('reason') or ''}"
         )
     return 0
+
+
+def _epoch(stamp: object) -> float | None:
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return None
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -288,30 +311,40 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    """Print the agent's pane (this host's sessions); --follow repeats until it ends."""
-    import subprocess
+    """Print the agent's pane, from any host; --follow repeats until the run ends."""
+    from tasks.app import redis_client
+    from workers import registry
 
     cfg = _config(args)
+    client = redis_client(cfg)
+    shown = None
     while True:
         snap = _snapshot(cfg, args.run_id)
-        if snap.get("host") != cfg.host:
-            raise FormulabeatError(
-                f"run {args.run_id} lives on host {snap.get('host')}: run `formulabeat logs` there"
-            )
-        if not snap.get("session") or snap.get("outcome"):
-            print(f"run {args.run_id} ended: {snap.get('outcome')} ({snap.get('reason') or ''})")
+        if snap.get("outcome"):
+            print(f"run {args.run_id} ended: {snap['outcome']} ({snap.get('reason') or ''})")
             return 0
-        proc = subprocess.run(
-            [*_tmux_argv(cfg), "capture-pane", "-p", "-t", f"={snap['session']}:"],
-            capture_output=True,
-            text=True,
-            timeout=15,
-            check=False,
-        )
-        print(proc.stdout if proc.returncode == 0 else proc.stderr.strip(), flush=True)
+        # The session's host publishes its pane while someone asks for it.
+        registry.request_pane(client, args.run_id)
+        deadline = time.monotonic() + 10
+        text = None
+        while time.monotonic() < deadline:
+            text = registry.published_pane(client, args.run_id)
+            if text is not None and (text != shown or not args.follow):
+                break
+            if _snapshot(cfg, args.run_id).get("outcome"):
+                break
+            time.sleep(0.3)
+        if text is None:
+            raise FormulabeatError(
+                f"run {args.run_id}: its host {snap.get('host')} did not publish the pane; "
+                "is its worker running?"
+            )
+        if text != shown:
+            print(text.rstrip("\n"), flush=True)
+            shown = text
         if not args.follow:
             return 0
-        time.sleep(2)
+        time.sleep(1)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

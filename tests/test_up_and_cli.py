@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import commit_files, tmux_sessions, wait_until
+from tests.conftest import Fleet, commit_files, tmux_sessions, wait_result, wait_until
 from workers import embedded
 
 SH_AGENT = r"""#!/bin/sh
@@ -139,3 +139,59 @@ def test_run_without_a_broker_says_how_to_start_one(tmp_path: Path) -> None:
     assert proc.returncode == 4
     assert "[broker] url is not set and no embedded Redis runs on this host" in proc.stderr
     assert "formulabeat up" in proc.stderr
+
+
+def test_status_logs_and_attach_from_another_host(fleet: Fleet) -> None:
+    fleet.add_agent("watcher", "phase=awaiting_ci sleep=120")
+    fleet.write_config()
+    fleet.start_worker("host-a")
+    sent = fleet.send("watcher")
+    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    env = {**os.environ, "FORMULABEAT_HOST": "host-b"}
+    cli = [*FORMULABEAT, "--config", str(fleet.config_path)]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cli, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    table = run("status")
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split()[:7] == ["run", "project", "agent", "host", "phase", "age", "outcome"]
+    assert row.split()[:5] == [sent.id[:8], "proj", "watcher", "host-a", "PHASE:awaiting_ci"]
+    assert row.split()[6] == "live"
+    logs = run("logs", sent.id)
+    assert logs.returncode == 0, logs.stderr
+    assert "scripted agent" in logs.stdout and "wrote PHASE:awaiting_ci" in logs.stdout
+    attach = run("attach", sent.id)
+    assert attach.returncode == 0
+    assert attach.stdout.startswith(f"run {sent.id} lives on host host-a; there, run: tmux -L ")
+    assert run("cancel", sent.id).returncode == 0
+    assert wait_result(sent)["outcome"] == "cancelled"
+
+
+def test_flower_beyond_loopback_needs_basic_auth(tmp_path: Path) -> None:
+    import dataclasses
+
+    from tasks.stack import child_env
+    from workers.config import parse_config
+    from workers.errors import FormulabeatError
+
+    cfg = parse_config('[flower]\naddress = "0.0.0.0"\n', tmp_path / "formulabeat.toml")
+    saved = os.environ.pop("FLOWER_BASIC_AUTH", None)
+    try:
+        try:
+            child_env(cfg, flower=True)
+        except FormulabeatError as exc:
+            assert "FLOWER_BASIC_AUTH=user:password" in str(exc)
+        else:
+            raise AssertionError("Flower would listen beyond loopback without auth")
+        os.environ["FLOWER_BASIC_AUTH"] = "admin:s3cret"
+        assert "FLOWER_UNAUTHENTICATED_API" not in child_env(cfg, flower=True)
+        loopback = dataclasses.replace(cfg, flower_address="127.0.0.1")
+        assert child_env(loopback, flower=True)["FLOWER_UNAUTHENTICATED_API"] == "true"
+    finally:
+        os.environ.pop("FLOWER_BASIC_AUTH", None)
+        if saved is not None:
+            os.environ["FLOWER_BASIC_AUTH"] = saved

@@ -214,9 +214,12 @@ def monitor(
             return True
 
     def cancelled() -> str | None:
+        # Each liveness tick also serves `formulabeat logs` from other hosts.
         try:
+            if run.session_id and registry.pane_wanted(client, run.id):
+                registry.publish_pane(client, run.id, _session(run, cfg).capture())
             return registry.cancel_requested(client, run.id)
-        except redis.exceptions.RedisError:
+        except (redis.exceptions.RedisError, SessionError):
             return None
 
     if agent.mode == "oneshot":

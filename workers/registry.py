@@ -64,3 +64,34 @@ def cancel_requested(client: redis.Redis, run_id: str) -> str | None:
     """Who asked the run to stop, if anyone did."""
     value = client.get(cancel_key(run_id))
     return _text(value) if value is not None else None
+
+
+def pane_key(run_id: str) -> str:
+    """Where a run's host publishes its agent's pane when asked."""
+    return f"formulabeat:pane:{run_id}"
+
+
+def pane_request_key(run_id: str) -> str:
+    """The key a client sets to ask a run's host for its pane."""
+    return f"formulabeat:pane-wanted:{run_id}"
+
+
+def request_pane(client: redis.Redis, run_id: str, seconds: int = 15) -> None:
+    """Ask the run's host to publish its pane for the next ``seconds``."""
+    client.set(pane_request_key(run_id), "1", ex=seconds)
+
+
+def pane_wanted(client: redis.Redis, run_id: str) -> bool:
+    """Whether someone asked for this run's pane recently."""
+    return bool(client.exists(pane_request_key(run_id)))
+
+
+def publish_pane(client: redis.Redis, run_id: str, text: str) -> None:
+    """Publish the pane text (kept briefly: it is a view, not a record)."""
+    client.set(pane_key(run_id), text, ex=30)
+
+
+def published_pane(client: redis.Redis, run_id: str) -> str | None:
+    """The last published pane text of the run, if any."""
+    value = client.get(pane_key(run_id))
+    return _text(value) if value is not None else None
