@@ -51,7 +51,8 @@ SCENARIO: {scenario}
 """
 
 
-def _commit_all(repo_dir: Path, files: dict[str, str], message: str) -> None:
+def commit_all(repo_dir: Path, files: dict[str, str], message: str) -> git.Repo:
+    """Create (or extend) a git repository at ``repo_dir`` with ``files`` committed."""
     repo = git.Repo.init(repo_dir, initial_branch="main")
     with repo.config_writer() as writer:
         writer.set_value("user", "name", "formulabeat demo")
@@ -62,6 +63,7 @@ def _commit_all(repo_dir: Path, files: dict[str, str], message: str) -> None:
         path.write_text(text)
     repo.index.add(list(files))
     repo.index.commit(message)
+    return repo
 
 
 def make_demo_project(root: Path, scenarios: dict[str, str] | None = None) -> Path:
@@ -73,8 +75,8 @@ def make_demo_project(root: Path, scenarios: dict[str, str] | None = None) -> Pa
         f"formulas/{agent}.toml": FORMULA.format(agent=agent, scenario=scenario)
         for agent, scenario in chosen.items()
     }
-    _commit_all(project, {"README.md": "# demo\nA throwaway project.\n", **formulas}, "demo")
-    _commit_all(ops, {"journal.md": "# journal\nNothing yet.\n"}, "ops")
+    commit_all(project, {"README.md": "# demo\nA throwaway project.\n", **formulas}, "demo")
+    commit_all(ops, {"journal.md": "# journal\nNothing yet.\n"}, "ops")
     agent_command = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
     agents = "\n".join(
         f"""

@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from tasks.app import client_app
+from tasks.demo import commit_all
 from tasks.stack import Stack
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
@@ -71,17 +72,7 @@ def tmux_sessions(socket: str) -> list[str]:
 
 def commit_files(repo_dir: Path, files: dict[str, str], message: str = "add") -> git.Repo:
     """Create (or extend) a git repository with ``files`` committed."""
-    repo = git.Repo.init(repo_dir, initial_branch="main")
-    with repo.config_writer() as writer:
-        writer.set_value("user", "name", "formulabeat tests")
-        writer.set_value("user", "email", "tests@formulabeat.invalid")
-    for name, text in files.items():
-        path = repo_dir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    repo.index.add(list(files))
-    repo.index.commit(message)
-    return repo
+    return commit_all(repo_dir, files, message)
 
 
 def formula_text(name: str, scenario: str) -> str:

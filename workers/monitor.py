@@ -47,6 +47,46 @@ class MonitorExit:
     reason: str | None = None
 
 
+class Limits:
+    """The limits every kind of run shares: idle time, wall-clock cap, lease renewal."""
+
+    def __init__(
+        self,
+        run: Run,
+        agent: AgentConfig,
+        timing: MonitorConfig,
+        renew: Callable[[], bool],
+        idle_what: str = "phase change",
+    ) -> None:
+        self.agent = agent
+        self.timing = timing
+        self.renew = renew
+        self.idle_what = idle_what
+        self.started = started_epoch(run)
+        self.last_change = self.last_renew = time.monotonic()
+
+    def changed(self) -> None:
+        """Something happened: the idle clock starts again."""
+        self.last_change = time.monotonic()
+
+    def check(self) -> MonitorExit | None:
+        """How the run must end now, if a limit is reached (renewing the lease when due)."""
+        now = time.monotonic()
+        if now - self.last_change >= self.agent.idle_timeout:
+            return MonitorExit(
+                outcomes.IDLE_TIMEOUT, f"no {self.idle_what} for {self.agent.idle_timeout:g} s"
+            )
+        if time.time() - self.started >= self.agent.max_runtime:
+            return MonitorExit(
+                outcomes.FAILED, f"max_runtime of {self.agent.max_runtime:g} s reached"
+            )
+        if now - self.last_renew >= self.timing.lease_seconds / 3:
+            self.last_renew = now
+            if not self.renew():
+                return MonitorExit(outcomes.LOST_LEASE, "the agent's lease could not be renewed")
+        return None
+
+
 class RunDirWake:
     """Sleep until something is written in a run directory, or a timeout."""
 
@@ -75,16 +115,15 @@ def watch(
     """Monitor ``session`` until it ends; new phases are added to ``run`` as seen."""
     assert run.phase_file is not None and run.run_dir is not None
     run_dir = Path(run.run_dir)
-    started = started_epoch(run)
+    limits = Limits(run, agent, timing, renew)
     wake = RunDirWake(run_dir)
     try:
-        now = time.monotonic()
-        last_change = last_live = last_renew = now
+        last_live = time.monotonic()
         idle_checks = 0
         while True:
             try:
                 if check_phase(run, on_phase):
-                    last_change = time.monotonic()
+                    limits.changed()
                     idle_checks = 0
             except PhaseFileError as exc:
                 return MonitorExit(outcomes.FAILED, str(exc))
@@ -114,20 +153,9 @@ def watch(
                         outcomes.FAILED,
                         "idle_prompt: the agent returned to its prompt without writing a phase",
                     )
-            if now - last_change >= agent.idle_timeout:
-                return MonitorExit(
-                    outcomes.IDLE_TIMEOUT, f"no phase change for {agent.idle_timeout:g} s"
-                )
-            if time.time() - started >= agent.max_runtime:
-                return MonitorExit(
-                    outcomes.FAILED, f"max_runtime of {agent.max_runtime:g} s reached"
-                )
-            if now - last_renew >= timing.lease_seconds / 3:
-                last_renew = now
-                if not renew():
-                    return MonitorExit(
-                        outcomes.LOST_LEASE, "the agent's lease could not be renewed"
-                    )
+            limit = limits.check()
+            if limit is not None:
+                return limit
             wake.wait(timing.poll_interval)
     finally:
         wake.close()

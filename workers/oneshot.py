@@ -15,14 +15,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from workers import run as outcomes
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import PhaseFileError
-from workers.monitor import MonitorExit, RunDirWake, check_phase, merge_journal, started_epoch
+from workers.monitor import Limits, MonitorExit, RunDirWake, check_phase, merge_journal
 from workers.phases import TERMINAL, read_phase
 from workers.run import Run
 from workers.tmux import scrubbed_env
@@ -78,15 +77,14 @@ def _follow(
     cancelled: Callable[[], str | None],
 ) -> MonitorExit:
     assert run.run_dir and run.phase_file
-    started = started_epoch(run)
+    limits = Limits(run, agent, timing, renew, idle_what="output or phase change")
     wake = RunDirWake(Path(run.run_dir))
     try:
-        last_change = last_renew = time.monotonic()
         last_size = 0
         while True:
             try:
                 if check_phase(run, on_phase):
-                    last_change = time.monotonic()
+                    limits.changed()
             except PhaseFileError as exc:
                 return MonitorExit(outcomes.FAILED, str(exc))
             if merge_journal(run):
@@ -100,26 +98,15 @@ def _follow(
                     on_phase(run)
                 return _judge(run, code)
             size = output.stat().st_size
-            now = time.monotonic()
             if size != last_size:
-                last_size, last_change = size, now
+                last_size = size
+                limits.changed()
             who = cancelled()
             if who:
                 return MonitorExit(outcomes.CANCELLED, f"cancelled by {who}")
-            if now - last_change >= agent.idle_timeout:
-                return MonitorExit(
-                    outcomes.IDLE_TIMEOUT, f"no output or phase change for {agent.idle_timeout:g} s"
-                )
-            if time.time() - started >= agent.max_runtime:
-                return MonitorExit(
-                    outcomes.FAILED, f"max_runtime of {agent.max_runtime:g} s reached"
-                )
-            if now - last_renew >= timing.lease_seconds / 3:
-                last_renew = now
-                if not renew():
-                    return MonitorExit(
-                        outcomes.LOST_LEASE, "the agent's lease could not be renewed"
-                    )
+            limit = limits.check()
+            if limit is not None:
+                return limit
             wake.wait(timing.poll_interval)
     finally:
         wake.close()
