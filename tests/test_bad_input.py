@@ -259,3 +259,16 @@ def test_unreachable_redis_and_a_wrong_password_are_one_clear_line(
         assert expected in lines[0]
         assert "wrong" not in lines[0] or "***" in lines[0]
         assert "Traceback" not in proc.stderr
+
+
+def test_a_worktree_path_already_taken_is_refused_and_left_alone(tmp_path: Path) -> None:
+    from workers.errors import RepoError
+    from workers.worktrees import add_worktree
+
+    commit_files(tmp_path / "repo", {"README.md": "x\n"})
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine\n")
+    with pytest.raises(RepoError, match=f"worktree path {taken} is already taken"):
+        add_worktree(tmp_path / "repo", taken)
+    assert (taken / "keep.txt").read_text() == "mine\n"
