@@ -17,13 +17,14 @@ from collections.abc import Callable
 from typing import Any, ParamSpec
 
 from celery import Task, chain
+from celery.exceptions import Ignore
 
 # libtmux must be imported before Celery swaps sys.stdout (see STACK notes).
 import workers.tmux  # noqa: F401
 from tasks import metrics
 from tasks.app import app, config, host_queue, redis_client
 from tasks.reporting import Reporter
-from workers import lifecycle
+from workers import lifecycle, registry
 from workers import run as outcomes
 from workers.errors import FormulabeatError
 from workers.phases import state_name
@@ -54,6 +55,11 @@ def _guarded(
 def run(self: Task, project: str, agent: str, trigger: str = "manual") -> dict[str, Any] | None:
     """Start a run of ``project``/``agent``: guards, lease, worktree, prompt."""
     cfg = config()
+    if not registry.claim(redis_client(cfg), self.request.id, cfg.host):
+        # The same message delivered again (a restart, a visibility timeout):
+        # the first delivery owns the run; this one must leave no trace.
+        log.warning("run %s: delivered again; ignored", self.request.id)
+        raise Ignore()
     current = Run(id=self.request.id, project=project, agent=agent, host=cfg.host)
     reporter = _reporter(self)
     log.info("run %s: %s/%s (%s) taken by %s", current.id, project, agent, trigger, cfg.host)

@@ -222,3 +222,29 @@ def test_cancel_from_another_host_kills_the_session_and_frees_the_lease(
     assert result["outcome"] == "cancelled"
     assert tmux_sessions(fleet.tmux_socket) == []
     assert redis_client.get(agent_lock_key("proj", "stuck")) is None
+
+
+def test_the_same_run_delivered_twice_starts_one_session(fleet: Fleet) -> None:
+    from tasks.app import client_app
+    from workers.config import load_config
+
+    fleet.add_agent("once", "phase=awaiting_ci sleep=1 phase=done")
+    fleet.write_config()
+    fleet.start_worker("host-a")
+    fleet.start_worker("host-b")
+    app = client_app(load_config(fleet.config_path))
+    first = app.send_task("formulabeat.run", args=["proj", "once"], queue="formulabeat")
+    app.send_task("formulabeat.run", args=["proj", "once"], queue="formulabeat", task_id=first.id)
+    result = wait_result(first)
+    assert result["outcome"] == "done"
+    assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
+
+    def logs() -> str:
+        return "".join(
+            (fleet.root / f"logs-{host}" / "worker.log").read_text()
+            for host in ("host-a", "host-b")
+        )
+
+    wait_until(lambda: f"run {first.id}: delivered again; ignored" in logs(), 30, "the duplicate")
+    assert logs().count(f"run {first.id}: delivered again; ignored") == 1
+    assert logs().count(f"run {first.id}: proj/once") == 1

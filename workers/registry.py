@@ -95,3 +95,8 @@ def published_pane(client: redis.Redis, run_id: str) -> str | None:
     """The last published pane text of the run, if any."""
     value = client.get(pane_key(run_id))
     return _text(value) if value is not None else None
+
+
+def claim(client: redis.Redis, run_id: str, host: str) -> bool:
+    """Take a run for this host; False when it was taken before (a redelivery)."""
+    return bool(client.set(f"formulabeat:claimed:{run_id}", host, nx=True, ex=RUN_TTL_SECONDS))
