@@ -13,10 +13,15 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from workers.config import CONFIG_ENV, Config, load_config
 from workers.errors import FormulabeatError
+
+if TYPE_CHECKING:
+    from workers.config import Config
+
+# Hooks run through this module on every tool call of every agent: it imports
+# only what argument parsing needs, each command the rest.
 
 EXIT_ERROR = 4
 # The broker URL of the config this command read, for error messages (redacted there).
@@ -26,6 +31,8 @@ EXIT_BY_OUTCOME = {"done": 0, "merged": 0, "escalate": 2, "skipped": 3}
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from workers.config import CONFIG_ENV, load_config
+
     cfg = load_config(args.config)
     # Children (Celery's commands) and the lazily configured app read the same file.
     os.environ[CONFIG_ENV] = str(cfg.path)
@@ -378,6 +385,8 @@ def _broker_problem(exc: BaseException) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from workers.config import CONFIG_ENV
+
     parser = argparse.ArgumentParser(
         prog="formulabeat", description="Run scheduled AI coding agents on Celery, tmux and git."
     )
