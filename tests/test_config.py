@@ -176,3 +176,27 @@ def test_the_deploy_example_config_is_valid() -> None:
     cfg = load_config(example)
     assert [a.name for a in cfg.agents] == ["planner", "predictor", "gardener", "supervisor"]
     assert cfg.warnings == ()
+
+
+def test_every_config_key_is_documented_in_the_readme() -> None:
+    from workers.config import AgentConfig, MonitorConfig, ProjectConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    keys = [
+        "state_dir",
+        "[broker] url",
+        "[broker] result_backend",
+        "[worker] host",
+        "[worker] concurrency",
+        "[tmux] socket",
+        "[flower] address",
+        "[metrics] address",
+        *(f"[monitor] {name}" for name in MonitorConfig.__dataclass_fields__),
+        "`[[projects]] name`",
+        "`[[agents]] name`, `project`",
+        *(f"`{name}`" for name in ProjectConfig.__dataclass_fields__ if name != "name"),
+        *(f"`{name}`" for name in AgentConfig.__dataclass_fields__ if name != "name"),
+    ]
+    missing = [key for key in keys if key not in section]
+    assert missing == []
