@@ -17,6 +17,8 @@ from workers.config import Config
 RUN_TASK = "formulabeat.run"
 DEFAULT_QUEUE = "formulabeat"
 CLEANUP_TASK = "formulabeat.cleanup"
+REAP_TASK = "formulabeat.reap"
+REAP_EVERY_SECONDS = 15
 # A last run far in the past makes the entry due at once on a fresh beat.
 _LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
@@ -50,6 +52,11 @@ def build_schedule(config: Config) -> dict[str, dict[str, Any]]:
     schedule["formulabeat/cleanup"] = {
         "task": CLEANUP_TASK,
         "schedule": crontab(minute="17"),
+        "options": {"queue": DEFAULT_QUEUE},
+    }
+    schedule["formulabeat/reap"] = {
+        "task": REAP_TASK,
+        "schedule": dt.timedelta(seconds=REAP_EVERY_SECONDS),
         "options": {"queue": DEFAULT_QUEUE},
     }
     return schedule

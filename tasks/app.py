@@ -87,7 +87,7 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-app = Celery("formulabeat", include=["tasks.runs", "tasks.maintenance"])
+app = Celery("formulabeat", include=["tasks.runs", "tasks.maintenance", "tasks.hosts"])
 app.add_defaults(lambda: celery_settings(config()))
 
 

@@ -49,8 +49,13 @@ class Reporter:
             log.exception("run %s: could not send event task-%s", run.id, name)
 
     def record(self, run: Run, snapshot: dict[str, object]) -> None:
-        """Store the snapshot in the run registry."""
+        """Store the snapshot in the run registry; keep or drop the live run's state."""
         try:
-            registry.record(redis_client(self.cfg), dict(snapshot))
+            client = redis_client(self.cfg)
+            registry.record(client, dict(snapshot))
+            if run.ended and run.finished_at:
+                registry.forget(client, run.id, run.host)
+            elif not run.ended:
+                registry.save_state(client, run.to_dict())
         except Exception:
             log.exception("run %s: could not update the registry", run.id)

@@ -93,6 +93,7 @@ class MonitorConfig:
     ready_timeout: float = 120.0
     ready_quiet: float = 0.4
     lease_seconds: float = 300.0
+    host_timeout: float = 30.0
     stale_worktree_hours: float = 24.0
     preserved_worktree_hours: float = 168.0
 

@@ -100,3 +100,73 @@ def published_pane(client: redis.Redis, run_id: str) -> str | None:
 def claim(client: redis.Redis, run_id: str, host: str) -> bool:
     """Take a run for this host; False when it was taken before (a redelivery)."""
     return bool(client.set(f"formulabeat:claimed:{run_id}", host, nx=True, ex=RUN_TTL_SECONDS))
+
+
+# -- live runs and host heartbeats (adoption after a restart, the reaper) --
+
+
+def _live_key(host: str) -> str:
+    return f"formulabeat:live:{host}"
+
+
+def _state_key(run_id: str) -> str:
+    return f"formulabeat:state:{run_id}"
+
+
+def _host_key(host: str) -> str:
+    return f"formulabeat:host:{host}"
+
+
+def save_state(client: redis.Redis, state: dict[str, Any]) -> None:
+    """Keep a live run's whole state, so its host can adopt it after a restart."""
+    pipe = client.pipeline()
+    pipe.set(_state_key(state["id"]), json.dumps(state), ex=RUN_TTL_SECONDS)
+    pipe.sadd(_live_key(state["host"]), state["id"])
+    pipe.execute()
+
+
+def forget(client: redis.Redis, run_id: str, host: str) -> None:
+    """The run has ended: it is no longer live anywhere."""
+    pipe = client.pipeline()
+    pipe.srem(_live_key(host), run_id)
+    pipe.delete(_state_key(run_id))
+    pipe.execute()
+
+
+def live_states(client: redis.Redis, host: str) -> list[dict[str, Any]]:
+    """The saved states of the runs live on ``host`` (stale entries dropped)."""
+    states = []
+    for run_id in [_text(i) for i in client.smembers(_live_key(host))]:
+        raw = client.get(_state_key(run_id))
+        if raw is None:
+            client.srem(_live_key(host), run_id)
+        else:
+            states.append(json.loads(raw))
+    return states
+
+
+def hosts_with_live_runs(client: redis.Redis) -> list[str]:
+    """Every host that has live runs recorded."""
+    prefix = _live_key("")
+    return [_text(k)[len(prefix) :] for k in client.scan_iter(f"{prefix}*")]
+
+
+def heartbeat(client: redis.Redis, host: str, ttl_seconds: int, pid: int) -> None:
+    """This host (its worker ``pid``) is alive for the next ``ttl_seconds``."""
+    client.set(_host_key(host), json.dumps({"at": time.time(), "pid": pid}), ex=ttl_seconds)
+
+
+def heartbeat_pid(client: redis.Redis, host: str) -> int | None:
+    """The worker pid of the host's last heartbeat, if it is still within its TTL."""
+    raw = client.get(_host_key(host))
+    if raw is None:
+        return None
+    try:
+        return int(json.loads(raw)["pid"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def host_alive(client: redis.Redis, host: str) -> bool:
+    """Whether ``host`` sent a heartbeat within its TTL."""
+    return bool(client.exists(_host_key(host)))

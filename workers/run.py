@@ -21,7 +21,19 @@ IDLE_TIMEOUT = "idle_timeout"
 SKIPPED = "skipped"
 LOST_LEASE = "lost_lease"
 CANCELLED = "cancelled"
-OUTCOMES = (DONE, MERGED, FAILED, ESCALATE, CRASHED, IDLE_TIMEOUT, SKIPPED, LOST_LEASE, CANCELLED)
+LOST = "lost"
+OUTCOMES = (
+    DONE,
+    MERGED,
+    FAILED,
+    ESCALATE,
+    CRASHED,
+    IDLE_TIMEOUT,
+    SKIPPED,
+    LOST_LEASE,
+    CANCELLED,
+    LOST,
+)
 
 
 def now_iso() -> str:

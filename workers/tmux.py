@@ -105,6 +105,11 @@ class TmuxServer(libtmux.Server):
         stderr = [line for line in proc.stderr.split("\n") if line]
         return TmuxResult(argv, stdout, stderr, proc.returncode)
 
+    def session_names(self) -> list[str]:
+        """Names of the sessions on this server (empty when it is not running)."""
+        result = self.cmd("list-sessions", "-F", "#{session_name}")
+        return [line for line in result.stdout if line] if result.returncode == 0 else []
+
     def pane_paths(self) -> set[Path]:
         """Current directories of every pane on this server (empty when it is not running)."""
         result = self.cmd("list-panes", "-a", "-F", "#{pane_current_path}")

@@ -1,0 +1,135 @@
+"""Hosts: heartbeats, adopting a host's runs after a worker restart, reaping dead hosts.
+
+A worker sends a heartbeat every third of ``[monitor] host_timeout``. When it
+starts, it adopts its host's live runs (a previous worker was killed): each
+gets a new monitor → report chain, which finds the session still running, or
+ended, and reports the right outcome; tmux sessions of runs that no longer
+exist are killed, so no session outlives its run record. Any host's worker
+reaps the runs of hosts whose heartbeat stopped: they end as ``lost`` and
+their leases are freed, so the next schedule runs the agent elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from typing import Any
+
+import redis
+from celery import Task, chain
+from celery.signals import worker_ready
+
+from beat_schedule import REAP_TASK
+from tasks.app import app, config, host_queue, redis_client
+from tasks.reporting import Reporter
+from workers import registry
+from workers import run as outcomes
+from workers.locks import Lease
+from workers.run import Run, now_iso
+from workers.tmux import TmuxServer
+
+log = logging.getLogger("formulabeat.hosts")
+
+
+def _heartbeats(stop: threading.Event) -> None:
+    cfg = config()
+    ttl = max(1, int(cfg.monitor.host_timeout))
+    while not stop.is_set():
+        with contextlib.suppress(redis.exceptions.RedisError):
+            registry.heartbeat(redis_client(cfg), cfg.host, ttl, os.getpid())
+        stop.wait(max(0.5, cfg.monitor.host_timeout / 3))
+
+
+def _another_worker_serves_this_host() -> bool:
+    """Whether a live worker process on this machine already heartbeats for this host."""
+    cfg = config()
+    pid = registry.heartbeat_pid(redis_client(cfg), cfg.host)
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False  # killed: its runs are ours to adopt
+    except PermissionError:
+        return True
+    return True
+
+
+def adopt_orphans() -> list[str]:
+    """Give this host's live runs a monitor again; kill sessions no run owns."""
+    from tasks.runs import monitor, report
+
+    cfg = config()
+    client = redis_client(cfg)
+    adopted = []
+    states = registry.live_states(client, cfg.host)
+    queue = host_queue(cfg.host)
+    for state in states:
+        run = Run.from_dict(state)
+        log.warning("run %s: adopting it after a worker restart", run.id)
+        steps = chain(monitor.si(run.to_dict()).set(queue=queue), report.s().set(queue=queue))
+        steps.apply_async(task_id=run.id)
+        adopted.append(run.id)
+    owned = {s["id"][:8] for s in states}
+    agents = {(a.project, a.name) for a in cfg.agents}
+    server = TmuxServer(cfg.tmux_socket)
+    for name in server.session_names():
+        found = re.fullmatch(r"(.+)-([0-9a-f]{8})", name)
+        if not found or found.group(2) in owned:
+            continue
+        if any(found.group(1) == f"{project}-{agent}" for project, agent in agents):
+            log.warning("killing tmux session %s: no live run owns it", name)
+            server.cmd("kill-session", "-t", f"={name}")
+    return adopted
+
+
+@worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    stop = threading.Event()
+    threading.Thread(
+        target=_heartbeats, args=(stop,), name="formulabeat-heartbeat", daemon=True
+    ).start()
+
+    def adopt() -> None:
+        try:
+            if _another_worker_serves_this_host():
+                log.warning("another worker serves host %s: not adopting its runs", config().host)
+                return
+            adopt_orphans()
+        except Exception:
+            log.exception("adopting this host's runs failed")
+        finally:
+            threading.Thread(
+                target=_heartbeats, args=(stop,), name="formulabeat-heartbeat", daemon=True
+            ).start()
+
+    threading.Thread(target=adopt, name="formulabeat-adopt", daemon=True).start()
+
+
+@app.task(name=REAP_TASK, bind=True)
+def reap(self: Task) -> dict[str, Any]:
+    """End the runs of hosts whose heartbeat stopped as ``lost``; free their leases."""
+    cfg = config()
+    client = redis_client(cfg)
+    reporter = Reporter(self.app, cfg, self.request.hostname)
+    lost = []
+    for host in registry.hosts_with_live_runs(client):
+        if registry.host_alive(client, host):
+            continue
+        for state in registry.live_states(client, host):
+            run = Run.from_dict(state)
+            run.end(outcomes.LOST, f"host {host} stopped sending heartbeats")
+            run.finished_at = now_iso()
+            run.state = "LOST"
+            if run.lease_key and run.lease_token:
+                Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
+            result = run.result()
+            self.app.backend.store_result(run.id, result, "SUCCESS")
+            reporter.record(run, result)
+            reporter.event(run, "lost")
+            log.warning("run %s on host %s: lost", run.id, host)
+            lost.append(run.id)
+    return {"lost": lost}

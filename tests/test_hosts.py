@@ -1,0 +1,83 @@
+"""Worker kill -9 and restart: the run is adopted; a host that disappears: its runs are lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import redis
+
+from beat_schedule import REAP_TASK
+from tasks.app import client_app
+from tests.conftest import Fleet, tmux_sessions, wait_result, wait_until
+from workers.config import load_config
+from workers.locks import agent_lock_key
+
+
+def _kill_worker(fleet: Fleet, host: str) -> None:
+    stack = next(s for s in fleet.stacks if s.cfg.host == host)
+    for name, proc in stack.procs:
+        if name == "worker":
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    stack.procs.clear()
+    fleet.stacks.remove(stack)
+
+
+def test_a_killed_worker_comes_back_and_adopts_its_run(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    fleet.add_agent("planner", "phase=awaiting_ci sleep=6 phase=done")
+    fleet.write_config()
+    fleet.start_worker("host-a")
+    sent = fleet.send("planner")
+    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    _kill_worker(fleet, "host-a")
+    assert len(tmux_sessions(fleet.tmux_socket)) == 1  # the session outlives the worker
+    fleet.start_worker("host-a")
+    result = wait_result(sent, 90)
+    assert result["outcome"] == "done"
+    assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
+    assert tmux_sessions(fleet.tmux_socket) == []
+    assert redis_client.get(agent_lock_key("proj", "planner")) is None
+    log = (fleet.root / "logs-host-a" / "worker.log").read_text()
+    assert f"run {sent.id}: adopting it after a worker restart" in log
+
+
+def test_the_runs_of_a_vanished_host_are_reaped_as_lost(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    fleet.add_agent("planner", "phase=awaiting_ci sleep=120")
+    fleet.write_config()
+    text = fleet.config_path.read_text().replace(
+        "ready_quiet = 0.2", "ready_quiet = 0.2\nhost_timeout = 2"
+    )
+    fleet.config_path.write_text(text)
+    fleet.start_worker("host-a")
+    fleet.start_worker("host-b")
+    sent = fleet.send("planner")
+    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    host = sent.info["host"]
+    # The whole host goes: its worker and its tmux server.
+    _kill_worker(fleet, host)
+    subprocess.run(["tmux", "-L", fleet.tmux_socket, "kill-server"], timeout=10, check=False)
+    app = client_app(load_config(fleet.config_path))
+
+    def reaped() -> bool:
+        app.send_task(REAP_TASK, queue="formulabeat").get(timeout=30)
+        return sent.state == "SUCCESS"
+
+    wait_until(reaped, 60, "the reaper to mark the run lost")
+    result = sent.result
+    assert result["outcome"] == "lost"
+    assert result["reason"] == f"host {host} stopped sending heartbeats"
+    assert redis_client.get(agent_lock_key("proj", "planner")) is None
+    record = json.loads(redis_client.get(f"formulabeat:run:{sent.id}") or b"{}")
+    assert record["outcome"] == "lost"
+    # The lease is free: the next run starts on the surviving host.
+    survivor = next(s.cfg.host for s in fleet.stacks)
+    sent_again = fleet.send("planner")
+    wait_until(lambda: sent_again.state == "AWAITING_CI", 60, "the next run to start")
+    assert sent_again.info["host"] == survivor
