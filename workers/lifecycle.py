@@ -72,7 +72,7 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
         who = f"run {owner.run_id} on host {owner.host}" if owner else "another run"
         run.end(outcomes.SKIPPED, f"agent {agent.key} is already running: {who} holds its lease")
         return
-    run.lease_key, run.lease_token = lease.key, lease.token
+    run.lease_key, run.lease_token, run.lease_fence = lease.key, lease.token, lease.fence
     sink.progress(run, "PREPARING")
 
     # Everything that can be refused is checked before anything is written.
@@ -204,7 +204,7 @@ def monitor(
     agent = cfg.agent(run.project, run.agent)
     assert run.lease_key and run.lease_token and run.run_dir
     ttl_ms = int(cfg.monitor.lease_seconds * 1000)
-    lease = Lease(key=run.lease_key, token=run.lease_token, ttl_ms=ttl_ms)
+    lease = Lease(key=run.lease_key, token=run.lease_token, ttl_ms=ttl_ms, fence=run.lease_fence)
 
     def renew() -> bool:
         try:
@@ -251,7 +251,17 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
     if run.session_id:
         with contextlib.suppress(SessionError):
             _session(run, cfg).kill()
-    _commit_ops(run, cfg)
+    if run.lease_key and run.lease_token:
+        lease = Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0, fence=run.lease_fence)
+        try:
+            ours = lease.still_ours(client)
+        except redis.exceptions.RedisError:
+            ours = False
+        if ours:
+            _commit_ops(run, cfg)
+        else:
+            # Another run may hold the agent now: no side effect on shared state.
+            log.warning("run %s: lease %s is no longer ours; ops not pushed", run.id, lease.fence)
     if run.lease_key and run.lease_token:
         with contextlib.suppress(redis.exceptions.RedisError):
             Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)

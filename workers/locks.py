@@ -22,6 +22,14 @@ end
 return 0
 """
 
+# Take the lease and draw the next fencing token in one step.
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return redis.call('incr', KEYS[2])
+end
+return 0
+"""
+
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('del', KEYS[1])
@@ -33,6 +41,11 @@ return 0
 def agent_lock_key(project: str, agent: str) -> str:
     """The Redis key of an agent's run lease."""
     return f"formulabeat:lock:{project}:{agent}"
+
+
+def fence_key(key: str) -> str:
+    """The counter that numbers every acquisition of the lease at ``key``."""
+    return f"{key}:fence"
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,8 @@ class Lease:
     key: str
     token: str
     ttl_ms: int
+    # Monotonic per key: a side effect made under an older number is stale.
+    fence: int = 0
 
     @classmethod
     def acquire(
@@ -61,13 +76,23 @@ class Lease:
             {"run_id": run_id, "host": host, "nonce": secrets.token_hex(8)}, sort_keys=True
         )
         ttl_ms = max(1, int(ttl_seconds * 1000))
-        if client.set(key, token, nx=True, px=ttl_ms):
-            return cls(key=key, token=token, ttl_ms=ttl_ms)
+        fence = int(client.eval(_ACQUIRE, 2, key, fence_key(key), token, ttl_ms))
+        if fence:
+            return cls(key=key, token=token, ttl_ms=ttl_ms, fence=fence)
         return None
 
     def extend(self, client: redis.Redis) -> bool:
         """Renew the lease for another TTL; False when it is no longer ours."""
         return bool(client.eval(_EXTEND, 1, self.key, self.token, self.ttl_ms))
+
+    def still_ours(self, client: redis.Redis) -> bool:
+        """Whether this lease is held by us and no later acquisition happened (fencing)."""
+        pipe = client.pipeline()
+        pipe.get(self.key)
+        pipe.get(fence_key(self.key))
+        value, fence = pipe.execute()
+        token = value.decode() if isinstance(value, bytes) else value
+        return token == self.token and fence is not None and int(fence) == self.fence
 
     def release(self, client: redis.Redis) -> bool:
         """Drop the lease if it is still ours; False when it had already gone."""

@@ -60,6 +60,7 @@ class Run:
     pane_id: str | None = None
     lease_key: str | None = None
     lease_token: str | None = None
+    lease_fence: int = 0
     formula_source: str | None = None
     phases: list[dict[str, str]] = field(default_factory=list)
     outcome: str | None = None
