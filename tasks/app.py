@@ -81,7 +81,14 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         # libtmux reads sys.stdout.encoding at import; Celery's LoggingProxy has none.
         "worker_redirect_stdouts": False,
         "beat_schedule": build_schedule(cfg),
-        "beat_schedule_filename": str(cfg.state_dir / "beat-schedule"),
+        # redbeat keeps the schedule and a lock in Redis: two beats may run,
+        # one schedules, and the other takes over within the lock timeout
+        # (+ one loop) when it dies. Its default (25 min) is far too long.
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "redbeat_redis_url": url,
+        "redbeat_key_prefix": "formulabeat:redbeat",
+        "redbeat_lock_timeout": int(cfg.beat_lock_timeout),
+        "beat_max_loop_interval": max(1, min(5, int(cfg.beat_lock_timeout / 3))),
         "timezone": "UTC",
         "enable_utc": True,
     }

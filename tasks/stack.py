@@ -34,17 +34,10 @@ def worker_argv(cfg: Config, extra: list[str] | None = None) -> list[str]:
 
 
 def beat_argv(cfg: Config, extra: list[str] | None = None) -> list[str]:
-    """``celery beat`` with its schedule and pid files in the state dir."""
-    return [
-        *CELERY,
-        "beat",
-        "-l",
-        "info",
-        "-s",
-        str(cfg.state_dir / "beat-schedule"),
-        f"--pidfile={cfg.state_dir / 'beat.pid'}",
-        *(extra or []),
-    ]
+    """``celery beat`` with redbeat (configured in the app)."""
+    # No pid file: two beats may run on one host (the schedule and its lock
+    # live in Redis), and a stale pid file would only stop the second.
+    return [*CELERY, "beat", "-l", "info", "--pidfile=", *(extra or [])]
 
 
 def flower_argv(cfg: Config, extra: list[str] | None = None) -> list[str]:

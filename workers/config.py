@@ -113,6 +113,7 @@ class Config:
     flower_port: int
     metrics_address: str
     metrics_port: int
+    beat_lock_timeout: float
     monitor: MonitorConfig
     projects: tuple[ProjectConfig, ...]
     agents: tuple[AgentConfig, ...]
@@ -253,7 +254,16 @@ class _Parser:
         return value
 
     def config(self) -> Config:
-        top_known = {"state_dir", "broker", "worker", "tmux", "monitor", "flower", "metrics"}
+        top_known = {
+            "state_dir",
+            "broker",
+            "worker",
+            "tmux",
+            "monitor",
+            "flower",
+            "metrics",
+            "beat",
+        }
         top_known |= {"projects", "agents"}
         self.unknown("top level", self.data, top_known)
         state_dir = self.path_value(self.data, "", "state_dir") or _default_state_dir()
@@ -294,6 +304,11 @@ class _Parser:
         metrics_port = self.get(metrics, "metrics", "port", int, 9808)
         self.check("metrics.port", 0 <= metrics_port < 65536, "must be a TCP port, or 0 for none")
 
+        beat = self.table("beat")
+        self.unknown("[beat]", beat, {"lock_timeout"})
+        beat_lock_timeout = self.get(beat, "beat", "lock_timeout", float, 30.0)
+        self.check("beat.lock_timeout", beat_lock_timeout >= 2, "must be at least 2 seconds")
+
         monitor = self._monitor()
         projects = tuple(self._project(i, t) for i, t in enumerate(self.tables("projects")))
         names = [p.name for p in projects]
@@ -315,6 +330,7 @@ class _Parser:
             flower_port=flower_port,
             metrics_address=metrics_address,
             metrics_port=metrics_port,
+            beat_lock_timeout=beat_lock_timeout,
             monitor=monitor,
             projects=projects,
             agents=agents,
