@@ -45,7 +45,8 @@ def agent_lock_key(project: str, agent: str) -> str:
 
 def fence_key(key: str) -> str:
     """The counter that numbers every acquisition of the lease at ``key``."""
-    return f"{key}:fence"
+    # Kept apart from the leases: a scan for held leases must not find it.
+    return f"formulabeat:fence:{key.removeprefix('formulabeat:lock:')}"
 
 
 @dataclass(frozen=True)
