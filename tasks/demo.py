@@ -104,6 +104,10 @@ socket = "formulabeat-demo-{secrets.token_hex(4)}"
 [flower]
 port = {embedded.free_port()}
 
+# The scripted agents share no login, so the four run side by side.
+[credentials.default]
+max_sessions = 4
+
 [[projects]]
 name = "demo"
 repo_root = "project"

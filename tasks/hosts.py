@@ -27,7 +27,7 @@ from tasks.app import app, config, host_queue, redis_client
 from tasks.reporting import Reporter
 from workers import registry
 from workers import run as outcomes
-from workers.locks import Lease
+from workers.lifecycle import release_claims
 from workers.run import Run, now_iso
 from workers.tmux import TmuxServer
 
@@ -124,8 +124,7 @@ def reap(self: Task) -> dict[str, Any]:
             run.end(outcomes.LOST, f"host {host} stopped sending heartbeats")
             run.finished_at = now_iso()
             run.state = "LOST"
-            if run.lease_key and run.lease_token:
-                Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
+            release_claims(run, client)
             result = run.result()
             self.app.backend.store_result(run.id, result, "SUCCESS")
             reporter.record(run, result)

@@ -70,6 +70,14 @@ def tmux_sessions(socket: str) -> list[str]:
     return proc.stdout.split() if proc.returncode == 0 else []
 
 
+def held_claims(client: redis.Redis) -> list[str]:
+    """Leases and session slots still held: after every run has ended, none may be."""
+    held = [k.decode() for k in client.keys("formulabeat:lock:*")]
+    for key in client.keys("formulabeat:slots:*"):
+        held += [f"{key.decode()}/{m.decode()}" for m in client.zrange(key, 0, -1)]
+    return held
+
+
 def commit_files(repo_dir: Path, files: dict[str, str], message: str = "add") -> git.Repo:
     """Create (or extend) a git repository with ``files`` committed."""
     return commit_all(repo_dir, files, message)
@@ -141,6 +149,8 @@ class Fleet:
             '[[projects]]\nname = "proj"\nrepo_root = "project"\nops_repo_root = "ops"\n'
             'forge_url = "http://127.0.0.1:9"\nprimary_branch = "main"\n\n'
             + "\n".join(agents)
+            # Tests run agents side by side unless they test the slots themselves.
+            + ("" if "[credentials." in extra else "\n[credentials.default]\nmax_sessions = 64\n")
             + extra
         )
         self.config_path.write_text(text)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import Fleet, commit_files, tmux_sessions
+from tests.conftest import Fleet, commit_files, held_claims, tmux_sessions
 from workers.embedded import EmbeddedRedis, free_port
 
 # A POSIX sh agent that shows a prompt, waits for the pasted prompt's phase
@@ -160,7 +160,7 @@ def test_each_bad_input_gives_its_error_and_leaves_nothing(
         expected = reason.format(root=corpus.root)
         assert (result["outcome"], name) == (outcome, name)
         assert expected in (result["reason"] or ""), (name, result["reason"])
-        assert redis_client.keys("formulabeat:lock:*") == [], name
+        assert held_claims(redis_client) == [], name
         assert tmux_sessions(corpus.tmux_socket) == [], name
         runs = corpus.root / "state" / "runs"
         assert not runs.exists() or list(runs.iterdir()) == [], name
@@ -184,7 +184,7 @@ def test_a_missing_or_non_git_repo_fails_the_run_clearly(
         assert result["reason"] == f"repository {fleet.root / repo} {problem}" or (
             result["reason"] == f"{fleet.root / repo} {problem}"
         )
-        assert redis_client.keys("formulabeat:lock:*") == []
+        assert held_claims(redis_client) == []
         stack.stop()
         fleet.stacks.remove(stack)
         fleet.config_path.write_text(text)
@@ -223,7 +223,7 @@ def test_tmux_or_git_missing_from_path(
     result = fleet.run("planner")
     assert result["outcome"] == "failed"
     assert reason in result["reason"]
-    assert redis_client.keys("formulabeat:lock:*") == []
+    assert held_claims(redis_client) == []
     runs = fleet.root / "state" / "runs"
     assert not runs.exists() or list(runs.iterdir()) == []
 

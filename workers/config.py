@@ -70,6 +70,7 @@ class AgentConfig:
     scratch: bool = True
     forge_token_env: str = "FORGE_TOKEN"
     ops_commit: tuple[str, ...] = ()
+    credential: str = "default"
 
     @property
     def key(self) -> str:
@@ -82,6 +83,17 @@ class AgentConfig:
         if self.model:
             argv += ["--model", self.model]
         return argv
+
+
+@dataclass(frozen=True)
+class CredentialConfig:
+    """How many agent sessions may use one credential at once, across all hosts."""
+
+    name: str
+    # One, as the original's machine-wide flock: two CLIs refreshing one
+    # OAuth login at once invalidate each other.
+    max_sessions: int = 1
+    wait: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +129,7 @@ class Config:
     monitor: MonitorConfig
     projects: tuple[ProjectConfig, ...]
     agents: tuple[AgentConfig, ...]
+    credentials: tuple[CredentialConfig, ...] = ()
     warnings: tuple[str, ...] = field(default=())
 
     def project(self, name: str) -> ProjectConfig:
@@ -137,6 +150,13 @@ class Config:
         raise ConfigError(
             self.path, "agents", f"project {project!r} has no agent {name!r} (known: {known})"
         )
+
+    def credential(self, name: str) -> CredentialConfig:
+        """The limits of credential ``name`` (the defaults when it has no table)."""
+        for credential in self.credentials:
+            if credential.name == name:
+                return credential
+        return CredentialConfig(name=name)
 
 
 def find_config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -263,6 +283,7 @@ class _Parser:
             "flower",
             "metrics",
             "beat",
+            "credentials",
         }
         top_known |= {"projects", "agents"}
         self.unknown("top level", self.data, top_known)
@@ -310,6 +331,7 @@ class _Parser:
         self.check("beat.lock_timeout", beat_lock_timeout >= 2, "must be at least 2 seconds")
 
         monitor = self._monitor()
+        credentials = self._credentials()
         projects = tuple(self._project(i, t) for i, t in enumerate(self.tables("projects")))
         names = [p.name for p in projects]
         for name in names:
@@ -334,6 +356,7 @@ class _Parser:
             monitor=monitor,
             projects=projects,
             agents=agents,
+            credentials=credentials,
             warnings=tuple(self.warnings),
         )
 
@@ -354,6 +377,23 @@ class _Parser:
         for key, value in values.items():
             self.check(f"monitor.{key}", value > 0, "must be greater than 0")
         return MonitorConfig(**values)
+
+    def _credentials(self) -> tuple[CredentialConfig, ...]:
+        credentials = []
+        for name, table in self.table("credentials").items():
+            where = f"credentials.{name}"
+            self.check(where, isinstance(table, dict), f"must be a table ([{where}])")
+            self.check(where, bool(_NAME_RE.match(name)), f"{name!r} is not a valid name")
+            self.unknown(f"[{where}]", table, {"max_sessions", "wait"})
+            credential = CredentialConfig(
+                name=name,
+                max_sessions=self.get(table, where, "max_sessions", int, 1),
+                wait=self.get(table, where, "wait", float, 300.0),
+            )
+            self.check(f"{where}.max_sessions", credential.max_sessions >= 1, "must be at least 1")
+            self.check(f"{where}.wait", credential.wait >= 0, "must be 0 or more")
+            credentials.append(credential)
+        return tuple(credentials)
 
     def _project(self, index: int, table: dict[str, Any]) -> ProjectConfig:
         where = f"projects[{index}]"
@@ -425,6 +465,12 @@ class _Parser:
             scratch=self.get(table, where, "scratch", bool, True),
             forge_token_env=self.get(table, where, "forge_token_env", str, "FORGE_TOKEN"),
             ops_commit=tuple(self._strings(table, where, "ops_commit")),
+            credential=self.get(table, where, "credential", str, defaults.credential),
+        )
+        self.check(
+            f"{where}.credential",
+            bool(_NAME_RE.match(agent.credential)),
+            f"{agent.credential!r} is not a valid credential name",
         )
         self.check(
             f"{where}.mode",

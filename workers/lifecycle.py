@@ -33,6 +33,7 @@ from workers.oneshot import run_oneshot
 from workers.prompt import build_prompt
 from workers.repos import ensure_ops_repo, load_profile_formula, ops_commit_and_push
 from workers.run import Run, now_iso
+from workers.slots import Slots
 from workers.statedir import new_run_dir, private_dir, write_private
 from workers.tmux import AgentSession, TmuxServer, session_name
 
@@ -74,6 +75,8 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
         return
     run.lease_key, run.lease_token, run.lease_fence = lease.key, lease.token, lease.fence
     sink.progress(run, "PREPARING")
+    if not _take_slot(run, cfg, client, sink):
+        return
 
     # Everything that can be refused is checked before anything is written.
     token = os.environ.get(agent.forge_token_env) or None
@@ -134,6 +137,42 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
     if oneshot and not {"-p", "--print"} & set(argv):
         argv.append("-p")
     write_private(run_dir / "launch.json", json.dumps(_launch_spec(run, agent, argv)))
+
+
+def _take_slot(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> bool:
+    """Hold one of the agent credential's session slots, waiting as configured."""
+    credential = cfg.credential(cfg.agent(run.project, run.agent).credential)
+    slots = Slots(client, credential.name, cfg.monitor.lease_seconds)
+    if not slots.try_acquire(run.id, credential.max_sessions):
+        sink.progress(run, "WAITING_FOR_SLOT")
+
+        def cancelled() -> bool:
+            return registry.cancel_requested(client, run.id) is not None
+
+        if not slots.acquire(run.id, credential.max_sessions, credential.wait, cancelled):
+            who = registry.cancel_requested(client, run.id)
+            if who:
+                run.end(outcomes.CANCELLED, f"cancelled by {who} while waiting for a session slot")
+            else:
+                busy = ", ".join(slots.holders()) or "runs that have since ended"
+                run.end(
+                    outcomes.SKIPPED,
+                    f"credential {credential.name!r}: all {credential.max_sessions} session "
+                    f"slot(s) stayed busy for {credential.wait:g} s (held by {busy})",
+                )
+            return False
+        sink.progress(run, "PREPARING")
+    run.slot = credential.name
+    return True
+
+
+def release_claims(run: Run, client: redis.Redis) -> None:
+    """Give back the run's lease and session slot, if it still holds them."""
+    with contextlib.suppress(redis.exceptions.RedisError):
+        if run.lease_key and run.lease_token:
+            Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
+        if run.slot:
+            Slots(client, run.slot, 0).release(run.id)
 
 
 def hook_command() -> list[str]:
@@ -206,9 +245,17 @@ def monitor(
     ttl_ms = int(cfg.monitor.lease_seconds * 1000)
     lease = Lease(key=run.lease_key, token=run.lease_token, ttl_ms=ttl_ms, fence=run.lease_fence)
 
+    credential = cfg.credential(agent.credential)
+    slots = Slots(client, credential.name, cfg.monitor.lease_seconds) if run.slot else None
+
     def renew() -> bool:
         try:
-            return lease.extend(client)
+            if not lease.extend(client):
+                return False
+            # A slot that expired (Redis lost it) is taken again while there is room.
+            return slots is None or (
+                slots.renew(run.id) or slots.try_acquire(run.id, credential.max_sessions)
+            )
         except redis.exceptions.RedisError:
             # Redis away is not the lease lost: keep going until it answers "not yours".
             return True
@@ -262,9 +309,7 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
         else:
             # Another run may hold the agent now: no side effect on shared state.
             log.warning("run %s: lease %s is no longer ours; ops not pushed", run.id, lease.fence)
-    if run.lease_key and run.lease_token:
-        with contextlib.suppress(redis.exceptions.RedisError):
-            Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
+    release_claims(run, client)
     if run.run_dir:
         run_dir = Path(run.run_dir)
         run.nudges = _count(run_dir / "nudges")

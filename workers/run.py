@@ -61,6 +61,8 @@ class Run:
     lease_key: str | None = None
     lease_token: str | None = None
     lease_fence: int = 0
+    # The credential whose session slot the run holds, if it took one.
+    slot: str | None = None
     formula_source: str | None = None
     phases: list[dict[str, str]] = field(default_factory=list)
     outcome: str | None = None
