@@ -8,6 +8,7 @@ only when Celery first needs a setting.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import redis
@@ -20,6 +21,7 @@ from workers.config import Config, load_config
 from workers.errors import BrokerError
 
 RESULT_EXPIRES_SECONDS = 7 * 24 * 3600
+VISIBILITY_TIMEOUT = 60
 
 
 @functools.cache
@@ -46,11 +48,28 @@ def broker_url(cfg: Config) -> str:
     return url
 
 
-def redis_client(cfg: Config) -> redis.Redis:
-    """A client for formulabeat's own keys (leases, registry, flags) on the broker."""
-    return redis.Redis.from_url(
-        broker_url(cfg), socket_timeout=10, socket_connect_timeout=10, health_check_interval=30
-    )
+_clients: dict[tuple[str, float], redis.Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def redis_client(cfg: Config, timeout: float = 10.0) -> redis.Redis:
+    """A client for formulabeat's own keys (leases, registry, flags) on the broker.
+
+    One per URL and timeout, shared by the threads of a process: its pool
+    keeps connections open instead of one TCP and AUTH handshake per report.
+    """
+    key = (broker_url(cfg), timeout)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = redis.Redis.from_url(
+                key[0],
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                health_check_interval=30,
+            )
+            _clients[key] = client
+        return client
 
 
 def celery_settings(cfg: Config) -> dict[str, Any]:
@@ -66,6 +85,15 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         # messages after the visibility timeout even while a task still runs,
         # and a session may live for hours. The lease stops a second copy.
         "task_acks_late": False,
+        # Only a message a worker took and had not started yet waits for the
+        # visibility timeout (the rest are acked when they start): when its
+        # worker dies it comes back within about a minute, and every step
+        # claims itself in Redis, so a second delivery does nothing.
+        "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+        },
         "worker_prefetch_multiplier": 1,
         "task_serializer": "json",
         "result_serializer": "json",

@@ -1,9 +1,9 @@
 """Hosts: heartbeats, adopting a host's runs after a worker restart, reaping dead hosts.
 
 A worker sends a heartbeat every third of ``[monitor] host_timeout``. When it
-starts, it adopts its host's live runs (a previous worker was killed): each
-gets a new monitor → report chain, which finds the session still running, or
-ended, and reports the right outcome; tmux sessions of runs that no longer
+starts, it adopts its host's live runs (a previous worker was killed): their
+sessions go to its watcher, which finds each still running, or ended, and
+reports the right outcome; tmux sessions of runs that no longer
 exist are killed, so no session outlives its run record. Any host's worker
 reaps the runs of hosts whose heartbeat stopped: they end as ``lost`` and
 their leases are freed, so the next schedule runs the agent elsewhere.
@@ -19,11 +19,12 @@ import threading
 from typing import Any
 
 import redis
-from celery import Task, chain
+from celery import Task
 from celery.signals import worker_ready
 
 from beat_schedule import REAP_TASK
-from tasks.app import app, config, host_queue, redis_client
+from tasks import watching
+from tasks.app import app, config, redis_client
 from tasks.reporting import Reporter
 from workers import registry
 from workers import run as outcomes
@@ -59,19 +60,15 @@ def _another_worker_serves_this_host() -> bool:
 
 
 def adopt_orphans() -> list[str]:
-    """Give this host's live runs a monitor again; kill sessions no run owns."""
-    from tasks.runs import monitor, report
-
+    """Take this host's live runs over again; kill sessions no run owns."""
     cfg = config()
     client = redis_client(cfg)
     adopted = []
     states = registry.live_states(client, cfg.host)
-    queue = host_queue(cfg.host)
     for state in states:
         run = Run.from_dict(state)
         log.warning("run %s: adopting it after a worker restart", run.id)
-        steps = chain(monitor.si(run.to_dict()).set(queue=queue), report.s().set(queue=queue))
-        steps.apply_async(task_id=run.id)
+        watching.adopt(run)
         adopted.append(run.id)
     owned = {s["id"][:8] for s in states}
     agents = {(a.project, a.name) for a in cfg.agents}
@@ -89,9 +86,6 @@ def adopt_orphans() -> list[str]:
 @worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     stop = threading.Event()
-    threading.Thread(
-        target=_heartbeats, args=(stop,), name="formulabeat-heartbeat", daemon=True
-    ).start()
 
     def adopt() -> None:
         try:

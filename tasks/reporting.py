@@ -1,4 +1,4 @@
-"""Reporting a run while it lives: result backend, Celery events, registry.
+"""Reporting a run: result backend, Celery events, registry, metrics.
 
 Progress is stored under the run id (the task id beat's message carried) as
 a custom state whose meta is the run's snapshot, and sent as a task event
@@ -10,15 +10,22 @@ other fields).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 
-from tasks.app import redis_client
-from workers import registry
+from tasks import metrics
+from tasks.app import config, redis_client
+from workers import lifecycle, registry
 from workers.config import Config
 from workers.run import Run
 
 log = logging.getLogger("formulabeat.report")
+
+
+def worker_name(host: str) -> str:
+    """The Celery node name of ``host``'s worker (events are sent in its name)."""
+    return f"formulabeat@{host}"
 
 
 class Reporter:
@@ -30,32 +37,52 @@ class Reporter:
         self.hostname = hostname
 
     def progress(self, run: Run, state: str) -> None:
-        """Publish ``state`` (PREPARING, RUNNING, AWAITING_CI, …) with the run's snapshot."""
+        """Publish ``state`` (PREPARING, RUNNING, AWAITING_CI, …) with the run's snapshot.
+
+        A failure is raised: the caller's lane tries again until Redis answers.
+        """
         run.state = state
         meta = run.progress()
+        self.app.backend.store_result(run.id, meta, state)
+        self._event(run, state.lower())
+        self._record(run, meta)
+
+    def conclude(self, run: Run) -> dict[str, Any]:
+        """Clean the run up on this host and publish its end; return the result dict."""
+        cfg = config()
         try:
-            self.app.backend.store_result(run.id, meta, state)
-        except Exception:  # the run goes on; the next report carries the same data
-            log.exception("run %s: could not store state %s", run.id, state)
-        self.event(run, state.lower())
-        self.record(run, meta)
+            lifecycle.finish(run, cfg, redis_client(cfg))
+        except Exception:
+            log.exception("run %s: cleanup failed", run.id)
+        result = run.result()
+        metrics.run_ended(run)
+        self.record(run, result)
+        self.event(run, run.outcome or "ended")
+        log.info("run %s: %s (%s)", run.id, run.outcome, run.reason or "no reason")
+        return result
 
     def event(self, run: Run, name: str) -> None:
         """Send the task event ``task-<name>`` for the run (Flower shows ``<NAME>``)."""
         try:
-            with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
-                dispatcher.send(f"task-{name}", uuid=run.id, phase=run.final_phase, host=run.host)
+            self._event(run, name)
         except Exception:
             log.exception("run %s: could not send event task-%s", run.id, name)
 
     def record(self, run: Run, snapshot: dict[str, object]) -> None:
         """Store the snapshot in the run registry; keep or drop the live run's state."""
         try:
-            client = redis_client(self.cfg)
-            registry.record(client, dict(snapshot))
-            if run.ended and run.finished_at:
-                registry.forget(client, run.id, run.host)
-            elif not run.ended:
-                registry.save_state(client, run.to_dict())
+            self._record(run, snapshot)
         except Exception:
             log.exception("run %s: could not update the registry", run.id)
+
+    def _event(self, run: Run, name: str) -> None:
+        with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+            dispatcher.send(f"task-{name}", uuid=run.id, phase=run.final_phase, host=run.host)
+
+    def _record(self, run: Run, snapshot: dict[str, object]) -> None:
+        client = redis_client(self.cfg)
+        registry.record(client, dict(snapshot))
+        if run.ended and run.finished_at:
+            registry.forget(client, run.id, run.host)
+        elif not run.ended:
+            registry.save_state(client, run.to_dict())

@@ -1,13 +1,18 @@
-"""The run, as a chain of thin Celery tasks: run → session → monitor → report.
+"""The run, as two thin Celery tasks: ``run`` on any host, ``session`` on its host.
 
 ``formulabeat.run`` (its task id is the run id) guards, takes the lease and
 prepares the worktree and prompt on whichever host took it, then replaces
-itself with the rest of the chain routed to that host's own queue, because
-the worktree and the tmux session live there. The chain's last task inherits
-the run id, so ``AsyncResult(run_id)`` ends with the run's result dict.
+itself with ``formulabeat.session`` on that host's own queue, because the
+worktree and the tmux session live there. ``session`` starts the agent,
+delivers the prompt and hands the session to the host's watcher
+(tasks.watching), which publishes every phase and, when the run ends,
+stores its result dict under the run id: ``AsyncResult(run_id)`` ends with
+it. Neither task holds a worker slot while the agent works.
 
-No task raises for a run that goes wrong: each step records the outcome on
-the run and passes it on, and ``report`` always cleans up.
+Each step claims itself in Redis before acting, so a message delivered twice
+(a visibility timeout, a restart) does nothing the second time. No task
+raises for a run that goes wrong: the outcome is recorded on the run, and
+whatever ends it cleans up.
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ import logging
 from collections.abc import Callable
 from typing import Any, ParamSpec
 
-from celery import Task, chain
+import redis
+from celery import Task
 from celery.exceptions import Ignore
+from kombu.exceptions import OperationalError
 
 # libtmux must be imported before Celery swaps sys.stdout (see STACK notes).
 import workers.tmux  # noqa: F401
-from tasks import metrics
+from tasks import metrics, watching
 from tasks.app import app, config, host_queue, redis_client
-from tasks.reporting import Reporter
 from workers import lifecycle, registry
 from workers import run as outcomes
 from workers.errors import FormulabeatError
@@ -32,10 +38,6 @@ from workers.run import Run
 
 log = logging.getLogger("formulabeat.runs")
 P = ParamSpec("P")
-
-
-def _reporter(task: Task) -> Reporter:
-    return Reporter(task.app, config(), task.request.hostname)
 
 
 def _guarded(
@@ -51,80 +53,59 @@ def _guarded(
         run.end(outcomes.FAILED, f"internal error in {step}: {exc!r}")
 
 
+def _claim(step: str, host: str) -> None:
+    """Take this step of the run for this host, or ignore a repeated delivery."""
+    if not watching.with_redis(lambda: registry.claim(redis_client(config()), step, host)):
+        # The first delivery owns the step; this one must leave no trace.
+        log.warning("run %s: delivered again; ignored", step)
+        raise Ignore()
+
+
 @app.task(name="formulabeat.run", bind=True)
-def run(self: Task, project: str, agent: str, trigger: str = "manual") -> dict[str, Any] | None:
+def run(self: Task, project: str, agent: str, trigger: str = "manual") -> None:
     """Start a run of ``project``/``agent``: guards, lease, worktree, prompt."""
     cfg = config()
-    if not registry.claim(redis_client(cfg), self.request.id, cfg.host):
-        # The same message delivered again (a restart, a visibility timeout):
-        # the first delivery owns the run; this one must leave no trace.
-        log.warning("run %s: delivered again; ignored", self.request.id)
-        raise Ignore()
+    _claim(self.request.id, cfg.host)
     current = Run(id=self.request.id, project=project, agent=agent, host=cfg.host)
-    reporter = _reporter(self)
+    sink = watching.sink()
+    sink.progress(current, "CLAIMED")
     log.info("run %s: %s/%s (%s) taken by %s", current.id, project, agent, trigger, cfg.host)
-    _guarded(current, "prepare", lifecycle.prepare, current, cfg, redis_client(cfg), reporter)
-    if current.ended:
-        return finish(current, reporter)
-    queue = host_queue(cfg.host)
-    steps = chain(
-        session.si(current.to_dict()).set(queue=queue),
-        monitor.s().set(queue=queue),
-        report.s().set(queue=queue),
-    )
-    raise self.replace(steps)
+    _guarded(current, "prepare", lifecycle.prepare, current, cfg, redis_client(cfg), sink)
+    if not current.ended:
+        step = session.si(current.to_dict()).set(queue=host_queue(cfg.host))
+        try:
+            raise self.replace(step)
+        except (OperationalError, redis.exceptions.RedisError) as exc:
+            current.end(outcomes.FAILED, f"could not queue the session step: {exc}")
+    watching.conclude(current)
+    raise Ignore()
 
 
 @app.task(name="formulabeat.session", bind=True)
-def session(self: Task, data: dict[str, Any]) -> dict[str, Any]:
-    """Start the agent's tmux session and deliver the prompt."""
+def session(self: Task, data: dict[str, Any]) -> None:
+    """Start the agent and deliver the prompt; hand the session to the watcher."""
     current = Run.from_dict(data)
-    if not current.ended:
-        reporter = _reporter(self)
-        _guarded(current, "session", lifecycle.start, current, config(), reporter)
-    return current.to_dict()
-
-
-@app.task(name="formulabeat.monitor", bind=True)
-def monitor(self: Task, data: dict[str, Any]) -> dict[str, Any]:
-    """Follow the session until it ends; publish every phase as it appears."""
-    current = Run.from_dict(data)
-    if not current.ended:
-        reporter = _reporter(self)
+    cfg = config()
+    _claim(f"{current.id}/session", cfg.host)
+    sink = watching.sink()
+    if current.mode == "oneshot":
 
         def on_phase(changed: Run) -> None:
             assert changed.final_phase is not None
-            reporter.progress(changed, state_name(changed.final_phase))
             metrics.phase_seen(changed)
+            sink.progress(changed, state_name(changed.final_phase))
 
-        cfg = config()
-        client = redis_client(cfg)
         metrics.LIVE.inc()
         try:
-            _guarded(
-                current, "monitor", lifecycle.monitor, current, cfg, client, on_phase, reporter
-            )
+            client = redis_client(cfg)
+            _guarded(current, "oneshot", lifecycle.monitor_oneshot, current, cfg, client, on_phase)
         finally:
             metrics.LIVE.dec()
-    return current.to_dict()
-
-
-@app.task(name="formulabeat.report", bind=True)
-def report(self: Task, data: dict[str, Any]) -> dict[str, Any]:
-    """Release the lease, clean up, and return the run's result dict."""
-    return finish(Run.from_dict(data), _reporter(self))
-
-
-def finish(current: Run, reporter: Reporter) -> dict[str, Any]:
-    """End the run on this host and publish its result."""
-    cfg = config()
-    try:
-        lifecycle.finish(current, cfg, redis_client(cfg))
-    except Exception:
-        log.exception("run %s: cleanup failed", current.id)
-    result = current.result()
-    metrics.run_ended(current)
-    reporter.record(current, result)
-    reporter.event(current, current.outcome or "ended")
-    log.info("run %s: %s (%s)", current.id, current.outcome, current.reason or "no reason")
-    return result
+    else:
+        _guarded(current, "session", lifecycle.start, current, cfg, sink)
+        if not current.ended:
+            _guarded(current, "monitor", watching.follow, current)
+    if current.ended:
+        watching.conclude(current)
+    # The watcher stores the run's result; this task stores nothing.
+    raise Ignore()

@@ -87,8 +87,11 @@ class Stack:
         flower: bool = True,
         beat: bool = True,
         log_dir: Path | None = None,
+        wrap: list[str] | None = None,
     ) -> None:
         self.cfg = cfg
+        # A command each part runs under (``nice -n 5``, ``ip netns exec NS``).
+        self.wrap = wrap or []
         self.with_flower = flower
         self.with_beat = beat
         self.log_dir = log_dir
@@ -134,7 +137,7 @@ class Stack:
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed in stop)
             self._logs.append(out)
         proc = subprocess.Popen(
-            argv,
+            [*self.wrap, *argv],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,

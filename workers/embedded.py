@@ -78,8 +78,12 @@ def start_redis(
     port: int | None = None,
     password: str | None = None,
     tls: TlsFiles | None = None,
+    bind: tuple[str, ...] = ("127.0.0.1",),
 ) -> EmbeddedRedis:
-    """Start a private redis-server with its data in ``data_dir``; wait until it answers."""
+    """Start a private redis-server with its data in ``data_dir``; wait until it answers.
+
+    It listens on ``bind`` (loopback unless told); the URL names the first address.
+    """
     data_dir = private_dir(data_dir)
     binary = redis_server_binary()
     password = password or secrets.token_urlsafe(24)
@@ -105,7 +109,7 @@ def start_redis(
             "\n".join(
                 [
                     *listen,
-                    "bind 127.0.0.1",
+                    f"bind {' '.join(bind)}",
                     "protected-mode yes",
                     f'dir "{data_dir}"',
                     f"requirepass {password}",
@@ -127,7 +131,7 @@ def start_redis(
             start_new_session=True,
             close_fds=True,
         )
-        url = f"{scheme}://:{password}@127.0.0.1:{chosen}/0{query}"
+        url = f"{scheme}://:{password}@{bind[0]}:{chosen}/0{query}"
         server = EmbeddedRedis(url=url, pid=proc.pid, port=chosen, data_dir=data_dir)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -28,7 +28,7 @@ from workers.forge import git_auth_env, resolve_identity
 from workers.formula import load_formula
 from workers.hooks import EXITED_MARKER, IDLE_MARKER, install_hooks
 from workers.locks import Lease, agent_lock_key, holder
-from workers.monitor import watch
+from workers.monitor import MonitorExit, SessionWatch
 from workers.oneshot import run_oneshot
 from workers.prompt import build_prompt
 from workers.repos import ensure_ops_repo, load_profile_formula, ops_commit_and_push
@@ -236,19 +236,16 @@ def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
     sink.progress(run, "RUNNING")
 
 
-def monitor(
-    run: Run, cfg: Config, client: redis.Redis, on_phase: Callable[[Run], None], sink: ProgressSink
-) -> None:
-    """Follow the session until the run has an outcome; recover once from a crash."""
+def renewer(run: Run, cfg: Config, client: redis.Redis) -> Callable[[], bool | None]:
+    """Renew the run's lease (and session slot): True, False (not ours) or None (no answer)."""
     agent = cfg.agent(run.project, run.agent)
-    assert run.lease_key and run.lease_token and run.run_dir
+    assert run.lease_key and run.lease_token
     ttl_ms = int(cfg.monitor.lease_seconds * 1000)
     lease = Lease(key=run.lease_key, token=run.lease_token, ttl_ms=ttl_ms, fence=run.lease_fence)
-
     credential = cfg.credential(agent.credential)
     slots = Slots(client, credential.name, cfg.monitor.lease_seconds) if run.slot else None
 
-    def renew() -> bool:
+    def renew() -> bool | None:
         try:
             if not lease.extend(client):
                 return False
@@ -257,38 +254,62 @@ def monitor(
                 slots.renew(run.id) or slots.try_acquire(run.id, credential.max_sessions)
             )
         except redis.exceptions.RedisError:
-            # Redis away is not the lease lost: keep going until it answers "not yours".
-            return True
-
-    def cancelled() -> str | None:
-        # Each liveness tick also serves `formulabeat logs` from other hosts.
-        try:
-            if run.session_id and registry.pane_wanted(client, run.id):
-                registry.publish_pane(client, run.id, _session(run, cfg).capture())
-            return registry.cancel_requested(client, run.id)
-        except (redis.exceptions.RedisError, SessionError):
             return None
 
-    if agent.mode == "oneshot":
-        ended = run_oneshot(run, agent, cfg.monitor, on_phase, renew, cancelled)
-        run.end(ended.outcome, ended.reason)
-        return
-    while True:
-        session = _session(run, cfg)
-        ended = watch(run, session, agent, cfg.monitor, on_phase, renew, cancelled)
-        session.kill()
-        if ended.outcome != outcomes.CRASHED or run.recoveries >= MAX_RECOVERIES:
-            run.end(ended.outcome, ended.reason)
-            return
-        run.recoveries += 1
-        for marker in (EXITED_MARKER, IDLE_MARKER):
-            (Path(run.run_dir) / marker).unlink(missing_ok=True)
-        sink.progress(run, "RECOVERING")
+    return renew
+
+
+def monitor_oneshot(
+    run: Run, cfg: Config, client: redis.Redis, on_phase: Callable[[Run], None]
+) -> None:
+    """Run a one-shot agent as a child of this task and follow it to its outcome."""
+    agent = cfg.agent(run.project, run.agent)
+
+    def cancelled() -> str | None:
         try:
-            start(run, cfg, sink)
-        except SessionError as exc:
-            run.end(outcomes.CRASHED, f"{ended.reason}; recovery failed: {exc}")
-            return
+            return registry.cancel_requested(client, run.id)
+        except redis.exceptions.RedisError:
+            return None
+
+    renew = renewer(run, cfg, client)
+    ended = run_oneshot(run, agent, cfg.monitor, on_phase, renew, cancelled)
+    run.end(ended.outcome, ended.reason)
+
+
+def session_watch(
+    run: Run, cfg: Config, client: redis.Redis, on_phase: Callable[[Run], None]
+) -> SessionWatch:
+    """What the host's watcher needs to follow the run's session."""
+    agent = cfg.agent(run.project, run.agent)
+    return SessionWatch(
+        run, _session(run, cfg), agent, cfg.monitor, on_phase, renewer(run, cfg, client)
+    )
+
+
+def kill_session(run: Run, cfg: Config) -> None:
+    """Kill the run's tmux session (gone already is fine)."""
+    with contextlib.suppress(SessionError):
+        if run.session_id:
+            _session(run, cfg).kill()
+        elif run.state in ("STARTING", "PREPARING"):
+            # Its worker died between creating the session and recording it.
+            name = session_name(run.project, run.agent, run.id)
+            TmuxServer(cfg.tmux_socket).cmd("kill-session", "-t", f"={name}")
+
+
+def may_recover(run: Run, ended: MonitorExit) -> bool:
+    """Whether a session that ended so is started again (a first crash only)."""
+    return ended.outcome == outcomes.CRASHED and run.recoveries < MAX_RECOVERIES
+
+
+def recover(run: Run, cfg: Config, sink: ProgressSink) -> None:
+    """Start the crashed session again in the same worktree (raises SessionError)."""
+    assert run.run_dir
+    run.recoveries += 1
+    for marker in (EXITED_MARKER, IDLE_MARKER):
+        (Path(run.run_dir) / marker).unlink(missing_ok=True)
+    sink.progress(run, "RECOVERING")
+    start(run, cfg, sink)
 
 
 def finish(run: Run, cfg: Config, client: redis.Redis) -> None:

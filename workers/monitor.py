@@ -1,13 +1,9 @@
 """Watching a live session: the phase file, the pane, the clocks and the lease.
 
-The monitor decides how one session ends and returns that as a value; the
-caller decides what follows (recover once after a crash, or end the run).
-
-It sleeps on inotify over the run's private directory, so a write of the
-phase file, or a marker written by a hook (SessionEnd's ``exited``, Stop's
-``idle``, PostToolUse's ``phase-changed``), wakes it at once; the poll
-interval is only the fallback for what inotify cannot see (a tmux server
-that died, the clocks).
+These decide how one session ends and return that as a value; the host's
+watcher (workers.watcher) feeds them events and checks for every session at
+once, and the caller decides what follows (recover once after a crash, or
+end the run).
 """
 
 from __future__ import annotations
@@ -33,6 +29,7 @@ from workers.tmux import AgentSession
 # Checks (at the liveness interval) with an idle agent and no phase before
 # the run is given up as idle_prompt, as the original did with its polls.
 IDLE_PROMPT_CHECKS = 3
+JOURNAL_DRAIN_SECONDS = 1.0
 
 _WAKE_MASK = (
     inotify_flags.CLOSE_WRITE | inotify_flags.MODIFY | inotify_flags.MOVED_TO | inotify_flags.CREATE
@@ -48,14 +45,20 @@ class MonitorExit:
 
 
 class Limits:
-    """The limits every kind of run shares: idle time, wall-clock cap, lease renewal."""
+    """The limits every kind of run shares: idle time, wall-clock cap, lease renewal.
+
+    ``renew`` answers True (renewed), False (the lease is someone else's now)
+    or None (Redis did not answer). Redis away is not the lease lost, until
+    the lease has certainly run out: then the run stops itself rather than
+    run on beside a second copy started elsewhere.
+    """
 
     def __init__(
         self,
         run: Run,
         agent: AgentConfig,
         timing: MonitorConfig,
-        renew: Callable[[], bool],
+        renew: Callable[[], bool | None],
         idle_what: str = "phase change",
     ) -> None:
         self.agent = agent
@@ -63,7 +66,7 @@ class Limits:
         self.renew = renew
         self.idle_what = idle_what
         self.started = started_epoch(run)
-        self.last_change = self.last_renew = time.monotonic()
+        self.last_change = self.last_renew = self.last_confirmed = time.monotonic()
 
     def changed(self) -> None:
         """Something happened: the idle clock starts again."""
@@ -81,9 +84,17 @@ class Limits:
                 outcomes.FAILED, f"max_runtime of {self.agent.max_runtime:g} s reached"
             )
         if now - self.last_renew >= self.timing.lease_seconds / 3:
-            self.last_renew = now
-            if not self.renew():
-                return MonitorExit(outcomes.LOST_LEASE, "the agent's lease could not be renewed")
+            renewed = self.renew()
+            if renewed is False:
+                return MonitorExit(outcomes.LOST_LEASE, "the agent's lease is no longer ours")
+            if renewed:
+                self.last_renew = self.last_confirmed = now
+            elif now - self.last_confirmed >= self.timing.lease_seconds:
+                return MonitorExit(
+                    outcomes.LOST_LEASE,
+                    f"the lease could not be renewed for {self.timing.lease_seconds:g} s "
+                    "(Redis unreachable): stopped so that no second copy runs",
+                )
         return None
 
 
@@ -103,62 +114,84 @@ class RunDirWake:
         self._inotify.close()
 
 
-def watch(
-    run: Run,
-    session: AgentSession,
-    agent: AgentConfig,
-    timing: MonitorConfig,
-    on_phase: Callable[[Run], None],
-    renew: Callable[[], bool],
-    cancelled: Callable[[], str | None] = lambda: None,
-) -> MonitorExit:
-    """Monitor ``session`` until it ends; new phases are added to ``run`` as seen."""
-    assert run.phase_file is not None and run.run_dir is not None
-    run_dir = Path(run.run_dir)
-    limits = Limits(run, agent, timing, renew)
-    wake = RunDirWake(run_dir)
-    try:
-        last_live = time.monotonic()
-        idle_checks = 0
-        while True:
-            try:
-                if check_phase(run, on_phase):
-                    limits.changed()
-                    idle_checks = 0
-            except PhaseFileError as exc:
-                return MonitorExit(outcomes.FAILED, str(exc))
-            if merge_journal(run):
-                on_phase(run)
-            terminal = TERMINAL.get(run.final_phase or "")
-            if terminal is not None:
-                _drain_journal(run, on_phase)
-                reading = read_phase(run.phase_file)
-                return MonitorExit(terminal, reading.reason if reading else None)
-            now = time.monotonic()
-            exited = (run_dir / EXITED_MARKER).exists()
-            if exited or now - last_live >= timing.liveness_interval:
-                last_live = now
-                alive, how = session.status()
-                if not alive:
-                    if check_phase(run, on_phase):
-                        continue  # it wrote its phase on the way out: judge that
-                    return MonitorExit(outcomes.CRASHED, f"the agent's session ended ({how})")
-                who = cancelled()
-                if who:
-                    return MonitorExit(outcomes.CANCELLED, f"cancelled by {who}")
-                idle = run.final_phase is None and (run_dir / IDLE_MARKER).exists()
-                idle_checks = idle_checks + 1 if idle else 0
-                if idle_checks >= IDLE_PROMPT_CHECKS:
-                    return MonitorExit(
-                        outcomes.FAILED,
-                        "idle_prompt: the agent returned to its prompt without writing a phase",
-                    )
-            limit = limits.check()
-            if limit is not None:
-                return limit
-            wake.wait(timing.poll_interval)
-    finally:
-        wake.close()
+class SessionWatch:
+    """What the host's watcher knows of one live session, and how it judges it.
+
+    ``scan`` runs when the run directory changes (the phase file, the hooks'
+    journal, a marker); ``check`` runs at the liveness interval with the
+    pane's state and any cancel request, read for all sessions at once.
+    Neither blocks: they return how the session must end, or None.
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        session: AgentSession,
+        agent: AgentConfig,
+        timing: MonitorConfig,
+        on_phase: Callable[[Run], None],
+        renew: Callable[[], bool | None],
+    ) -> None:
+        assert run.phase_file is not None and run.run_dir is not None
+        self.run = run
+        self.session = session
+        self.on_phase = on_phase
+        self.run_dir = Path(run.run_dir)
+        self.limits = Limits(run, agent, timing, renew)
+        self.idle_checks = 0
+        self.terminal: MonitorExit | None = None
+        self.drain_until = 0.0
+        self.wd: int | None = None  # the watcher's inotify watch on run_dir
+
+    def scan(self) -> MonitorExit | None:
+        """Take in what the agent wrote; a terminal phase ends the session."""
+        run = self.run
+        try:
+            if check_phase(run, self.on_phase):
+                self.limits.changed()
+                self.idle_checks = 0
+        except PhaseFileError as exc:
+            return MonitorExit(outcomes.FAILED, str(exc))
+        if merge_journal(run):
+            self.on_phase(run)
+        if self.terminal is None:
+            outcome = TERMINAL.get(run.final_phase or "")
+            if outcome is None:
+                return None
+            assert run.phase_file is not None
+            reading = read_phase(run.phase_file)
+            self.terminal = MonitorExit(outcome, reading.reason if reading else None)
+            hooks = run.journal_offset > 0 or (self.run_dir / HOOKS_LIVE).exists()
+            # The hooks' journal may trail the phase file by a moment: give it
+            # up to a second to confirm what happened before the terminal phase.
+            self.drain_until = time.monotonic() + JOURNAL_DRAIN_SECONDS if hooks else 0.0
+        if run.journal_confirmed >= len(run.phases) or time.monotonic() >= self.drain_until:
+            return self.terminal
+        return None
+
+    def exited(self) -> bool:
+        """Whether the run directory says the agent's process has ended."""
+        return (self.run_dir / EXITED_MARKER).exists() or (
+            self.session.exit_file is not None and self.session.exit_file.exists()
+        )
+
+    def check(self, alive: bool, how: str | None, cancelled_by: str | None) -> MonitorExit | None:
+        """The periodic check: liveness, a cancel request, the idle prompt, the limits."""
+        if not alive:
+            ended = self.scan()  # it may have written its phase on the way out
+            if ended is not None or self.terminal is not None:
+                return ended or self.terminal
+            return MonitorExit(outcomes.CRASHED, f"the agent's session ended ({how})")
+        if cancelled_by:
+            return MonitorExit(outcomes.CANCELLED, f"cancelled by {cancelled_by}")
+        idle = self.run.final_phase is None and (self.run_dir / IDLE_MARKER).exists()
+        self.idle_checks = self.idle_checks + 1 if idle else 0
+        if self.idle_checks >= IDLE_PROMPT_CHECKS:
+            return MonitorExit(
+                outcomes.FAILED,
+                "idle_prompt: the agent returned to its prompt without writing a phase",
+            )
+        return self.limits.check()
 
 
 def check_phase(run: Run, on_phase: Callable[[Run], None]) -> bool:
@@ -210,18 +243,6 @@ def merge_journal(run: Run) -> bool:
         run.final_phase = run.phases[-1]["phase"]
         grew = True
     return grew
-
-
-def _drain_journal(run: Run, on_phase: Callable[[Run], None], timeout: float = 1.0) -> None:
-    """Before ending on a terminal phase, let the hooks' journal catch up with it."""
-    assert run.run_dir is not None
-    if run.journal_offset == 0 and not (Path(run.run_dir) / HOOKS_LIVE).exists():
-        return  # this agent runs no hooks: nothing to wait for
-    deadline = time.monotonic() + timeout
-    while run.journal_confirmed < len(run.phases) and time.monotonic() < deadline:
-        time.sleep(0.02)
-        if merge_journal(run):
-            on_phase(run)
 
 
 def started_epoch(run: Run) -> float:

@@ -35,7 +35,7 @@ def run_oneshot(
     agent: AgentConfig,
     timing: MonitorConfig,
     on_phase: Callable[[Run], None],
-    renew: Callable[[], bool],
+    renew: Callable[[], bool | None],
     cancelled: Callable[[], str | None] = lambda: None,
 ) -> MonitorExit:
     """Run the agent to completion (or a timeout); the way it ended."""
@@ -73,7 +73,7 @@ def _follow(
     agent: AgentConfig,
     timing: MonitorConfig,
     on_phase: Callable[[Run], None],
-    renew: Callable[[], bool],
+    renew: Callable[[], bool | None],
     cancelled: Callable[[], str | None],
 ) -> MonitorExit:
     assert run.run_dir and run.phase_file

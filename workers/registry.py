@@ -66,6 +66,18 @@ def cancel_requested(client: redis.Redis, run_id: str) -> str | None:
     return _text(value) if value is not None else None
 
 
+def requests(client: redis.Redis, run_ids: list[str]) -> tuple[dict[str, str], set[str]]:
+    """For many runs in one round trip: who asked each to stop, and whose pane is wanted."""
+    if not run_ids:
+        return {}, set()
+    pipe = client.pipeline(transaction=False)
+    pipe.mget([cancel_key(i) for i in run_ids])
+    pipe.mget([pane_request_key(i) for i in run_ids])
+    cancels, wanted = pipe.execute()
+    stops = {i: _text(who) for i, who in zip(run_ids, cancels, strict=True) if who is not None}
+    return stops, {i for i, flag in zip(run_ids, wanted, strict=True) if flag is not None}
+
+
 def pane_key(run_id: str) -> str:
     """Where a run's host publishes its agent's pane when asked."""
     return f"formulabeat:pane:{run_id}"

@@ -18,7 +18,9 @@ Scenario tokens, run in order (underscores in arguments become spaces):
   phase file remembers it), so a recovered session goes on;
 - ``sleep=SECONDS``; ``crash`` (exit 1 at once, no hooks); ``exit`` (SessionEnd
   hook, exit 0); ``idle`` (end the turn here); ``apifail=KIND`` (StopFailure
-  hook, end the turn); ``bash=COMMAND`` (a Bash tool call that runs nothing).
+  hook, end the turn); ``bash=COMMAND`` (a Bash tool call that runs nothing);
+- ``log=PATH`` also appends every event, the earlier ones of this process
+  included, to PATH (which outlives the run directory), each with the run id.
 
 No scenario line means ``phase=done``. Every event is appended as a JSON line
 to ``<phase file>.agent.jsonl`` with its time, for tests and benchmarks.
@@ -64,6 +66,9 @@ class Agent:
         self.phase_file: str | None = os.environ.get("PHASE_FILE") or None
         self.api_failed = False
         self.deaf = False
+        self.run_id = os.environ.get("FORMULABEAT_RUN_ID")
+        self.events: list[dict[str, Any]] = []
+        self.extra_log: str | None = None
         self._scratch = tempfile.mkdtemp(prefix="scripted-agent-")
 
     # -- output and log ---------------------------------------------------
@@ -80,11 +85,26 @@ class Agent:
 
     def log(self, event: str, **fields: Any) -> None:
         """Append one event to the agent log (next to the phase file)."""
-        if self.phase_file is None:
-            return
         record = {"event": event, "at": time.time(), "pid": os.getpid(), **fields}
-        with open(f"{self.phase_file}.agent.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        record["run"] = self.run_id
+        self.events.append(record)
+        if self.extra_log is not None:
+            self._append(self.extra_log, [record])
+        if self.phase_file is not None:
+            self._append(f"{self.phase_file}.agent.jsonl", [record])
+
+    def also_log_to(self, path: str) -> None:
+        """The ``log=PATH`` token: this process's events so far, and from now on."""
+        if self.extra_log != path:
+            self.extra_log = path
+            self._append(path, self.events)
+
+    @staticmethod
+    def _append(path: str, records: list[dict[str, Any]]) -> None:
+        # One write per call, in append mode: lines of agents logging to one
+        # file at once do not interleave.
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(r) + "\n" for r in records))
 
     @property
     def transcript_path(self) -> str:
@@ -269,6 +289,8 @@ class Agent:
                 return
             elif key == "bash":
                 self.bash_tool(value.replace("_", " "))
+            elif key == "log":
+                self.also_log_to(value)
             else:
                 self.say(f"[warning: unknown scenario token {token!r}]")
         self.run_hooks("Stop", stop_hook_active=False)

@@ -117,6 +117,17 @@ class TmuxServer(libtmux.Server):
             return set()
         return {Path(line) for line in result.stdout if line}
 
+    def pane_states(self) -> dict[str, PaneState] | None:
+        """Every pane's state in one command (None when the server is not running)."""
+        result = self.cmd("list-panes", "-a", "-F", f"#{{pane_id}}:{PANE_STATE_FORMAT}")
+        if result.returncode != 0:
+            return None
+        states = {}
+        for line in result.stdout:
+            pane_id, _, rest = line.partition(":")
+            states[pane_id] = PaneState.parse(rest)
+        return states
+
     def checked(self, cmd: str, *args: Any, target: str | None = None) -> list[str]:
         """Run a tmux command; a failure becomes a SessionError with tmux's message."""
         result = self.cmd(cmd, *args, target=target)
@@ -124,6 +135,24 @@ class TmuxServer(libtmux.Server):
             message = "; ".join(result.stderr) or f"exit status {result.returncode}"
             raise SessionError(f"tmux {cmd} failed: {message}")
         return result.stdout
+
+
+PANE_STATE_FORMAT = "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}"
+
+
+@dataclass(frozen=True)
+class PaneState:
+    """Whether a pane's process ended, and its exit status or signal when tmux knows."""
+
+    dead: bool
+    status: str = ""
+    signal: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> PaneState:
+        """Read the output of :data:`PANE_STATE_FORMAT`."""
+        dead, status, signal = [*text.split(":"), "", ""][:3]
+        return cls(dead=dead == "1", status=status.strip(), signal=signal.strip())
 
 
 @dataclass(frozen=True)
@@ -186,30 +215,33 @@ class AgentSession:
 
     def status(self) -> tuple[bool, str | None]:
         """(alive, how it ended): dead when the pane's process exited or the session is gone."""
+        return self.status_from(None)
+
+    def status_from(self, state: PaneState | None, known: bool = False) -> tuple[bool, str | None]:
+        """Like :meth:`status`, starting from a state already read (``known``: None is gone)."""
         # tmux marks the pane dead when the pty closes, which can come before
         # it reaps the process (and 3.3 sometimes never records the status):
         # give it a moment, then say the status is unknown.
         for _ in range(10):
-            result = self.server.cmd(
-                "display-message",
-                "-p",
-                "-t",
-                self.pane_id,
-                "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}",
-            )
-            if result.returncode != 0 or not result.stdout:
+            if state is None and not known:
+                result = self.server.cmd(
+                    "display-message", "-p", "-t", self.pane_id, PANE_STATE_FORMAT
+                )
+                if result.returncode == 0 and result.stdout:
+                    state = PaneState.parse(result.stdout[0])
+            if state is None:
                 return False, "its tmux session is gone"
-            dead, code, sig = [*result.stdout[0].split(":"), "", ""][:3]
-            if dead != "1":
+            if not state.dead:
                 return True, None
-            if sig.strip():
-                return False, f"killed by signal {sig.strip()}"
-            if code.strip():
-                return False, f"exit status {code.strip()}"
+            if state.signal:
+                return False, f"killed by signal {state.signal}"
+            if state.status:
+                return False, f"exit status {state.status}"
             if self.exit_file is not None and self.exit_file.exists():
                 recorded = self.exit_file.read_text().strip()
                 if recorded:
                     return False, f"exit status {recorded}"
+            state, known = None, False
             time.sleep(0.02)
         return False, "exit status unknown"
 

@@ -1,0 +1,192 @@
+"""This worker's watcher: sessions handed to it, and what follows their end.
+
+The ``monitor`` task hands a run whose session is up to the host's watcher
+(workers.watcher) and returns its worker slot, so an idle session costs no
+slot. Each phase the watcher sees is published in the run's lane, in order,
+retried while Redis is away. When a session ends, a first crash is started
+again (on a small pool, since waiting for the agent's prompt blocks);
+anything else concludes the run in its lane: cleanup, then the result under
+the run id, which is where ``AsyncResult(run_id)`` and the CLI look.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tasks import metrics
+from tasks.app import app, config, redis_client
+from tasks.reporting import Reporter, worker_name
+from workers import lifecycle, registry
+from workers import run as outcomes
+from workers.errors import FormulabeatError
+from workers.lanes import RETRYABLE, Lanes
+from workers.monitor import MonitorExit, SessionWatch
+from workers.phases import state_name
+from workers.run import Run
+from workers.tmux import TmuxServer
+from workers.watcher import HostWatcher
+
+log = logging.getLogger("formulabeat.watching")
+T = TypeVar("T")
+
+# The watcher's Redis calls are cut short: it must not stall every session
+# for one slow answer (the lease tells when an unreachable Redis ends a run).
+WATCHER_REDIS_TIMEOUT = 3.0
+# How long a step waits for Redis to come back (a restart) before it gives up.
+REDIS_PATIENCE = 120.0
+# States in which the run's session was being started when its worker died.
+STARTING_STATES = ("STARTING", "RECOVERING")
+
+
+@dataclass
+class _Host:
+    watcher: HostWatcher
+    lanes: Lanes
+    recoveries: ThreadPoolExecutor
+    reporter: Reporter
+
+
+_host: _Host | None = None
+_host_lock = threading.Lock()
+
+
+def _this_host() -> _Host:
+    global _host
+    with _host_lock:
+        if _host is None:
+            cfg = config()
+            watcher = HostWatcher(
+                TmuxServer(cfg.tmux_socket),
+                redis_client(cfg, WATCHER_REDIS_TIMEOUT),
+                cfg.monitor,
+                _ended,
+            )
+            _host = _Host(
+                watcher=watcher,
+                lanes=Lanes(name="report"),
+                recoveries=ThreadPoolExecutor(4, thread_name_prefix="formulabeat-recover"),
+                reporter=Reporter(app, cfg, worker_name(cfg.host)),
+            )
+            watcher.start()
+        return _host
+
+
+class _LaneSink:
+    """A ProgressSink that publishes through the run's lane (in order, retried)."""
+
+    def __init__(self, host: _Host) -> None:
+        self.host = host
+
+    def progress(self, run: Run, state: str) -> None:
+        run.state = state
+        snapshot = Run.from_dict(run.to_dict())
+        reporter = self.host.reporter
+        self.host.lanes.submit(run.id, lambda: reporter.progress(snapshot, state))
+
+
+def sink() -> lifecycle.ProgressSink:
+    """Where this worker's run steps publish their progress: the run's lane."""
+    return _LaneSink(_this_host())
+
+
+def with_redis(call: Callable[[], T], patience: float = REDIS_PATIENCE) -> T:
+    """``call()``, tried again while Redis is unreachable (for up to ``patience`` s)."""
+    deadline = time.monotonic() + patience
+    pause = 0.1
+    while True:
+        try:
+            return call()
+        except RETRYABLE:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
+
+
+def follow(run: Run) -> None:
+    """Hand a run whose session is up to this host's watcher."""
+    host = _this_host()
+    cfg = config()
+    sink = _LaneSink(host)
+
+    def on_phase(changed: Run) -> None:
+        assert changed.final_phase is not None
+        metrics.phase_seen(changed)
+        sink.progress(changed, state_name(changed.final_phase))
+
+    watch = lifecycle.session_watch(run, cfg, redis_client(cfg, WATCHER_REDIS_TIMEOUT), on_phase)
+    # Handed over twice (adoption racing a late hand-off), it is followed once.
+    if host.watcher.add(watch):
+        metrics.LIVE.inc()
+
+
+def adopt(run: Run) -> None:
+    """Take a live run of this host over after its worker died."""
+    if run.mode == "oneshot" or not run.session_id:
+        # A one-shot agent was the dead worker's child; a run still preparing
+        # had no session yet: neither can be picked up where it stopped. The
+        # session step is claimed first, so that its message, if the dead
+        # worker had it reserved and Redis delivers it again, does nothing.
+        client = redis_client(config())
+        registry.claim(client, f"{run.id}/session", run.host)
+        run.end(outcomes.FAILED, f"the worker on host {run.host} stopped during {run.state}")
+        conclude(run)
+    elif run.state in STARTING_STATES:
+        # The prompt may never have been delivered: start the session again.
+        _handle_end(run, MonitorExit(outcomes.CRASHED, "the worker stopped while starting it"))
+    else:
+        follow(run)
+
+
+def conclude(run: Run) -> None:
+    """Clean the ended run up and store its result, in its lane."""
+    host = _this_host()
+    host.lanes.submit(run.id, lambda: _store_end(host, run))
+
+
+def _store_end(host: _Host, run: Run) -> None:
+    client = redis_client(config())
+    client.ping()  # Redis away: the lane tries again, so the end is not lost
+    earlier = registry.get(client, run.id) or {}
+    if earlier.get("outcome") == outcomes.LOST:
+        # The reaper gave the run up while this host was out of reach: its
+        # verdict stands, and this host only cleans up after itself.
+        log.warning("run %s: already reported lost; %s not reported", run.id, run.outcome)
+        lifecycle.finish(run, config(), client)
+        return
+    result = host.reporter.conclude(run)
+    app.backend.store_result(run.id, result, "SUCCESS")
+
+
+def _ended(watch: SessionWatch, ended: MonitorExit) -> None:
+    metrics.LIVE.dec()
+    _handle_end(watch.run, ended)
+
+
+def _handle_end(run: Run, ended: MonitorExit) -> None:
+    lifecycle.kill_session(run, config())
+    if lifecycle.may_recover(run, ended):
+        _this_host().recoveries.submit(_recover, run, ended)
+        return
+    run.end(ended.outcome, ended.reason)
+    conclude(run)
+
+
+def _recover(run: Run, ended: MonitorExit) -> None:
+    try:
+        lifecycle.recover(run, config(), _LaneSink(_this_host()))
+        follow(run)
+    except FormulabeatError as exc:
+        lifecycle.kill_session(run, config())
+        run.end(outcomes.CRASHED, f"{ended.reason}; recovery failed: {exc}")
+        conclude(run)
+    except Exception as exc:
+        log.exception("run %s: recovery failed", run.id)
+        run.end(outcomes.CRASHED, f"{ended.reason}; recovery failed: {exc!r}")
+        conclude(run)

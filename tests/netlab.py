@@ -1,0 +1,182 @@
+"""Several hosts on one machine: Linux network namespaces on a bridge, one Redis.
+
+Each host is a network namespace joined to a private bridge by a veth pair,
+with its own address, worker, tmux socket and state dir; Redis listens on
+the bridge. Cutting a host's link is ``ip link set <veth> down``: its worker
+and its agents go on, but nothing it sends reaches Redis, as when a machine
+drops off the network. Needs root and ``ip``; :func:`unavailable` says why
+not, so that tests can skip with that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.stack import Stack
+from workers.config import Config, load_config
+from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
+
+
+def unavailable() -> str | None:
+    """Why namespaces cannot be made here, or None when they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (CI runs as root)"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    probe = f"fbprobe-{secrets.token_hex(3)}"
+    made = _ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"ip netns add failed: {made.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+@dataclass
+class LabHost:
+    """One simulated host: a namespace, its link, its config and its worker."""
+
+    name: str
+    netns: str
+    veth: str  # the root side of the host's link
+    address: str
+    config_path: Path
+    stack: Stack | None = None
+
+    @property
+    def tmux_socket(self) -> str:
+        return f"fblab-{self.netns}"
+
+    def wrap(self) -> list[str]:
+        """The prefix that runs a command on this host."""
+        return ["ip", "netns", "exec", self.netns]
+
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+
+@dataclass
+class NetLab:
+    """A bridge, a Redis on it, and hosts joined to it."""
+
+    root: Path
+    token: str = field(default_factory=lambda: secrets.token_hex(2))
+    hosts: dict[str, LabHost] = field(default_factory=dict)
+    redis: EmbeddedRedis | None = None
+
+    def __post_init__(self) -> None:
+        # 10.<a>.<b>.0/24 from the token: two labs at once do not collide.
+        a, b = int(self.token[:2], 16), int(self.token[2:], 16)
+        self.prefix = f"10.{200 + a % 50}.{b}"
+        self.bridge = f"fbbr{self.token}"
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.prefix}.1"
+
+    def start(self) -> None:
+        """Make the bridge and start Redis on it."""
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        self.redis = start_redis(self.root / "redis", bind=(self.gateway, "127.0.0.1"))
+
+    def add_host(self, name: str, config_text: str) -> LabHost:
+        """Make a namespace for host ``name`` and write its config (``{state}``, ``{tmux}``)."""
+        index = len(self.hosts) + 2
+        host = LabHost(
+            name=name,
+            netns=f"fb{self.token}{name}",
+            veth=f"fbv{self.token}{index}",
+            address=f"{self.prefix}.{index}",
+            config_path=self.root / f"{name}.toml",
+        )
+        _ip("netns", "add", host.netns)
+        _ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
+        _ip("link", "set", host.veth, "master", self.bridge)
+        _ip("link", "set", host.veth, "up")
+        for args in (
+            ("addr", "add", f"{host.address}/24", "dev", "eth0"),
+            ("link", "set", "eth0", "up"),
+            ("link", "set", "lo", "up"),
+        ):
+            _ip("-n", host.netns, *args)
+        host.config_path.write_text(
+            config_text.format(state=f"state-{name}", tmux=host.tmux_socket, host=name)
+        )
+        self.hosts[name] = host
+        return host
+
+    @property
+    def host_url(self) -> str:
+        """The Redis URL as the hosts see it (over the bridge)."""
+        assert self.redis is not None
+        return self.redis.url
+
+    def start_worker(self, host: LabHost) -> Stack:
+        """Start ``host``'s worker inside its namespace."""
+        stack = Stack(
+            host.config(),
+            flower=False,
+            beat=False,
+            log_dir=self.root / f"logs-{host.name}",
+            wrap=host.wrap(),
+        )
+        stack.start()
+        host.stack = stack
+        return stack
+
+    def kill_worker(self, host: LabHost) -> None:
+        """kill -9 the host's worker (its tmux server and agents live on)."""
+        assert host.stack is not None
+        for _, proc in host.stack.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)
+        host.stack.procs.clear()
+        host.stack.stop()
+        host.stack = None
+
+    def kill_host(self, host: LabHost) -> None:
+        """The whole host goes: worker and tmux server (with its agents) killed."""
+        self.kill_worker(host)
+        subprocess.run(
+            ["tmux", "-L", host.tmux_socket, "kill-server"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+
+    def cut(self, host: LabHost) -> None:
+        """Take the host's link down: nothing it sends reaches Redis."""
+        _ip("link", "set", host.veth, "down")
+
+    def restore(self, host: LabHost) -> None:
+        """Bring the host's link back up."""
+        _ip("link", "set", host.veth, "up")
+        _ip("link", "set", host.veth, "master", self.bridge)
+
+    def close(self) -> None:
+        """Stop every worker and tmux server, Redis, and remove the namespaces and bridge."""
+        for host in self.hosts.values():
+            if host.stack is not None:
+                host.stack.stop(grace=5)
+            subprocess.run(
+                ["tmux", "-L", host.tmux_socket, "kill-server"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+            _ip("netns", "del", host.netns, check=False)
+        if self.redis is not None:
+            stop_redis(self.redis)
+        _ip("link", "del", self.bridge, check=False)
