@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup system-deps demo test lint typecheck unit clean
+.PHONY: setup system-deps demo test lint typecheck unit chaos bench clean
 
 setup: system-deps $(STAMP)
 
@@ -40,6 +40,14 @@ unit: setup
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# ≥ 100 runs on three hosts while workers are killed and Redis restarts.
+chaos: setup
+	$(BIN)/python -m tests.chaos
+
+# Latency, idle cost, concurrency and throughput; writes bench/results.json.
+bench: setup
+	$(BIN)/python -m bench.bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

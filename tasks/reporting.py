@@ -61,6 +61,12 @@ class Reporter:
         log.info("run %s: %s (%s)", run.id, run.outcome, run.reason or "no reason")
         return result
 
+    def succeeded(self, run: Run, result: dict[str, Any]) -> None:
+        """Store the result under the run id and say so as Celery does (``task-succeeded``)."""
+        self.app.backend.store_result(run.id, result, "SUCCESS")
+        with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+            dispatcher.send("task-succeeded", uuid=run.id, result=repr(result), runtime=0.0)
+
     def event(self, run: Run, name: str) -> None:
         """Send the task event ``task-<name>`` for the run (Flower shows ``<NAME>``)."""
         try:

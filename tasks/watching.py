@@ -160,8 +160,7 @@ def _store_end(host: _Host, run: Run) -> None:
         log.warning("run %s: already reported lost; %s not reported", run.id, run.outcome)
         lifecycle.finish(run, config(), client)
         return
-    result = host.reporter.conclude(run)
-    app.backend.store_result(run.id, result, "SUCCESS")
+    host.reporter.succeeded(run, host.reporter.conclude(run))
 
 
 def _ended(watch: SessionWatch, ended: MonitorExit) -> None:

@@ -15,12 +15,43 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.stack import Stack
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+
+AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
+
+
+def host_config(
+    redis_url: str, agents: list[str], lease_seconds: float, host_timeout: float
+) -> str:
+    """A lab host's config: project ``proj`` in ./project, ``agents`` with formulas there.
+
+    ``{state}``, ``{tmux}`` and ``{host}`` are left for :meth:`NetLab.add_host`.
+    """
+    blocks = "".join(
+        f'[[agents]]\nname = "{name}"\nproject = "proj"\n'
+        f'formula = "project/formulas/{name}.toml"\nschedule = "0 0 1 1 *"\n'
+        f'command = "{AGENT}"\nmin_memory_mb = 0\n\n'
+        for name in agents
+    )
+    return (
+        'state_dir = "{state}"\n'
+        f'[broker]\nurl = "{redis_url}"\n'
+        '[worker]\nhost = "{host}"\nconcurrency = 8\n'
+        '[tmux]\nsocket = "{tmux}"\n'
+        "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n"
+        f"lease_seconds = {lease_seconds}\nhost_timeout = {host_timeout}\n"
+        "[metrics]\nport = 0\n"
+        f"[credentials.default]\nmax_sessions = {max(8, len(agents))}\n"
+        '[[projects]]\nname = "proj"\nrepo_root = "project"\nops_repo_root = "ops"\n'
+        'forge_url = "http://127.0.0.1:9"\n\n' + blocks
+    )
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -56,9 +87,11 @@ class LabHost:
     def tmux_socket(self) -> str:
         return f"fblab-{self.netns}"
 
+    isolated: bool = True
+
     def wrap(self) -> list[str]:
         """The prefix that runs a command on this host."""
-        return ["ip", "netns", "exec", self.netns]
+        return ["ip", "netns", "exec", self.netns] if self.isolated else []
 
     def config(self) -> Config:
         return load_config(self.config_path)
@@ -66,9 +99,15 @@ class LabHost:
 
 @dataclass
 class NetLab:
-    """A bridge, a Redis on it, and hosts joined to it."""
+    """A bridge, a Redis on it, and hosts joined to it.
+
+    With ``isolated`` off (no namespaces here), hosts are plain processes on
+    this machine: each still has its own worker, tmux socket and state dir,
+    but there is no link to cut.
+    """
 
     root: Path
+    isolated: bool = True
     token: str = field(default_factory=lambda: secrets.token_hex(2))
     hosts: dict[str, LabHost] = field(default_factory=dict)
     redis: EmbeddedRedis | None = None
@@ -85,6 +124,9 @@ class NetLab:
 
     def start(self) -> None:
         """Make the bridge and start Redis on it."""
+        if not self.isolated:
+            self.redis = start_redis(self.root / "redis")
+            return
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
@@ -99,7 +141,17 @@ class NetLab:
             veth=f"fbv{self.token}{index}",
             address=f"{self.prefix}.{index}",
             config_path=self.root / f"{name}.toml",
+            isolated=self.isolated,
         )
+        if self.isolated:
+            self._join(host)
+        host.config_path.write_text(
+            config_text.format(state=f"state-{name}", tmux=host.tmux_socket, host=name)
+        )
+        self.hosts[name] = host
+        return host
+
+    def _join(self, host: LabHost) -> None:
         _ip("netns", "add", host.netns)
         _ip("link", "add", host.veth, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
         _ip("link", "set", host.veth, "master", self.bridge)
@@ -110,11 +162,6 @@ class NetLab:
             ("link", "set", "lo", "up"),
         ):
             _ip("-n", host.netns, *args)
-        host.config_path.write_text(
-            config_text.format(state=f"state-{name}", tmux=host.tmux_socket, host=name)
-        )
-        self.hosts[name] = host
-        return host
 
     @property
     def host_url(self) -> str:
@@ -156,6 +203,16 @@ class NetLab:
             check=False,
         )
 
+    def restart_redis(self, down_seconds: float) -> None:
+        """Stop Redis, wait, and start it again on the same port with the same data."""
+        assert self.redis is not None
+        old = self.redis
+        password = old.url.split(":")[2].split("@")[0]
+        stop_redis(old)
+        time.sleep(down_seconds)
+        bind = (self.gateway, "127.0.0.1") if self.isolated else ("127.0.0.1",)
+        self.redis = start_redis(old.data_dir, port=old.port, password=password, bind=bind)
+
     def cut(self, host: LabHost) -> None:
         """Take the host's link down: nothing it sends reaches Redis."""
         _ip("link", "set", host.veth, "down")
@@ -176,7 +233,9 @@ class NetLab:
                 timeout=10,
                 check=False,
             )
-            _ip("netns", "del", host.netns, check=False)
+            if self.isolated:
+                _ip("netns", "del", host.netns, check=False)
         if self.redis is not None:
             stop_redis(self.redis)
-        _ip("link", "del", self.bridge, check=False)
+        if self.isolated:
+            _ip("link", "del", self.bridge, check=False)

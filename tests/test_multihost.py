@@ -23,41 +23,17 @@ import redis
 from beat_schedule import REAP_TASK
 from tasks.app import client_app
 from tests.conftest import commit_files, formula_text, held_claims, tmux_sessions, wait_until
-from tests.netlab import LabHost, NetLab, unavailable
-from workers.embedded import start_redis, stop_redis
+from tests.netlab import LabHost, NetLab, host_config, unavailable
 
 REASON = unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
-AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
 SCENARIOS = {
     "planner": "phase=awaiting_ci sleep=6 phase=done",
     "gardener": "phase=awaiting_ci sleep=120",
     "predictor": "sleep=2 phase=awaiting_ci sleep=5 phase=done",
 }
 LEASE_SECONDS = 10
-
-
-def _config(root: Path, redis_url: str) -> str:
-    agents = "".join(
-        f'[[agents]]\nname = "{name}"\nproject = "proj"\n'
-        f'formula = "project/formulas/{name}.toml"\nschedule = "0 0 1 1 *"\n'
-        f'command = "{AGENT}"\nmin_memory_mb = 0\n\n'
-        for name in SCENARIOS
-    )
-    # Plain (not f-) strings keep {state}, {tmux} and {host} for NetLab.add_host.
-    return (
-        'state_dir = "{state}"\n'
-        f'[broker]\nurl = "{redis_url}"\n'
-        '[worker]\nhost = "{host}"\nconcurrency = 8\n'
-        '[tmux]\nsocket = "{tmux}"\n'
-        "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n"
-        f"lease_seconds = {LEASE_SECONDS}\nhost_timeout = 3\n"
-        "[metrics]\nport = 0\n"
-        "[credentials.default]\nmax_sessions = 8\n"
-        '[[projects]]\nname = "proj"\nrepo_root = "project"\nops_repo_root = "ops"\n'
-        'forge_url = "http://127.0.0.1:9"\n\n' + agents
-    )
 
 
 @pytest.fixture
@@ -69,7 +45,7 @@ def lab(tmp_path: Path) -> Iterator[NetLab]:
     net = NetLab(tmp_path)
     try:
         net.start()
-        text = _config(tmp_path, net.host_url)
+        text = host_config(net.host_url, list(SCENARIOS), LEASE_SECONDS, host_timeout=3)
         for name in ("h1", "h2", "h3"):
             net.start_worker(net.add_host(name, text))
         yield net
@@ -186,7 +162,7 @@ def test_a_host_cut_off_longer_than_the_lease_stops_its_own_run(lab: NetLab) -> 
     _assert_clean(lab)
 
 
-def test_a_redis_restart_loses_no_phase_on_any_host(lab: NetLab, tmp_path: Path) -> None:
+def test_a_redis_restart_loses_no_phase_on_any_host(lab: NetLab) -> None:
     sent = [_send(lab, "predictor"), _send(lab, "planner")]
     for result in sent:
         wait_until(
@@ -194,14 +170,7 @@ def test_a_redis_restart_loses_no_phase_on_any_host(lab: NetLab, tmp_path: Path)
             60,
             "the runs to start",
         )
-    assert lab.redis is not None
-    port, url = lab.redis.port, lab.redis.url
-    password = url.split(":")[2].split("@")[0]
-    stop_redis(lab.redis)
-    time.sleep(3)  # phases are written while Redis is away
-    lab.redis = start_redis(
-        lab.redis.data_dir, port=port, password=password, bind=(lab.gateway, "127.0.0.1")
-    )
+    lab.restart_redis(down_seconds=3)  # phases are written while Redis is away
     for result in sent:
         record = _wait_outcome(lab, result.id, 120)
         assert record["outcome"] == "done", record

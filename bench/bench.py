@@ -1,0 +1,343 @@
+"""``make bench``: formulabeat's speed and cost on this machine, with the scripted agent.
+
+One host: a private Redis, one worker (the production defaults), tmux on a
+private socket. Latencies run from the agent's own clock (the scripted agent
+logs when it wrote a phase and when the prompt arrived) to this process,
+which follows the result backend's own publications (``celery-task-meta-*``).
+
+1. start: runs sent one after another to an agent that is ready at once;
+   from the send to the prompt's arrival in the agent;
+2. fleet: ``--sessions`` agents started together and left idle; how many are
+   live at once, the CPU the worker and the tmux server spend on them per
+   session per minute while idle, then each writes a phase at a random
+   moment, from the write to its publication;
+3. throughput: agents that finish at once, as many runs as they take in
+   ``--throughput-seconds``.
+
+It prints a table and writes bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from tasks.app import client_app
+from tasks.demo import commit_all
+from tasks.stack import Stack
+from workers.config import load_config
+from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+
+RESULTS = Path(__file__).with_name("results.json")
+AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
+
+
+class Observer:
+    """Follows the result backend's publications: (run id, state) -> first time seen."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.seen: dict[tuple[str, str], float] = {}
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe("celery-task-meta-*")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            message = self._pubsub.get_message(timeout=0.5)
+            if message is None:
+                continue
+            at = time.time()
+            try:
+                meta = json.loads(message["data"])
+            except (TypeError, ValueError):
+                continue
+            key = (str(meta.get("task_id")), str(meta.get("status")))
+            self.seen.setdefault(key, at)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._pubsub.close()
+
+
+def _formula(name: str, scenario: str) -> str:
+    return (
+        f'name = "{name}"\n\n[[steps]]\nid = "work"\ntitle = "Work"\n'
+        f'description = """\nSCENARIO: {scenario}\n"""\n'
+    )
+
+
+def _config(root: Path, url: str, agents: dict[str, str], sessions: int) -> Path:
+    blocks = "".join(
+        f'[[agents]]\nname = "{name}"\nproject = "bench"\n'
+        f'formula = "project/formulas/{name}.toml"\nschedule = "0 0 1 1 *"\n'
+        f'command = "{AGENT}"\nmin_memory_mb = 0\n\n'
+        for name in agents
+    )
+    path = root / "formulabeat.toml"
+    path.write_text(
+        f'state_dir = "state"\n[broker]\nurl = "{url}"\n'
+        f'[worker]\nhost = "bench"\n'
+        f'[tmux]\nsocket = "fbbench-{os.getpid()}"\n'
+        "[metrics]\nport = 0\n"
+        f"[credentials.default]\nmax_sessions = {sessions + 10}\n"
+        '[[projects]]\nname = "bench"\nrepo_root = "project"\n\n' + blocks
+    )
+    return path
+
+
+@contextmanager
+def _bench_host(root: Path, agents: dict[str, str], sessions: int) -> Iterator[tuple[Any, Any]]:
+    files = {f"formulas/{name}.toml": _formula(name, s) for name, s in agents.items()}
+    commit_all(root / "project", {"README.md": "# bench\n", **files}, "bench")
+    server: EmbeddedRedis = start_redis(root / "redis")
+    cfg = load_config(_config(root, server.url, agents, sessions))
+    stack = Stack(cfg, flower=False, beat=False, log_dir=root / "logs")
+    try:
+        stack.start()
+        yield stack, server
+    finally:
+        stack.stop()
+        subprocess.run(
+            ["tmux", "-L", cfg.tmux_socket or "", "kill-server"],
+            check=False,
+            capture_output=True,
+            timeout=30,
+        )
+        stop_redis(server)
+
+
+def _events(log: Path) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _wait(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def bench_start(root: Path, runs: int) -> dict[str, float]:
+    """Send → prompt delivered, one run at a time, agent ready at once."""
+    log = root / "agent.jsonl"
+    with _bench_host(root, {"starter": f"log={log} phase=done"}, 1) as (stack, _server):
+        app = client_app(stack.cfg)
+        sent: dict[str, float] = {}
+        for _ in range(runs):
+            at = time.time()
+            result = app.send_task(
+                "formulabeat.run", args=["bench", "starter"], queue="formulabeat"
+            )
+            sent[result.id] = at
+            result.get(timeout=120)
+        prompts = {e["run"]: e["at"] for e in _events(log) if e["event"] == "prompt"}
+    latencies = [(prompts[r] - t) * 1000 for r, t in sent.items() if r in prompts]
+    return {
+        "start_latency_ms_p50": round(statistics.median(latencies), 1),
+        "start_latency_ms_p99": round(_pct(latencies, 0.99), 1),
+        "start_runs": len(latencies),
+    }
+
+
+def _tmux_server(socket: str) -> psutil.Process | None:
+    out = subprocess.run(
+        ["tmux", "-L", socket, "display-message", "-p", "#{pid}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return psutil.Process(int(out.stdout.strip())) if out.returncode == 0 else None
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
+
+def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[str, float]:
+    """Many live sessions: concurrency, idle cost, then phase latency."""
+    log = root / "agents.jsonl"
+    # Each agent sleeps `idle` s after its first phase (every session is up by
+    # then), writes a phase at its own moment within `spread` s, and stays
+    # until the window is over, so that every write happens among all sessions.
+    offsets = [spread * (i * 7919 % sessions) / sessions for i in range(sessions)]
+    agents = {
+        f"a{i:03d}": (
+            f"log={log} phase=awaiting_ci sleep={idle + offset:.2f}"
+            f" phase=working sleep={spread - offset + 5:.2f} phase=done"
+        )
+        for i, offset in enumerate(offsets)
+    }
+    with _bench_host(root, agents, sessions) as (stack, server):
+        cfg = stack.cfg
+        app = client_app(cfg)
+        observer = Observer(server.client())
+        started = time.monotonic()
+        results = {
+            name: app.send_task("formulabeat.run", args=["bench", name], queue="formulabeat")
+            for name in agents
+        }
+        ids = {r.id for r in results.values()}
+
+        def live() -> int:
+            return sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
+
+        _wait(lambda: live() == sessions, idle)
+        concurrent = live()
+        up_after = time.monotonic() - started
+        worker = psutil.Process(next(p.pid for n, p in stack.procs if n == "worker"))
+        tmux = _tmux_server(cfg.tmux_socket or "")
+        procs = [p for p in (worker, tmux) if p is not None]
+        window = max(10.0, idle - up_after - 5)
+        time.sleep(2)  # the last starts settle
+        before, t0 = _cpu(procs), time.monotonic()
+        time.sleep(window - 2)
+        cpu = _cpu(procs) - before
+        elapsed = time.monotonic() - t0
+        idle_cost = cpu / concurrent / (elapsed / 60) if concurrent else float("nan")
+        _wait(
+            lambda: all(
+                (i, "DONE") in observer.seen or (i, "SUCCESS") in observer.seen for i in ids
+            ),
+            spread + 120,
+        )
+        observer.close()
+    written = {
+        (e["run"], e["phase"].split(":", 1)[1].upper()): e["at"]
+        for e in _events(log)
+        if e["event"] == "phase"
+    }
+    latencies = [
+        (observer.seen[key] - at) * 1000
+        for key, at in written.items()
+        if key[1] == "WORKING" and key in observer.seen
+    ]
+    return {
+        "phase_latency_ms_p50": round(statistics.median(latencies), 1) if latencies else None,
+        "phase_latency_ms_p99": round(_pct(latencies, 0.99), 1) if latencies else None,
+        "phase_sessions": concurrent,
+        "phase_samples": len(latencies),
+        "idle_cpu_s_per_session_min": round(idle_cost, 5),
+        "idle_sessions": concurrent,
+        "idle_window_s": round(elapsed, 1),
+        "max_concurrent_sessions": concurrent,
+        "sessions_up_after_s": round(up_after, 1),
+    }
+
+
+def bench_throughput(root: Path, agents_count: int, seconds: float) -> dict[str, float]:
+    """Runs per minute with agents that finish at once."""
+    agents = {f"t{i:02d}": "phase=done" for i in range(agents_count)}
+    with _bench_host(root, agents, agents_count) as (stack, _server):
+        app = client_app(stack.cfg)
+        busy: dict[str, Any] = {}
+        done = 0
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            for name in agents:
+                result = busy.get(name)
+                if result is not None and result.ready():
+                    done += 1
+                    del busy[name]
+                if name not in busy:
+                    busy[name] = app.send_task(
+                        "formulabeat.run", args=["bench", name], queue="formulabeat"
+                    )
+            time.sleep(0.02)
+        elapsed = time.monotonic() - started
+    return {"runs_per_min": round(done / elapsed * 60, 1), "throughput_agents": agents_count}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks; print the table and write bench/results.json."""
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=300)
+    parser.add_argument("--idle", type=float, default=150.0, help="idle seconds per session")
+    parser.add_argument("--spread", type=float, default=60.0, help="window of the phase writes")
+    parser.add_argument("--start-runs", type=int, default=30)
+    parser.add_argument("--throughput-agents", type=int, default=16)
+    parser.add_argument("--throughput-seconds", type=float, default=60.0)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="formulabeat-bench-") as tmp:
+        root = Path(tmp)
+        results.update(bench_start(root / "start", args.start_runs))
+        results.update(
+            bench_throughput(root / "throughput", args.throughput_agents, args.throughput_seconds)
+        )
+        results.update(bench_fleet(root / "fleet", args.sessions, args.idle, args.spread))
+    results["machine"] = {
+        "cores": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+    }
+    results["versions"] = {
+        "python": platform.python_version(),
+        "tmux": subprocess.run(
+            ["tmux", "-V"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout.strip(),
+        **{name: metadata.version(name) for name in ("formulabeat", "celery", "redis", "libtmux")},
+    }
+    results["date"] = time.strftime("%Y-%m-%d")
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    rows = [
+        (
+            "phase write → result backend, p50 / p99 (ms)",
+            f"{results['phase_latency_ms_p50']} / {results['phase_latency_ms_p99']}"
+            f" ({results['phase_sessions']} live sessions)",
+            "5030 median",
+        ),
+        (
+            "send → prompt delivered, p50 / p99 (ms)",
+            f"{results['start_latency_ms_p50']} / {results['start_latency_ms_p99']}",
+            "1699 median",
+        ),
+        (
+            "idle CPU-s per session per minute",
+            f"{results['idle_cpu_s_per_session_min']} ({results['idle_sessions']} sessions)",
+            "0.087 (10 s poll)",
+        ),
+        ("concurrent sessions", str(results["max_concurrent_sessions"]), "one bash loop each"),
+        ("runs per minute (agent done at once)", str(results["runs_per_min"]), "-"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  formulabeat  |  original")
+    for name, ours, theirs in rows:
+        print(f"{name:<{width}}  {ours}  |  {theirs}")
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""``make chaos``: many runs on several hosts while workers die and Redis restarts.
+
+Three hosts (network namespaces when this machine can make them, else plain
+processes with their own worker, tmux socket and state dir) share one Redis.
+Runs of a dozen agents are sent back to back; every few seconds a random
+host's worker is killed with -9 and started again, and once Redis is
+restarted. At the end it prints one line:
+
+    runs: N, lost: L, duplicated: D, leaked locks: K, leaked sessions: S
+
+``lost``: runs with no outcome, or ended ``lost``/``lost_lease`` (no host
+vanished, so none should be). ``duplicated``: runs whose agent got the
+prompt in more than one process, or that overlapped another run of the same
+agent (both from the agents' own logs). ``leaked locks``: leases and session
+slots still held once every run has ended. ``leaked sessions``: tmux
+sessions left on any host. The exit status is 0 only when all are zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.app import client_app
+from tests.conftest import commit_files, formula_text, held_claims, tmux_sessions
+from tests.netlab import NetLab, host_config, unavailable
+
+TROUBLE = ("lost", "lost_lease")
+# A message its dead worker had reserved comes back after the visibility
+# timeout (60 s); far longer than that with no run ending is a hang.
+STUCK_SECONDS = 240
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chaos and print its one-line verdict."""
+    parser = argparse.ArgumentParser(prog="chaos", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--agents", type=int, default=12)
+    parser.add_argument("--hosts", type=int, default=3)
+    parser.add_argument("--kill-every", type=float, default=8.0, help="mean seconds between kills")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="formulabeat-chaos-") as tmp:
+        root = Path(tmp)
+        agents = [f"agent{i:02d}" for i in range(args.agents)]
+        log = root / "agents.jsonl"
+        formulas = {
+            f"formulas/{name}.toml": formula_text(
+                name, f"log={log} phase=awaiting_ci sleep={rng.uniform(0.5, 4):.1f} phase=done"
+            )
+            for name in agents
+        }
+        commit_files(root / "project", {"README.md": "# chaos\n", **formulas})
+        commit_files(root / "ops", {"journal.md": "# journal\n"})
+        reason = unavailable()
+        lab = NetLab(root, isolated=reason is None)
+        if reason:
+            print(f"chaos: {reason}; hosts share this machine's network", file=sys.stderr)
+        try:
+            lab.start()
+            text = host_config(lab.host_url, agents, lease_seconds=30, host_timeout=30)
+            for index in range(args.hosts):
+                lab.start_worker(lab.add_host(f"h{index + 1}", text))
+            counts = _chaos(lab, agents, args, rng, log)
+        finally:
+            lab.close()
+    print(
+        f"runs: {counts['runs']}, lost: {counts['lost']}, duplicated: {counts['duplicated']}, "
+        f"leaked locks: {counts['locks']}, leaked sessions: {counts['sessions']}"
+    )
+    return 0 if not any(v for k, v in counts.items() if k != "runs") else 1
+
+
+def _chaos(
+    lab: NetLab, agents: list[str], args: argparse.Namespace, rng: random.Random, log: Path
+) -> dict[str, int]:
+    app = client_app(next(iter(lab.hosts.values())).config())
+    sent: dict[str, str] = {}  # run id -> agent
+    busy: dict[str, str] = {}  # agent -> its run in flight
+    redis_restarted = False
+    next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every)
+    progress = time.monotonic()
+    while len(sent) < args.runs or busy:
+        assert lab.redis is not None
+        client = lab.redis.client()
+        for agent, run_id in list(busy.items()):
+            if _outcome(client, run_id):
+                del busy[agent]
+                progress = time.monotonic()
+        free = [a for a in agents if a not in busy]
+        if free and len(sent) < args.runs:
+            agent = rng.choice(free)
+            result = app.send_task("formulabeat.run", args=["proj", agent], queue="formulabeat")
+            sent[result.id] = agent
+            busy[agent] = result.id
+        if len(sent) < args.runs and time.monotonic() >= next_kill:
+            host = rng.choice(list(lab.hosts.values()))
+            print(f"chaos: kill -9 the worker of {host.name}", file=sys.stderr)
+            lab.kill_worker(host)
+            time.sleep(rng.uniform(0.2, 2.0))
+            lab.start_worker(host)
+            next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every)
+        if not redis_restarted and len(sent) >= args.runs // 2:
+            print("chaos: restarting Redis", file=sys.stderr)
+            lab.restart_redis(down_seconds=2)
+            app = client_app(next(iter(lab.hosts.values())).config())
+            redis_restarted = True
+        if time.monotonic() - progress > STUCK_SECONDS:
+            print(f"chaos: no run ended for {STUCK_SECONDS} s; giving up", file=sys.stderr)
+            break
+        time.sleep(0.2)
+    return _verdict(lab, sent, log)
+
+
+def _outcome(client: Any, run_id: str) -> str | None:
+    raw = client.get(f"formulabeat:run:{run_id}")
+    return json.loads(raw).get("outcome") if raw else None
+
+
+def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
+    assert lab.redis is not None
+    client = lab.redis.client()
+    outcomes = {run_id: _outcome(client, run_id) for run_id in sent}
+    tally = collections.Counter(o or "none" for o in outcomes.values())
+    print(f"chaos: outcomes {dict(tally)}", file=sys.stderr)
+    lost = sum(1 for o in outcomes.values() if o is None or o in TROUBLE)
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    prompted: dict[str, set[int]] = collections.defaultdict(set)
+    spans: dict[str, list[float]] = {}
+    for event in events:
+        run_id = event.get("run")
+        if not run_id:
+            continue
+        if event["event"] == "prompt":
+            prompted[run_id].add(event["pid"])
+        span = spans.setdefault(run_id, [event["at"], event["at"]])
+        span[0], span[1] = min(span[0], event["at"]), max(span[1], event["at"])
+    duplicated = {run_id for run_id, pids in prompted.items() if len(pids) > 1}
+    by_agent: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
+    for run_id, (start, end) in spans.items():
+        by_agent[sent.get(run_id, "?")].append((start, end, run_id))
+    for runs in by_agent.values():
+        runs.sort()
+        for (_, end, _), (start, _, run_id) in itertools.pairwise(runs):
+            if start < end:
+                duplicated.add(run_id)
+    time.sleep(2)  # a session being killed as the last run ended
+    sessions = sum(len(tmux_sessions(h.tmux_socket)) for h in lab.hosts.values())
+    return {
+        "runs": len(sent),
+        "lost": lost,
+        "duplicated": len(duplicated),
+        "locks": len(held_claims(client)),
+        "sessions": sessions,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
