@@ -2,7 +2,7 @@
 
 ``formulabeat.run`` (its task id is the run id) guards, takes the lease and
 prepares the worktree and prompt on whichever host took it, then replaces
-itself with ``formulabeat.session`` on that host's own queue, because the
+itself with ``formulabeat.session`` (same task id) on that host's own queue, because the
 worktree and the tmux session live there. ``session`` starts the agent,
 delivers the prompt and hands the session to the host's watcher
 (tasks.watching), which publishes every phase and, when the run ends,
@@ -72,12 +72,17 @@ def run(self: Task, project: str, agent: str, trigger: str = "manual") -> None:
     log.info("run %s: %s/%s (%s) taken by %s", current.id, project, agent, trigger, cfg.host)
     _guarded(current, "prepare", lifecycle.prepare, current, cfg, redis_client(cfg), sink)
     if not current.ended:
-        step = session.si(current.to_dict()).set(queue=host_queue(cfg.host))
+        # The session step takes the run id as its task id, as Task.replace
+        # would; sent by hand so that a Redis restart is waited out.
+        data = current.to_dict()
         try:
-            raise self.replace(step)
+            watching.with_redis(
+                lambda: session.apply_async((data,), task_id=current.id, queue=host_queue(cfg.host))
+            )
         except (OperationalError, redis.exceptions.RedisError) as exc:
             current.end(outcomes.FAILED, f"could not queue the session step: {exc}")
-    watching.conclude(current)
+    if current.ended:
+        watching.conclude(current)
     raise Ignore()
 
 

@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 from typing import IO
 
+import redis
+from kombu.exceptions import OperationalError
+
 from tasks.app import client_app
 from workers import embedded
 from workers.config import CONFIG_ENV, HOST_ENV, Config
@@ -157,8 +160,11 @@ class Stack:
                         raise FormulabeatError(
                             f"the {name} exited at start (status {proc.returncode})"
                         )
-                if app.control.ping(destination=[node], timeout=0.5):
-                    return
+                try:
+                    if app.control.ping(destination=[node], timeout=0.5):
+                        return
+                except (OperationalError, redis.exceptions.ConnectionError):
+                    time.sleep(0.2)  # Redis restarting: ask again
             raise FormulabeatError(f"the worker {node} did not answer within {timeout:g} s")
         finally:
             app.close()

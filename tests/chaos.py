@@ -88,7 +88,7 @@ def _chaos(
     busy: dict[str, str] = {}  # agent -> its run in flight
     redis_restarted = False
     next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every)
-    progress = time.monotonic()
+    progress = next_note = time.monotonic()
     while len(sent) < args.runs or busy:
         assert lab.redis is not None
         client = lab.redis.client()
@@ -114,6 +114,10 @@ def _chaos(
             lab.restart_redis(down_seconds=2)
             app = client_app(next(iter(lab.hosts.values())).config())
             redis_restarted = True
+        if time.monotonic() >= next_note:
+            ended = len(sent) - len(busy)
+            print(f"chaos: {len(sent)} sent, {ended} ended", file=sys.stderr)
+            next_note = time.monotonic() + 15
         if time.monotonic() - progress > STUCK_SECONDS:
             print(f"chaos: no run ended for {STUCK_SECONDS} s; giving up", file=sys.stderr)
             break
@@ -132,6 +136,10 @@ def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
     outcomes = {run_id: _outcome(client, run_id) for run_id in sent}
     tally = collections.Counter(o or "none" for o in outcomes.values())
     print(f"chaos: outcomes {dict(tally)}", file=sys.stderr)
+    for run_id, outcome in outcomes.items():
+        if outcome != "done":
+            record = json.loads(client.get(f"formulabeat:run:{run_id}") or b"{}")
+            print(f"chaos: run {run_id} {outcome}: {record.get('reason')}", file=sys.stderr)
     lost = sum(1 for o in outcomes.values() if o is None or o in TROUBLE)
     events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     prompted: dict[str, set[int]] = collections.defaultdict(set)
@@ -145,6 +153,11 @@ def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
         span = spans.setdefault(run_id, [event["at"], event["at"]])
         span[0], span[1] = min(span[0], event["at"]), max(span[1], event["at"])
     duplicated = {run_id for run_id, pids in prompted.items() if len(pids) > 1}
+    for run_id in duplicated:
+        print(
+            f"chaos: run {run_id}: the prompt reached {len(prompted[run_id])} agents",
+            file=sys.stderr,
+        )
     by_agent: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
     for run_id, (start, end) in spans.items():
         by_agent[sent.get(run_id, "?")].append((start, end, run_id))
@@ -152,6 +165,10 @@ def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
         runs.sort()
         for (_, end, _), (start, _, run_id) in itertools.pairwise(runs):
             if start < end:
+                print(
+                    f"chaos: run {run_id} of {sent.get(run_id)} overlapped the one before",
+                    file=sys.stderr,
+                )
                 duplicated.add(run_id)
     time.sleep(2)  # a session being killed as the last run ended
     sessions = sum(len(tmux_sessions(h.tmux_socket)) for h in lab.hosts.values())

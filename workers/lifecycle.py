@@ -105,7 +105,7 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
     ref = worktrees.fresh_ref(project.repo_root, project.primary_branch) if oneshot else "HEAD"
     run_dir = new_run_dir(cfg.state_dir, run.id)
     run.run_dir = str(run_dir)
-    worktree = run_dir / "worktree"
+    worktree = worktrees.worktree_path(run_dir, run.id)
     phase_file = run_dir / "phase"
     scratch = scratch_file(cfg, run) if agent.scratch else None
     parts = build_prompt(

@@ -40,6 +40,13 @@ def open_repo(repo_root: Path) -> git.Repo:
         raise RepoError(f"repository {repo_root} does not exist") from None
 
 
+def worktree_path(run_dir: Path, run_id: str) -> Path:
+    """Where a run's worktree goes: named for the run, because git names its
+    record of a worktree for the directory, and two hosts adding two
+    worktrees with one name at once race for the same record."""
+    return run_dir / f"worktree-{run_id}"
+
+
 def add_worktree(repo_root: Path, path: Path, ref: str = "HEAD") -> Path:
     """Create a detached worktree of ``ref`` at ``path`` (which must not exist yet)."""
     repo = open_repo(repo_root)
@@ -123,13 +130,13 @@ def cleanup_stale(
                 continue
         except OSError:
             continue
-        worktree = run_dir / "worktree"
-        for root in repo_roots:
-            if worktree.exists():
-                with contextlib.suppress(RepoError, git.GitCommandError):
-                    open_repo(root).git.worktree(
-                        "remove", "--force", str(worktree), kill_after_timeout=GIT_TIMEOUT
-                    )
+        for worktree in run_dir.glob("worktree*"):
+            for root in repo_roots:
+                if worktree.exists():
+                    with contextlib.suppress(RepoError, git.GitCommandError):
+                        open_repo(root).git.worktree(
+                            "remove", "--force", str(worktree), kill_after_timeout=GIT_TIMEOUT
+                        )
         shutil.rmtree(run_dir, ignore_errors=True)
         removed.append(run_dir)
     for root in repo_roots:
