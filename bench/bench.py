@@ -53,6 +53,7 @@ class Observer:
 
     def __init__(self, client: redis.Redis) -> None:
         self.seen: dict[tuple[str, str], float] = {}
+        self._client = client  # its pool must live as long as the subscription
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)
         self._pubsub.psubscribe("celery-task-meta-*")
         self._stop = threading.Event()
@@ -85,6 +86,9 @@ def _formula(name: str, scenario: str) -> str:
     )
 
 
+MONITOR: dict[str, float] = {}  # [monitor] settings from the command line
+
+
 def _config(root: Path, url: str, agents: dict[str, str], sessions: int) -> Path:
     blocks = "".join(
         f'[[agents]]\nname = "{name}"\nproject = "bench"\n'
@@ -98,7 +102,9 @@ def _config(root: Path, url: str, agents: dict[str, str], sessions: int) -> Path
         f'[worker]\nhost = "bench"\n'
         f'[tmux]\nsocket = "fbbench-{os.getpid()}"\n'
         "[metrics]\nport = 0\n"
-        f"[credentials.default]\nmax_sessions = {sessions + 10}\n"
+        "[monitor]\n"
+        + "".join(f"{k} = {v}\n" for k, v in MONITOR.items())
+        + f"[credentials.default]\nmax_sessions = {sessions + 10}\n"
         '[[projects]]\nname = "bench"\nrepo_root = "project"\n\n' + blocks
     )
     return path
@@ -159,7 +165,7 @@ def bench_start(root: Path, runs: int) -> dict[str, float]:
                 "formulabeat.run", args=["bench", "starter"], queue="formulabeat"
             )
             sent[result.id] = at
-            result.get(timeout=120)
+            _wait(result.ready, 120)
         prompts = {e["run"]: e["at"] for e in _events(log) if e["event"] == "prompt"}
     latencies = [(prompts[r] - t) * 1000 for r, t in sent.items() if r in prompts]
     return {
@@ -288,7 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-agents", type=int, default=16)
     parser.add_argument("--throughput-seconds", type=float, default=60.0)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--monitor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [monitor] setting for the bench's worker (default: formulabeat's defaults)",
+    )
     args = parser.parse_args(argv)
+    for setting in args.monitor:
+        key, _, value = setting.partition("=")
+        MONITOR[key] = float(value)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="formulabeat-bench-") as tmp:
         root = Path(tmp)
@@ -310,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         **{name: metadata.version(name) for name in ("formulabeat", "celery", "redis", "libtmux")},
     }
     results["date"] = time.strftime("%Y-%m-%d")
+    results["monitor_settings"] = MONITOR or "defaults"
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     rows = [
         (

@@ -103,7 +103,7 @@ class MonitorConfig:
     poll_interval: float = 0.25
     liveness_interval: float = 1.0
     ready_timeout: float = 120.0
-    ready_quiet: float = 0.4
+    ready_quiet: float = 0.15
     lease_seconds: float = 300.0
     host_timeout: float = 30.0
     stale_worktree_hours: float = 24.0

@@ -253,7 +253,7 @@ class AgentSession:
         """The visible text of the pane."""
         return "\n".join(self.pane.capture_pane())
 
-    def wait_ready(self, prompt: str, quiet: float, timeout: float, poll: float = 0.05) -> None:
+    def wait_ready(self, prompt: str, quiet: float, timeout: float, poll: float = 0.02) -> None:
         """Wait until the agent's prompt line shows and the pane has been quiet for ``quiet`` s."""
         deadline = time.monotonic() + timeout
         last, changed_at = None, time.monotonic()
