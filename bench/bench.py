@@ -45,6 +45,7 @@ from workers.config import load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
 
 RESULTS = Path(__file__).with_name("results.json")
+START_TIMEOUT = 900.0
 AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
 
 
@@ -137,6 +138,19 @@ def _events(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
+def _send(app: Any, agent: str) -> str:
+    """Send a run; its result is read from Redis, not through Celery's subscriber."""
+    result = app.send_task(
+        "formulabeat.run", args=["bench", agent], queue="formulabeat", ignore_result=True
+    )
+    return str(result.id)
+
+
+def _ended(client: redis.Redis, run_id: str) -> bool:
+    raw = client.get(f"celery-task-meta-{run_id}")
+    return bool(raw) and json.loads(raw).get("status") == "SUCCESS"
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -190,16 +204,18 @@ def _cpu(procs: list[psutil.Process]) -> float:
     return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
 
 
-def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[str, float]:
+def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[str, Any]:
     """Many live sessions: concurrency, idle cost, then phase latency."""
     log = root / "agents.jsonl"
-    # Each agent sleeps `idle` s after its first phase (every session is up by
-    # then), writes a phase at its own moment within `spread` s, and stays
-    # until the window is over, so that every write happens among all sessions.
+    go = root / "go"
+    # Every agent writes its first phase and waits for the signal; the idle
+    # cost is measured while all wait. Then each writes a phase at its own
+    # moment within `spread` s and stays until the window is over, so that
+    # every write happens among all the sessions.
     offsets = [spread * (i * 7919 % sessions) / sessions for i in range(sessions)]
     agents = {
         f"a{i:03d}": (
-            f"log={log} phase=awaiting_ci sleep={idle + offset:.2f}"
+            f"log={log} phase=awaiting_ci wait={go} sleep={offset:.2f}"
             f" phase=working sleep={spread - offset + 5:.2f} phase=done"
         )
         for i, offset in enumerate(offsets)
@@ -209,35 +225,31 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
         app = client_app(cfg)
         observer = Observer(server.client())
         started = time.monotonic()
-        results = {
-            name: app.send_task("formulabeat.run", args=["bench", name], queue="formulabeat")
-            for name in agents
-        }
-        ids = {r.id for r in results.values()}
+        ids = {_send(app, name) for name in agents}
 
         def live() -> int:
             return sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
 
-        _wait(lambda: live() == sessions, idle)
+        _wait(lambda: live() == sessions, START_TIMEOUT)
         concurrent = live()
         up_after = time.monotonic() - started
         worker = psutil.Process(next(p.pid for n, p in stack.procs if n == "worker"))
         tmux = _tmux_server(cfg.tmux_socket or "")
         procs = [p for p in (worker, tmux) if p is not None]
-        window = max(10.0, idle - up_after - 5)
-        time.sleep(2)  # the last starts settle
+        time.sleep(5)  # the last starts settle
         before, t0 = _cpu(procs), time.monotonic()
-        time.sleep(window - 2)
+        time.sleep(idle)
         cpu = _cpu(procs) - before
         elapsed = time.monotonic() - t0
-        idle_cost = cpu / concurrent / (elapsed / 60) if concurrent else float("nan")
-        _wait(
-            lambda: all(
-                (i, "DONE") in observer.seen or (i, "SUCCESS") in observer.seen for i in ids
-            ),
-            spread + 120,
-        )
+        go.touch()
+        _wait(lambda: all((i, "SUCCESS") in observer.seen for i in ids), spread + 120)
         observer.close()
+        client = server.client()
+        outcomes: dict[str, int] = {}
+        for run_id in ids:
+            raw = client.get(f"formulabeat:run:{run_id}")
+            outcome = str(json.loads(raw).get("outcome")) if raw else "none"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
     written = {
         (e["run"], e["phase"].split(":", 1)[1].upper()): e["at"]
         for e in _events(log)
@@ -253,32 +265,34 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
         "phase_latency_ms_p99": round(_pct(latencies, 0.99), 1) if latencies else None,
         "phase_sessions": concurrent,
         "phase_samples": len(latencies),
-        "idle_cpu_s_per_session_min": round(idle_cost, 5),
+        "idle_cpu_s_per_session_min": round(cpu / concurrent / (elapsed / 60), 5)
+        if concurrent
+        else None,
         "idle_sessions": concurrent,
         "idle_window_s": round(elapsed, 1),
         "max_concurrent_sessions": concurrent,
         "sessions_up_after_s": round(up_after, 1),
+        "fleet_outcomes": outcomes,
     }
 
 
 def bench_throughput(root: Path, agents_count: int, seconds: float) -> dict[str, float]:
     """Runs per minute with agents that finish at once."""
     agents = {f"t{i:02d}": "phase=done" for i in range(agents_count)}
-    with _bench_host(root, agents, agents_count) as (stack, _server):
+    with _bench_host(root, agents, agents_count) as (stack, server):
         app = client_app(stack.cfg)
-        busy: dict[str, Any] = {}
+        client = server.client()
+        busy: dict[str, str] = {}
         done = 0
         started = time.monotonic()
         while time.monotonic() - started < seconds:
             for name in agents:
-                result = busy.get(name)
-                if result is not None and result.ready():
+                run_id = busy.get(name)
+                if run_id is not None and _ended(client, run_id):
                     done += 1
                     del busy[name]
                 if name not in busy:
-                    busy[name] = app.send_task(
-                        "formulabeat.run", args=["bench", name], queue="formulabeat"
-                    )
+                    busy[name] = _send(app, name)
             time.sleep(0.02)
         elapsed = time.monotonic() - started
     return {"runs_per_min": round(done / elapsed * 60, 1), "throughput_agents": agents_count}
@@ -288,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; print the table and write bench/results.json."""
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=300)
-    parser.add_argument("--idle", type=float, default=150.0, help="idle seconds per session")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle measurement")
     parser.add_argument("--spread", type=float, default=60.0, help="window of the phase writes")
     parser.add_argument("--start-runs", type=int, default=30)
     parser.add_argument("--throughput-agents", type=int, default=16)

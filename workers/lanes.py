@@ -47,10 +47,6 @@ class Lanes:
         """Queue ``job`` behind the earlier jobs of ``key``."""
         self._queues[zlib.crc32(key.encode()) % len(self._queues)].put(job)
 
-    def idle(self) -> bool:
-        """Whether every lane has run all its jobs (a test's and a benchmark's wait)."""
-        return all(jobs.empty() for jobs in self._queues)
-
     def _work(self, jobs: queue.SimpleQueue[Job]) -> None:
         while True:
             job = jobs.get()

@@ -93,11 +93,6 @@ def request_pane(client: redis.Redis, run_id: str, seconds: int = 15) -> None:
     client.set(pane_request_key(run_id), "1", ex=seconds)
 
 
-def pane_wanted(client: redis.Redis, run_id: str) -> bool:
-    """Whether someone asked for this run's pane recently."""
-    return bool(client.exists(pane_request_key(run_id)))
-
-
 def publish_pane(client: redis.Redis, run_id: str, text: str) -> None:
     """Publish the pane text (kept briefly: it is a view, not a record)."""
     client.set(pane_key(run_id), text, ex=30)

@@ -19,6 +19,7 @@ Scenario tokens, run in order (underscores in arguments become spaces):
 - ``sleep=SECONDS``; ``crash`` (exit 1 at once, no hooks); ``exit`` (SessionEnd
   hook, exit 0); ``idle`` (end the turn here); ``apifail=KIND`` (StopFailure
   hook, end the turn); ``bash=COMMAND`` (a Bash tool call that runs nothing);
+- ``wait=PATH`` waits until PATH exists (a benchmark's starting signal);
 - ``log=PATH`` also appends every event, the earlier ones of this process
   included, to PATH (which outlives the run directory), each with the run id.
 
@@ -291,6 +292,9 @@ class Agent:
                 self.bash_tool(value.replace("_", " "))
             elif key == "log":
                 self.also_log_to(value)
+            elif key == "wait":
+                while not os.path.exists(value):
+                    time.sleep(0.2)
             else:
                 self.say(f"[warning: unknown scenario token {token!r}]")
         self.run_hooks("Stop", stop_hook_active=False)

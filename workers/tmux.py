@@ -27,6 +27,8 @@ from libtmux.pane import Pane
 from workers.errors import SessionError
 
 TMUX_TIMEOUT = 15.0
+READY_POLL_MIN = 0.02
+READY_POLL_MAX = 0.25
 # The tmux server inherits the environment of the client that starts it, and
 # every later pane sees that environment: pass on only what a terminal needs.
 _ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TMPDIR", "TERM")
@@ -253,10 +255,14 @@ class AgentSession:
         """The visible text of the pane."""
         return "\n".join(self.pane.capture_pane())
 
-    def wait_ready(self, prompt: str, quiet: float, timeout: float, poll: float = 0.02) -> None:
+    def wait_ready(self, prompt: str, quiet: float, timeout: float) -> None:
         """Wait until the agent's prompt line shows and the pane has been quiet for ``quiet`` s."""
         deadline = time.monotonic() + timeout
         last, changed_at = None, time.monotonic()
+        # Look often right after the screen changed (the prompt may just have
+        # appeared), less and less while it stays the same: a fleet starting
+        # hundreds of agents at once does not spend its CPU on looking.
+        poll = READY_POLL_MIN
         while True:
             alive, how = self.status()
             if not alive:
@@ -267,9 +273,11 @@ class AgentSession:
             screen = self.capture()
             now = time.monotonic()
             if screen != last:
-                last, changed_at = screen, now
+                last, changed_at, poll = screen, now, READY_POLL_MIN
             elif now - changed_at >= quiet and prompt_shown(screen, prompt):
                 return
+            else:
+                poll = min(READY_POLL_MAX, poll * 1.5)
             if now >= deadline:
                 raise SessionError(
                     f"the agent did not show its ready prompt {prompt!r} within {timeout:g} s; "
