@@ -224,13 +224,18 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
         cfg = stack.cfg
         app = client_app(cfg)
         observer = Observer(server.client())
+        client = server.client()
         started = time.monotonic()
         ids = {_send(app, name) for name in agents}
 
         def live() -> int:
             return sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
 
-        _wait(lambda: live() == sessions, START_TIMEOUT)
+        # A run that failed to start ends: wait for each to be live or over.
+        _wait(
+            lambda: all((i, "AWAITING_CI") in observer.seen or _ended(client, i) for i in ids),
+            START_TIMEOUT,
+        )
         concurrent = live()
         up_after = time.monotonic() - started
         worker = psutil.Process(next(p.pid for n, p in stack.procs if n == "worker"))
@@ -244,7 +249,6 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
         go.touch()
         _wait(lambda: all((i, "SUCCESS") in observer.seen for i in ids), spread + 120)
         observer.close()
-        client = server.client()
         outcomes: dict[str, int] = {}
         for run_id in ids:
             raw = client.get(f"formulabeat:run:{run_id}")

@@ -7,8 +7,11 @@ git cannot hold a worker slot forever.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import git
@@ -41,10 +44,37 @@ def open_repo(repo_root: Path) -> git.Repo:
 
 
 def worktree_path(run_dir: Path, run_id: str) -> Path:
-    """Where a run's worktree goes: named for the run, because git names its
-    record of a worktree for the directory, and two hosts adding two
-    worktrees with one name at once race for the same record."""
+    """Where a run's worktree goes: named for the run, so that git's record of
+    it (``.git/worktrees/<name>``) says which run it belongs to."""
     return run_dir / f"worktree-{run_id}"
+
+
+@contextlib.contextmanager
+def worktree_lock(repo: git.Repo, timeout: float = GIT_TIMEOUT) -> Iterator[None]:
+    """Hold the repository's worktree lock: one ``git worktree`` change at a time.
+
+    git 2.39 reads every ``.git/worktrees/*/commondir`` while it adds a
+    worktree, and fails on an entry another ``worktree add`` has created but
+    not yet filled in; runs starting side by side (threads, or hosts sharing
+    the repository) take turns here instead.
+    """
+    path = Path(repo.common_dir) / "formulabeat-worktrees.lock"
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RepoError(
+                        f"{path} stayed locked for {timeout:g} s: another git worktree change hangs"
+                    ) from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def add_worktree(repo_root: Path, path: Path, ref: str = "HEAD") -> Path:
@@ -53,7 +83,8 @@ def add_worktree(repo_root: Path, path: Path, ref: str = "HEAD") -> Path:
     if path.exists():
         raise RepoError(f"worktree path {path} is already taken")
     try:
-        repo.git.worktree("add", "--detach", str(path), ref, kill_after_timeout=GIT_TIMEOUT)
+        with worktree_lock(repo):
+            repo.git.worktree("add", "--detach", str(path), ref, kill_after_timeout=GIT_TIMEOUT)
     except git.GitCommandError as exc:
         raise RepoError(f"git worktree add in {repo_root} failed: {_stderr(exc)}") from None
     return path
@@ -77,11 +108,15 @@ def remove_worktree(repo_root: Path, path: Path) -> None:
     """Remove a run's worktree; a directory already gone is pruned from git's list."""
     with contextlib.suppress(RepoError, git.GitCommandError):
         repo = open_repo(repo_root)
-        if path.exists():
-            repo.git.worktree("remove", "--force", str(path), kill_after_timeout=GIT_TIMEOUT)
+        with worktree_lock(repo):
+            if path.exists():
+                with contextlib.suppress(git.GitCommandError):  # not this repo's
+                    repo.git.worktree(
+                        "remove", "--force", str(path), kill_after_timeout=GIT_TIMEOUT
+                    )
+            shutil.rmtree(path, ignore_errors=True)
+            repo.git.worktree("prune", kill_after_timeout=GIT_TIMEOUT)
     shutil.rmtree(path, ignore_errors=True)
-    with contextlib.suppress(RepoError, git.GitCommandError):
-        open_repo(repo_root).git.worktree("prune", kill_after_timeout=GIT_TIMEOUT)
 
 
 def preserve(run_dir: Path, reason: str) -> Path:
@@ -133,13 +168,12 @@ def cleanup_stale(
         for worktree in run_dir.glob("worktree*"):
             for root in repo_roots:
                 if worktree.exists():
-                    with contextlib.suppress(RepoError, git.GitCommandError):
-                        open_repo(root).git.worktree(
-                            "remove", "--force", str(worktree), kill_after_timeout=GIT_TIMEOUT
-                        )
+                    remove_worktree(root, worktree)
         shutil.rmtree(run_dir, ignore_errors=True)
         removed.append(run_dir)
     for root in repo_roots:
         with contextlib.suppress(RepoError, git.GitCommandError):
-            open_repo(root).git.worktree("prune", kill_after_timeout=GIT_TIMEOUT)
+            repo = open_repo(root)
+            with worktree_lock(repo):
+                repo.git.worktree("prune", kill_after_timeout=GIT_TIMEOUT)
     return removed
