@@ -94,12 +94,12 @@ def test_prompt_detection_looks_at_line_starts_only() -> None:
 def test_an_agent_that_exits_before_its_prompt_is_a_clear_error(
     tmp_path: Path, tmux_socket: str
 ) -> None:
-    session = AgentSession.start(
-        TmuxServer(tmux_socket),
-        "dies",
-        tmp_path,
-        launch(tmp_path, "d", py("print('bye'); raise SystemExit(7)")),
-    )
+    # As a run does: tmux 3.3 may mark the pane dead without its status,
+    # and the launcher's exit file is what says it then.
+    exit_file = tmp_path / "d.exit"
+    spec = launch(tmp_path, "d", py("print('bye'); raise SystemExit(7)"))
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "exit_file": str(exit_file)}))
+    session = AgentSession.start(TmuxServer(tmux_socket), "dies", tmp_path, spec, exit_file)
     with pytest.raises(SessionError, match=r"ended \(exit status 7\) before showing its prompt"):
         session.wait_ready("❯", quiet=0.2, timeout=30)
     session.kill()
