@@ -137,9 +137,13 @@ def adopt(run: Run) -> None:
         registry.claim(client, f"{run.id}/session", run.host)
         run.end(outcomes.FAILED, f"the worker on host {run.host} stopped during {run.state}")
         conclude(run)
-    elif run.state in STARTING_STATES:
-        # The prompt may never have been delivered: start the session again.
+    elif run.state in STARTING_STATES and not lifecycle.prompt_delivered(run):
+        # The agent never got its prompt: start the session again.
         _handle_end(run, MonitorExit(outcomes.CRASHED, "the worker stopped while starting it"))
+    elif run.state in STARTING_STATES:
+        # The prompt went in, but RUNNING died with the worker's lane.
+        _LaneSink(_this_host()).progress(run, "RUNNING")
+        follow(run)
     else:
         follow(run)
 

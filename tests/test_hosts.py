@@ -46,6 +46,30 @@ def test_a_killed_worker_comes_back_and_adopts_its_run(
     assert f"run {sent.id}: adopting it after a worker restart" in log
 
 
+def test_a_prompted_session_whose_running_state_was_not_published_is_followed(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    # A worker killed between pasting the prompt and publishing RUNNING leaves
+    # the run recorded as STARTING: the adopter must not prompt a second agent.
+    log = fleet.root / "agent.jsonl"
+    fleet.add_agent("planner", f"log={log} sleep=6 phase=done")
+    fleet.write_config()
+    fleet.start_worker("host-a")
+    sent = fleet.send("planner")
+    wait_until(lambda: sent.state == "RUNNING", 60, "the prompt to be delivered")
+    _kill_worker(fleet, "host-a")
+    key = f"formulabeat:state:{sent.id}"
+    state = json.loads(redis_client.get(key) or b"{}")
+    redis_client.set(key, json.dumps({**state, "state": "STARTING"}), keepttl=True)
+    fleet.start_worker("host-a")
+    result = wait_result(sent, 90)
+    assert result["outcome"] == "done"
+    assert result["recoveries"] == 0
+    prompts = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "prompt"]
+    assert len(prompts) == 1
+    assert tmux_sessions(fleet.tmux_socket) == []
+
+
 def test_the_runs_of_a_vanished_host_are_reaped_as_lost(
     fleet: Fleet, redis_client: redis.Redis
 ) -> None:

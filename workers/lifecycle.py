@@ -43,6 +43,10 @@ MAX_PROMPT_BYTES = 1024 * 1024
 # crash ends the run (as the original's phase callback did).
 MAX_RECOVERIES = 1
 EXIT_STATUS = "exit-status"
+# Written once the prompt is in the agent: a worker killed before it could
+# publish RUNNING leaves this on the host, so the run is followed, not
+# started again with a second copy of the prompt.
+PROMPT_DELIVERED = "prompt-delivered"
 # Credentials an agent needs, handed over through the 0600 launch file only.
 PASS_ENV = ("FORGE_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
 
@@ -221,7 +225,8 @@ def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
         # A one-shot agent is a child of the monitoring task, started there.
         return
     run_dir = Path(run.run_dir)
-    (run_dir / EXIT_STATUS).unlink(missing_ok=True)
+    for stale in (EXIT_STATUS, PROMPT_DELIVERED):
+        (run_dir / stale).unlink(missing_ok=True)
     session = AgentSession.start(
         TmuxServer(cfg.tmux_socket),
         session_name(run.project, run.agent, run.id),
@@ -233,7 +238,13 @@ def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
     sink.progress(run, "STARTING")
     session.wait_ready(agent.ready_prompt, cfg.monitor.ready_quiet, cfg.monitor.ready_timeout)
     session.paste_file(Path(run.prompt_file), f"formulabeat-{run.id}")
+    (run_dir / PROMPT_DELIVERED).touch()
     sink.progress(run, "RUNNING")
+
+
+def prompt_delivered(run: Run) -> bool:
+    """Whether the run's current session got its prompt (known on its host only)."""
+    return run.run_dir is not None and (Path(run.run_dir) / PROMPT_DELIVERED).exists()
 
 
 def renewer(run: Run, cfg: Config, client: redis.Redis) -> Callable[[], bool | None]:
