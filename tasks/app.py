@@ -81,14 +81,15 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_default_queue": DEFAULT_QUEUE,
         "task_queues": (Queue(DEFAULT_QUEUE), Queue(host_queue(cfg.host))),
-        # Runs are acked on receipt: kombu's Redis transport redelivers unacked
-        # messages after the visibility timeout even while a task still runs,
-        # and a session may live for hours. The lease stops a second copy.
+        # Acked when they start: kombu's Redis transport redelivers unacked
+        # messages after the visibility timeout even while a task still runs.
+        # No task follows a session (the watcher does); the one exception,
+        # the short ``run`` step, is acked late so that a kill before its
+        # claim loses nothing.
         "task_acks_late": False,
-        # Only a message a worker took and had not started yet waits for the
-        # visibility timeout (the rest are acked when they start): when its
-        # worker dies it comes back within about a minute, and every step
-        # claims itself in Redis, so a second delivery does nothing.
+        # A message a dead worker had reserved (or was running, for ``run``)
+        # comes back within about a minute; every step claims itself in
+        # Redis, so a second delivery does nothing.
         "broker_transport_options": {
             "visibility_timeout": VISIBILITY_TIMEOUT,
             "unacked_restore_interval": 5,

@@ -53,20 +53,25 @@ def _guarded(
         run.end(outcomes.FAILED, f"internal error in {step}: {exc!r}")
 
 
-def _claim(step: str, host: str) -> None:
-    """Take this step of the run for this host, or ignore a repeated delivery."""
-    if not watching.with_redis(lambda: registry.claim(redis_client(config()), step, host)):
+def _claim(step: str, take: Callable[[redis.Redis], bool]) -> None:
+    """Take this step of the run, or ignore a repeated delivery."""
+    if not watching.with_redis(lambda: take(redis_client(config()))):
         # The first delivery owns the step; this one must leave no trace.
         log.warning("run %s: delivered again; ignored", step)
         raise Ignore()
 
 
-@app.task(name="formulabeat.run", bind=True)
+# Acked when it returns: a worker killed before it claimed the run leaves the
+# message to come back after the visibility timeout (see tasks.app). It is
+# short; a copy redelivered while it waits for a slot finds the claim.
+@app.task(name="formulabeat.run", bind=True, acks_late=True)
 def run(self: Task, project: str, agent: str, trigger: str = "manual") -> None:
     """Start a run of ``project``/``agent``: guards, lease, worktree, prompt."""
     cfg = config()
-    _claim(self.request.id, cfg.host)
     current = Run(id=self.request.id, project=project, agent=agent, host=cfg.host)
+    current.state = "CLAIMED"
+    state = current.to_dict()
+    _claim(current.id, lambda client: registry.claim_run(client, state))
     sink = watching.sink()
     sink.progress(current, "CLAIMED")
     log.info("run %s: %s/%s (%s) taken by %s", current.id, project, agent, trigger, cfg.host)
@@ -91,7 +96,8 @@ def session(self: Task, data: dict[str, Any]) -> None:
     """Start the agent and deliver the prompt; hand the session to the watcher."""
     current = Run.from_dict(data)
     cfg = config()
-    _claim(f"{current.id}/session", cfg.host)
+    step = f"{current.id}/session"
+    _claim(step, lambda client: registry.claim(client, step, cfg.host))
     sink = watching.sink()
     if current.mode == "oneshot":
 

@@ -12,8 +12,10 @@ import redis
 from beat_schedule import REAP_TASK
 from tasks.app import client_app
 from tests.conftest import Fleet, tmux_sessions, wait_result, wait_until
+from workers import registry
 from workers.config import load_config
 from workers.locks import agent_lock_key
+from workers.run import Run
 
 
 def _kill_worker(fleet: Fleet, host: str) -> None:
@@ -44,6 +46,25 @@ def test_a_killed_worker_comes_back_and_adopts_its_run(
     assert redis_client.get(agent_lock_key("proj", "planner")) is None
     log = (fleet.root / "logs-host-a" / "worker.log").read_text()
     assert f"run {sent.id}: adopting it after a worker restart" in log
+
+
+def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    # The claim saves the run's live state in the same step, so a worker
+    # killed right after it leaves a run its host's next worker ends.
+    fleet.add_agent("planner")
+    fleet.write_config()
+    run_id = "0badc1a1-0000-4000-8000-000000000001"
+    state = Run(id=run_id, project="proj", agent="planner", host="host-a", state="CLAIMED")
+    assert registry.claim_run(redis_client, state.to_dict())
+    assert not registry.claim_run(redis_client, {**state.to_dict(), "state": "PREPARING"})
+    assert [s["state"] for s in registry.live_states(redis_client, "host-a")] == ["CLAIMED"]
+    fleet.start_worker("host-a")
+    result = wait_result(client_app(load_config(fleet.config_path)).AsyncResult(state.id), 60)
+    assert result["outcome"] == "failed"
+    assert result["reason"] == "the worker on host host-a stopped during CLAIMED"
+    assert registry.live_states(redis_client, "host-a") == []
 
 
 def test_a_prompted_session_whose_running_state_was_not_published_is_followed(

@@ -59,6 +59,9 @@ def test_agents_sharing_a_credential_take_turns(fleet: Fleet, redis_client: redi
         "the second run to wait for the slot",
     )
     assert len(tmux_sessions(fleet.tmux_socket)) == 1
+    # Its run step is still running, so its message is not acked yet: had the
+    # worker died before the claim, the message would come back.
+    assert any(second.id in v.decode() for v in redis_client.hvals("unacked"))
     # A run waiting for a slot can be cancelled from anywhere.
     cancelled = fleet.send("third")
     wait_until(

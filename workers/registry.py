@@ -104,9 +104,30 @@ def published_pane(client: redis.Redis, run_id: str) -> str | None:
     return _text(value) if value is not None else None
 
 
-def claim(client: redis.Redis, run_id: str, host: str) -> bool:
-    """Take a run for this host; False when it was taken before (a redelivery)."""
-    return bool(client.set(f"formulabeat:claimed:{run_id}", host, nx=True, ex=RUN_TTL_SECONDS))
+def _claim_key(step: str) -> str:
+    return f"formulabeat:claimed:{step}"
+
+
+def claim(client: redis.Redis, step: str, host: str) -> bool:
+    """Take a run's step for this host; False when it was taken before (a redelivery)."""
+    return bool(client.set(_claim_key(step), host, nx=True, ex=RUN_TTL_SECONDS))
+
+
+# The claim and the live state in one step: a worker killed right after its
+# claim leaves a run its host adopts, never a claim nobody knows the run of.
+_CLAIM_RUN = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[4])
+return 1
+"""
+
+
+def claim_run(client: redis.Redis, state: dict[str, Any]) -> bool:
+    """Like :func:`claim` for the run itself, saving its live state with the claim."""
+    keys = (_claim_key(state["id"]), _state_key(state["id"]), _live_key(state["host"]))
+    args = (state["host"], RUN_TTL_SECONDS, json.dumps(state), state["id"])
+    return bool(client.eval(_CLAIM_RUN, len(keys), *keys, *args))
 
 
 # -- live runs and host heartbeats (adoption after a restart, the reaper) --
