@@ -118,7 +118,7 @@ def reap(self: Task) -> dict[str, Any]:
             run.end(outcomes.LOST, f"host {host} stopped sending heartbeats")
             run.finished_at = now_iso()
             run.state = "LOST"
-            release_claims(run, client)
+            release_claims(run, client, cfg)
             result = run.result()
             self.app.backend.store_result(run.id, result, "SUCCESS")
             reporter.record(run, result)

@@ -11,11 +11,12 @@ import redis
 
 from beat_schedule import REAP_TASK
 from tasks.app import client_app
-from tests.conftest import Fleet, tmux_sessions, wait_result, wait_until
+from tests.conftest import Fleet, held_claims, tmux_sessions, wait_result, wait_until
 from workers import registry
 from workers.config import load_config
-from workers.locks import agent_lock_key
+from workers.locks import Lease, agent_lock_key
 from workers.run import Run
+from workers.slots import Slots
 
 
 def _kill_worker(fleet: Fleet, host: str) -> None:
@@ -60,11 +61,15 @@ def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
     assert registry.claim_run(redis_client, state.to_dict())
     assert not registry.claim_run(redis_client, {**state.to_dict(), "state": "PREPARING"})
     assert [s["state"] for s in registry.live_states(redis_client, "host-a")] == ["CLAIMED"]
+    # Killed after taking the lease and a slot, before either was published.
+    assert Lease.acquire(redis_client, agent_lock_key("proj", "planner"), run_id, "host-a", 300)
+    assert Slots(redis_client, "default", 300).try_acquire(run_id, 64)
     fleet.start_worker("host-a")
     result = wait_result(client_app(load_config(fleet.config_path)).AsyncResult(state.id), 60)
     assert result["outcome"] == "failed"
     assert result["reason"] == "the worker on host host-a stopped during CLAIMED"
     assert registry.live_states(redis_client, "host-a") == []
+    assert held_claims(redis_client) == []
 
 
 def test_a_prompted_session_whose_running_state_was_not_published_is_followed(

@@ -7,7 +7,7 @@ import time
 import redis
 
 from tests.conftest import Fleet
-from workers.locks import Lease, agent_lock_key, holder
+from workers.locks import Lease, agent_lock_key, holder, release_run
 
 
 def test_a_lease_has_one_owner_and_only_it_extends_or_releases(redis_client: redis.Redis) -> None:
@@ -59,3 +59,14 @@ def test_a_run_that_loses_its_lease_stops_itself_and_pushes_nothing(
     result = wait_result(sent, 60)
     assert result["outcome"] == "lost_lease"
     assert redis_client.get(key) == thief.token.encode()  # the new owner keeps it
+
+
+def test_the_host_ending_a_run_frees_its_lease_by_run_id_only(redis_client: redis.Redis) -> None:
+    key = agent_lock_key("p", "orphan")
+    assert Lease.acquire(redis_client, key, "run-1", "host-a", 30) is not None
+    assert not release_run(redis_client, key, "run-2")
+    assert release_run(redis_client, key, "run-1")
+    assert redis_client.get(key) is None
+    assert not release_run(redis_client, key, "run-1")
+    redis_client.set(key, "not json")
+    assert not release_run(redis_client, key, "run-1")

@@ -23,11 +23,11 @@ from workers import guards, registry, worktrees
 from workers import run as outcomes
 from workers.analysis import structural_report
 from workers.config import AgentConfig, Config
-from workers.errors import ContextError, RepoError, SessionError
+from workers.errors import ConfigError, ContextError, RepoError, SessionError
 from workers.forge import git_auth_env, resolve_identity
 from workers.formula import load_formula
 from workers.hooks import EXITED_MARKER, IDLE_MARKER, install_hooks
-from workers.locks import Lease, agent_lock_key, holder
+from workers.locks import Lease, agent_lock_key, holder, release_run
 from workers.monitor import MonitorExit, SessionWatch
 from workers.oneshot import run_oneshot
 from workers.prompt import build_prompt
@@ -170,13 +170,20 @@ def _take_slot(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -
     return True
 
 
-def release_claims(run: Run, client: redis.Redis) -> None:
-    """Give back the run's lease and session slot, if it still holds them."""
+def release_claims(run: Run, client: redis.Redis, cfg: Config) -> None:
+    """Give back the run's lease and session slot, if it still holds them.
+
+    Both are found by the run's id, not from its saved state alone: a worker
+    killed between taking them and publishing that leaves them to whoever
+    ends the run (its adopter, the reaper).
+    """
+    credentials = {run.slot} if run.slot else set()
+    with contextlib.suppress(ConfigError):
+        credentials.add(cfg.agent(run.project, run.agent).credential)
     with contextlib.suppress(redis.exceptions.RedisError):
-        if run.lease_key and run.lease_token:
-            Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
-        if run.slot:
-            Slots(client, run.slot, 0).release(run.id)
+        release_run(client, agent_lock_key(run.project, run.agent), run.id)
+        for credential in credentials:
+            Slots(client, credential, 0).release(run.id)
 
 
 def hook_command() -> list[str]:
@@ -341,7 +348,7 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
         else:
             # Another run may hold the agent now: no side effect on shared state.
             log.warning("run %s: lease %s is no longer ours; ops not pushed", run.id, lease.fence)
-    release_claims(run, client)
+    release_claims(run, client, cfg)
     if run.run_dir:
         run_dir = Path(run.run_dir)
         run.nudges = _count(run_dir / "nudges")

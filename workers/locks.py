@@ -37,6 +37,18 @@ end
 return 0
 """
 
+# Drop the lease if a given run holds it, whatever the token: for the host
+# that ends a run whose worker died before it recorded the token.
+_RELEASE_RUN = """
+local value = redis.call('get', KEYS[1])
+if not value then return 0 end
+local ok, owner = pcall(cjson.decode, value)
+if ok and type(owner) == 'table' and owner['run_id'] == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
 
 def agent_lock_key(project: str, agent: str) -> str:
     """The Redis key of an agent's run lease."""
@@ -98,6 +110,11 @@ class Lease:
     def release(self, client: redis.Redis) -> bool:
         """Drop the lease if it is still ours; False when it had already gone."""
         return bool(client.eval(_RELEASE, 1, self.key, self.token))
+
+
+def release_run(client: redis.Redis, key: str, run_id: str) -> bool:
+    """Drop the lease at ``key`` if run ``run_id`` holds it; False otherwise."""
+    return bool(client.eval(_RELEASE_RUN, 1, key, run_id))
 
 
 def holder(client: redis.Redis, key: str) -> LeaseHolder | None:
