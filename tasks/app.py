@@ -13,10 +13,12 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.result import AsyncResult
+from celery.utils import uuid
 from kombu.entity import Queue
 
-from beat_schedule import DEFAULT_QUEUE, build_schedule
-from workers import embedded
+from beat_schedule import DEFAULT_QUEUE, RUN_TASK, build_schedule
+from workers import embedded, registry
 from workers.config import Config, load_config
 from workers.errors import BrokerError
 
@@ -58,7 +60,11 @@ def redis_client(cfg: Config, timeout: float = 10.0) -> redis.Redis:
     One per URL and timeout, shared by the threads of a process: its pool
     keeps connections open instead of one TCP and AUTH handshake per report.
     """
-    key = (broker_url(cfg), timeout)
+    return _client_for(broker_url(cfg), timeout)
+
+
+def _client_for(url: str, timeout: float) -> redis.Redis:
+    key = (url, timeout)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
@@ -123,12 +129,32 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
-app = Celery("formulabeat", include=["tasks.runs", "tasks.maintenance", "tasks.hosts"])
+class FormulabeatCelery(Celery):
+    """Celery that writes each run it sends into the ledger of sent runs.
+
+    kombu's Redis transport pops a message before it records it as unacked,
+    so a worker killed in between loses it; the reaper sends again a run
+    that stays in the ledger, unclaimed, with no message left in the broker.
+    """
+
+    def send_task(
+        self, name: str, args: Any = None, kwargs: Any = None, **options: Any
+    ) -> AsyncResult:
+        if name == RUN_TASK:
+            options["task_id"] = options.get("task_id") or uuid()
+            message = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+            message["queue"] = options.get("queue") or DEFAULT_QUEUE
+            client = _client_for(self.conf.broker_url, 10.0)
+            registry.note_sent(client, options["task_id"], message)
+        return super().send_task(name, args, kwargs, **options)
+
+
+app = FormulabeatCelery("formulabeat", include=["tasks.runs", "tasks.maintenance", "tasks.hosts"])
 app.add_defaults(lambda: celery_settings(config()))
 
 
 def client_app(cfg: Config) -> Celery:
     """A Celery app for clients of ``cfg`` (CLI, demo, tests): sends and reads, runs nothing."""
-    client = Celery("formulabeat-client", set_as_current=False)
+    client = FormulabeatCelery("formulabeat-client", set_as_current=False)
     client.conf.update(celery_settings(cfg))
     return client

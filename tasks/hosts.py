@@ -6,7 +6,9 @@ sessions go to its watcher, which finds each still running, or ended, and
 reports the right outcome; tmux sessions of runs that no longer
 exist are killed, so no session outlives its run record. Any host's worker
 reaps the runs of hosts whose heartbeat stopped: they end as ``lost`` and
-their leases are freed, so the next schedule runs the agent elsewhere.
+their leases are freed, so the next schedule runs the agent elsewhere. The
+reaper also sends again a run whose message the broker lost: unclaimed a
+visibility timeout after it was sent, in no queue and not unacked.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import threading
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Celery, Task
 from celery.signals import worker_ready
 
-from beat_schedule import REAP_TASK
+from beat_schedule import DEFAULT_QUEUE, REAP_TASK, RUN_TASK
 from tasks import watching
-from tasks.app import app, config, redis_client
+from tasks.app import VISIBILITY_TIMEOUT, app, config, redis_client
 from tasks.reporting import Reporter
 from workers import registry
 from workers import run as outcomes
@@ -33,6 +35,10 @@ from workers.run import Run, now_iso
 from workers.tmux import TmuxServer
 
 log = logging.getLogger("formulabeat.hosts")
+# A message waits in a queue, or unacked while a worker holds it (and for a
+# visibility timeout after that worker died); a run in neither place and
+# unclaimed this long after it was sent will never be taken.
+RESEND_AFTER = VISIBILITY_TIMEOUT
 
 
 def _heartbeats(stop: threading.Event) -> None:
@@ -125,4 +131,27 @@ def reap(self: Task) -> dict[str, Any]:
             reporter.event(run, "lost")
             log.warning("run %s on host %s: lost", run.id, host)
             lost.append(run.id)
-    return {"lost": lost}
+    return {"lost": lost, "resent": resend_lost(self.app, client)}
+
+
+def resend_lost(app: Celery, client: redis.Redis) -> list[str]:
+    """Send again the runs whose message the broker lost (see FormulabeatCelery)."""
+    resent = []
+    for run_id, message in registry.unclaimed(client, RESEND_AFTER).items():
+        if _in_broker(client, run_id):
+            continue
+        log.warning("run %s: never taken and gone from the broker; sending it again", run_id)
+        app.send_task(
+            RUN_TASK, message["args"], message["kwargs"], task_id=run_id, queue=message["queue"]
+        )
+        resent.append(run_id)
+    return resent
+
+
+def _in_broker(client: redis.Redis, run_id: str) -> bool:
+    """Whether kombu still holds the run's message: in a queue's list, or unacked."""
+    needle = run_id.encode()
+    for key in client.scan_iter(match=f"{DEFAULT_QUEUE}*", _type="list"):
+        if any(needle in message for message in client.lrange(key, 0, -1)):
+            return True
+    return any(needle in message for message in client.hvals("unacked"))

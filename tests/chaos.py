@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from beat_schedule import DEFAULT_QUEUE, REAP_EVERY_SECONDS, REAP_TASK, RUN_TASK
 from tasks.app import client_app
 from tests.conftest import commit_files, formula_text, held_claims, tmux_sessions
 from tests.netlab import NetLab, host_config, unavailable
@@ -88,7 +89,7 @@ def _chaos(
     busy: dict[str, str] = {}  # agent -> its run in flight
     redis_restarted = False
     next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every)
-    progress = next_note = time.monotonic()
+    progress = next_note = next_reap = time.monotonic()
     while len(sent) < args.runs or busy:
         assert lab.redis is not None
         client = lab.redis.client()
@@ -99,7 +100,7 @@ def _chaos(
         free = [a for a in agents if a not in busy]
         if free and len(sent) < args.runs:
             agent = rng.choice(free)
-            result = app.send_task("formulabeat.run", args=["proj", agent], queue="formulabeat")
+            result = app.send_task(RUN_TASK, args=["proj", agent], queue=DEFAULT_QUEUE)
             sent[result.id] = agent
             busy[agent] = result.id
         if len(sent) < args.runs and time.monotonic() >= next_kill:
@@ -114,15 +115,42 @@ def _chaos(
             lab.restart_redis(down_seconds=2)
             app = client_app(next(iter(lab.hosts.values())).config())
             redis_restarted = True
+        if time.monotonic() >= next_reap:
+            # As beat does: the reaper also sends again runs the broker lost.
+            app.send_task(REAP_TASK, queue=DEFAULT_QUEUE)
+            next_reap = time.monotonic() + REAP_EVERY_SECONDS
         if time.monotonic() >= next_note:
             ended = len(sent) - len(busy)
             print(f"chaos: {len(sent)} sent, {ended} ended", file=sys.stderr)
             next_note = time.monotonic() + 15
         if time.monotonic() - progress > STUCK_SECONDS:
             print(f"chaos: no run ended for {STUCK_SECONDS} s; giving up", file=sys.stderr)
+            _where(client, list(busy.values()))
             break
         time.sleep(0.2)
     return _verdict(lab, sent, log)
+
+
+def _where(client: Any, run_ids: list[str]) -> None:
+    """Print where the broker holds the messages of runs that never ended."""
+    places: dict[str, list[str]] = {run_id: [] for run_id in run_ids}
+    for key in client.scan_iter("*"):
+        kind = client.type(key).decode()
+        if kind == "list":
+            texts = [m.decode(errors="replace") for m in client.lrange(key, 0, -1)]
+        elif kind == "hash" and key == b"unacked":
+            texts = [m.decode(errors="replace") for m in client.hvals(key)]
+        else:
+            continue
+        for run_id in run_ids:
+            if any(run_id in text for text in texts):
+                places[run_id].append(key.decode(errors="replace"))
+    ttl = client.ttl("unacked_mutex")
+    for run_id, keys in places.items():
+        print(
+            f"chaos: run {run_id} is in {keys or 'no queue'}; unacked_mutex ttl {ttl}",
+            file=sys.stderr,
+        )
 
 
 def _outcome(client: Any, run_id: str) -> str | None:
@@ -170,6 +198,9 @@ def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
                     file=sys.stderr,
                 )
                 duplicated.add(run_id)
+    troubled = {r for r, o in outcomes.items() if o is None or o in TROUBLE} | duplicated
+    for run_id in sorted(troubled):
+        _explain(lab, run_id, [e for e in events if e.get("run") == run_id])
     time.sleep(2)  # a session being killed as the last run ended
     sessions = sum(len(tmux_sessions(h.tmux_socket)) for h in lab.hosts.values())
     return {
@@ -179,6 +210,19 @@ def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
         "locks": len(held_claims(client)),
         "sessions": sessions,
     }
+
+
+def _explain(lab: NetLab, run_id: str, events: list[dict[str, Any]]) -> None:
+    """Print what the workers logged about a run that went wrong, and its agents' events."""
+    print(f"chaos: --- run {run_id} ---", file=sys.stderr)
+    for host in lab.hosts.values():
+        path = lab.root / f"logs-{host.name}" / "worker.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        for line in lines:
+            if run_id in line or run_id[:8] in line:
+                print(f"chaos: {host.name}: {line[:300]}", file=sys.stderr)
+    for event in events:
+        print(f"chaos: agent: {json.dumps(event)[:300]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

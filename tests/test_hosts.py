@@ -6,11 +6,13 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import redis
 
 from beat_schedule import REAP_TASK
 from tasks.app import client_app
+from tasks.hosts import RESEND_AFTER, resend_lost
 from tests.conftest import Fleet, held_claims, tmux_sessions, wait_result, wait_until
 from workers import registry
 from workers.config import load_config
@@ -131,3 +133,24 @@ def test_the_runs_of_a_vanished_host_are_reaped_as_lost(
     sent_again = fleet.send("planner")
     wait_until(lambda: sent_again.state == "AWAITING_CI", 60, "the next run to start")
     assert sent_again.info["host"] == survivor
+
+
+def test_a_run_the_broker_lost_is_sent_again_and_a_queued_one_is_not(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    fleet.add_agent("planner")
+    fleet.add_agent("gardener")
+    app = client_app(fleet.write_config())
+    lost, queued = fleet.send("planner"), fleet.send("gardener")
+    # What kombu does for a worker killed right after its BRPOP: the message
+    # has left the queue's list and never reached the unacked hash.
+    popped = redis_client.rpop("formulabeat")
+    assert isinstance(popped, bytes) and lost.id.encode() in popped
+    long_ago = time.time() - 2 * RESEND_AFTER
+    redis_client.zadd(registry.SENT_KEY, {lost.id: long_ago, queued.id: long_ago})
+    assert resend_lost(app, redis_client) == [lost.id]
+    assert resend_lost(app, redis_client) == []  # written down again as it was sent
+    fleet.start_worker()
+    assert wait_result(lost, 60)["outcome"] == "done"
+    assert wait_result(queued, 60)["outcome"] == "done"
+    assert redis_client.zcard(registry.SENT_KEY) == 0

@@ -115,19 +115,59 @@ def claim(client: redis.Redis, step: str, host: str) -> bool:
 
 # The claim and the live state in one step: a worker killed right after its
 # claim leaves a run its host adopts, never a claim nobody knows the run of.
+# The run leaves the ledger of sent runs in the same step.
 _CLAIM_RUN = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('ZREM', KEYS[4], ARGV[4])
+redis.call('DEL', KEYS[5])
 return 1
 """
 
 
 def claim_run(client: redis.Redis, state: dict[str, Any]) -> bool:
     """Like :func:`claim` for the run itself, saving its live state with the claim."""
-    keys = (_claim_key(state["id"]), _state_key(state["id"]), _live_key(state["host"]))
-    args = (state["host"], RUN_TTL_SECONDS, json.dumps(state), state["id"])
+    run_id = state["id"]
+    keys = (
+        _claim_key(run_id),
+        _state_key(run_id),
+        _live_key(state["host"]),
+        SENT_KEY,
+        _sent_key(run_id),
+    )
+    args = (state["host"], RUN_TTL_SECONDS, json.dumps(state), run_id)
     return bool(client.eval(_CLAIM_RUN, len(keys), *keys, *args))
+
+
+# -- the ledger of runs sent and not yet taken (a message the broker lost) --
+
+SENT_KEY = "formulabeat:sent"
+
+
+def _sent_key(run_id: str) -> str:
+    return f"formulabeat:sent:{run_id}"
+
+
+def note_sent(client: redis.Redis, run_id: str, message: dict[str, Any]) -> None:
+    """Write down a run being sent (its task's args, kwargs and queue) until it is claimed."""
+    pipe = client.pipeline()
+    pipe.set(_sent_key(run_id), json.dumps(message), ex=RUN_TTL_SECONDS)
+    pipe.zadd(SENT_KEY, {run_id: time.time()})
+    pipe.execute()
+
+
+def unclaimed(client: redis.Redis, older_than: float) -> dict[str, dict[str, Any]]:
+    """Runs sent more than ``older_than`` seconds ago that no worker has claimed."""
+    found = {}
+    for member in client.zrangebyscore(SENT_KEY, 0, time.time() - older_than):
+        run_id = _text(member)
+        raw = client.get(_sent_key(run_id))
+        if raw is None or client.exists(_claim_key(run_id)):
+            client.zrem(SENT_KEY, run_id)
+        else:
+            found[run_id] = json.loads(raw)
+    return found
 
 
 # -- live runs and host heartbeats (adoption after a restart, the reaper) --
