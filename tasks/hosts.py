@@ -95,16 +95,22 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
 
     def adopt() -> None:
         try:
-            if _another_worker_serves_this_host():
-                log.warning("another worker serves host %s: not adopting its runs", config().host)
-                return
+            others = _another_worker_serves_this_host()
+        except Exception:
+            log.exception("cannot tell whether another worker serves this host")
+            others = True
+        # Heartbeats first: adopting many runs takes a while, and a host
+        # silent for host_timeout has its runs reaped as lost meanwhile.
+        threading.Thread(
+            target=_heartbeats, args=(stop,), name="formulabeat-heartbeat", daemon=True
+        ).start()
+        if others:
+            log.warning("another worker serves host %s: not adopting its runs", config().host)
+            return
+        try:
             adopt_orphans()
         except Exception:
             log.exception("adopting this host's runs failed")
-        finally:
-            threading.Thread(
-                target=_heartbeats, args=(stop,), name="formulabeat-heartbeat", daemon=True
-            ).start()
 
     threading.Thread(target=adopt, name="formulabeat-adopt", daemon=True).start()
 

@@ -98,6 +98,14 @@ def session(self: Task, data: dict[str, Any]) -> None:
     cfg = config()
     step = f"{current.id}/session"
     _claim(step, lambda client: registry.claim(client, step, cfg.host))
+    client = redis_client(cfg)
+    ended = (watching.with_redis(lambda: registry.get(client, current.id)) or {}).get("outcome")
+    if ended:
+        # Reaped (its host was silent) or cancelled before this message came:
+        # its verdict stands, and no session may outlive it.
+        log.warning("run %s: already ended %s; no session started", current.id, ended)
+        lifecycle.finish(current, cfg, client)
+        raise Ignore()
     sink = watching.sink()
     if current.mode == "oneshot":
 
@@ -108,7 +116,6 @@ def session(self: Task, data: dict[str, Any]) -> None:
 
         metrics.LIVE.inc()
         try:
-            client = redis_client(cfg)
             _guarded(current, "oneshot", lifecycle.monitor_oneshot, current, cfg, client, on_phase)
         finally:
             metrics.LIVE.dec()

@@ -154,3 +154,22 @@ def test_a_run_the_broker_lost_is_sent_again_and_a_queued_one_is_not(
     assert wait_result(lost, 60)["outcome"] == "done"
     assert wait_result(queued, 60)["outcome"] == "done"
     assert redis_client.zcard(registry.SENT_KEY) == 0
+
+
+def test_a_session_step_arriving_after_its_run_was_reaped_starts_nothing(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    # Its worker was killed before taking the session step; the host was
+    # silent long enough to be reaped; then a new worker gets the message.
+    fleet.add_agent("planner")
+    app = client_app(fleet.write_config())
+    run = Run(
+        id="0badc1a1-0000-4000-8000-000000000002", project="proj", agent="planner", host="host-a"
+    )
+    registry.record(redis_client, {**run.progress(), "outcome": "lost"})
+    fleet.start_worker("host-a")
+    app.send_task("formulabeat.session", args=[run.to_dict()], queue="formulabeat.host.host-a")
+    log = fleet.root / "logs-host-a" / "worker.log"
+    wait_until(lambda: "already ended lost; no session started" in log.read_text(), 30)
+    assert tmux_sessions(fleet.tmux_socket) == []
+    assert (registry.get(redis_client, run.id) or {})["outcome"] == "lost"
