@@ -182,7 +182,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     client = redis_client(cfg)
     if args.run_id:
-        snapshot = registry.get(client, args.run_id)
+        snapshot = registry.get(client, args.run_id) or registry.sent(client, args.run_id)
         if snapshot is None:
             raise FormulabeatError(f"no run {args.run_id} is known (runs are kept 7 days)")
         if args.json:

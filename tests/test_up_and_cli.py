@@ -144,9 +144,6 @@ def test_run_without_a_broker_says_how_to_start_one(tmp_path: Path) -> None:
 def test_status_logs_and_attach_from_another_host(fleet: Fleet) -> None:
     fleet.add_agent("watcher", "phase=awaiting_ci sleep=120")
     fleet.write_config()
-    fleet.start_worker("host-a")
-    sent = fleet.send("watcher")
-    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
     env = {**os.environ, "FORMULABEAT_HOST": "host-b"}
     cli = [*FORMULABEAT, "--config", str(fleet.config_path)]
 
@@ -155,6 +152,18 @@ def test_status_logs_and_attach_from_another_host(fleet: Fleet) -> None:
             [*cli, *args], env=env, capture_output=True, text=True, timeout=60, check=False
         )
 
+    sent = fleet.send("watcher")
+    # Known from the moment it is sent, before any worker takes it.
+    queued = run("status", sent.id, "--json")
+    assert queued.returncode == 0, queued.stderr
+    assert json.loads(queued.stdout) == {
+        "run_id": sent.id,
+        "project": "proj",
+        "agent": "watcher",
+        "state": "SENT",
+    }
+    fleet.start_worker("host-a")
+    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
     table = run("status")
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()[:2]

@@ -157,6 +157,16 @@ def note_sent(client: redis.Redis, run_id: str, message: dict[str, Any]) -> None
     pipe.execute()
 
 
+def sent(client: redis.Redis, run_id: str) -> dict[str, Any] | None:
+    """A run sent and not yet taken by any worker, shaped like its snapshot."""
+    raw = client.get(_sent_key(run_id))
+    if raw is None:
+        return None
+    message = json.loads(raw)
+    project, agent = [*message["args"], None, None][:2]
+    return {"run_id": run_id, "project": project, "agent": agent, "state": "SENT"}
+
+
 def unclaimed(client: redis.Redis, older_than: float) -> dict[str, dict[str, Any]]:
     """Runs sent more than ``older_than`` seconds ago that no worker has claimed."""
     found = {}
