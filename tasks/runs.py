@@ -68,8 +68,7 @@ def _claim(step: str, take: Callable[[redis.Redis], bool]) -> None:
 def run(self: Task, project: str, agent: str, trigger: str = "manual") -> None:
     """Start a run of ``project``/``agent``: guards, lease, worktree, prompt."""
     cfg = config()
-    current = Run(id=self.request.id, project=project, agent=agent, host=cfg.host)
-    current.state = "CLAIMED"
+    current = Run(id=self.request.id, project=project, agent=agent, host=cfg.host, state="CLAIMED")
     state = current.to_dict()
     _claim(current.id, lambda client: registry.claim_run(client, state))
     sink = watching.sink()

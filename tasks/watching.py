@@ -140,11 +140,10 @@ def adopt(run: Run) -> None:
     elif run.state in STARTING_STATES and not lifecycle.prompt_delivered(run):
         # The agent never got its prompt: start the session again.
         _handle_end(run, MonitorExit(outcomes.CRASHED, "the worker stopped while starting it"))
-    elif run.state in STARTING_STATES:
-        # The prompt went in, but RUNNING died with the worker's lane.
-        _LaneSink(_this_host()).progress(run, "RUNNING")
-        follow(run)
     else:
+        if run.state in STARTING_STATES:
+            # The prompt went in, but RUNNING died with the worker's lane.
+            _LaneSink(_this_host()).progress(run, "RUNNING")
         follow(run)
 
 

@@ -173,15 +173,18 @@ def _take_slot(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -
 def release_claims(run: Run, client: redis.Redis, cfg: Config) -> None:
     """Give back the run's lease and session slot, if it still holds them.
 
-    Both are found by the run's id, not from its saved state alone: a worker
-    killed between taking them and publishing that leaves them to whoever
-    ends the run (its adopter, the reaper).
+    A worker killed between taking them and publishing that left them
+    unrecorded in the run's state: whoever ends the run (its adopter, the
+    reaper) finds them by the run's id.
     """
     credentials = {run.slot} if run.slot else set()
     with contextlib.suppress(ConfigError):
         credentials.add(cfg.agent(run.project, run.agent).credential)
     with contextlib.suppress(redis.exceptions.RedisError):
-        release_run(client, agent_lock_key(run.project, run.agent), run.id)
+        if run.lease_key and run.lease_token:
+            Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
+        else:
+            release_run(client, agent_lock_key(run.project, run.agent), run.id)
         for credential in credentials:
             Slots(client, credential, 0).release(run.id)
 
