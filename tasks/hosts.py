@@ -13,16 +13,16 @@ visibility timeout after it was sent, in no queue and not unacked.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import threading
+import time
 from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
 from beat_schedule import DEFAULT_QUEUE, REAP_TASK, RUN_TASK
 from tasks import watching
@@ -39,15 +39,43 @@ log = logging.getLogger("formulabeat.hosts")
 # visibility timeout after that worker died); a run in neither place and
 # unclaimed this long after it was sent will never be taken.
 RESEND_AFTER = VISIBILITY_TIMEOUT
+# Seconds between tries while Redis does not answer a heartbeat.
+HEARTBEAT_RETRY = 1.0
 
 
-def _heartbeats(stop: threading.Event) -> None:
+class _HostDuty:
+    """Whether this worker serves its host, decided once Redis first answers."""
+
+    decided = threading.Event()
+    others = False
+
+
+def _serve_host() -> None:
+    """Decide whether another worker serves this host, then heartbeat for good.
+
+    It starts with the worker process, before Celery connects to the broker:
+    a worker started while Redis is away must heartbeat the moment Redis
+    returns, or its host's runs are reaped as lost while it waits to connect.
+    """
     cfg = config()
     ttl = max(1, int(cfg.monitor.host_timeout))
-    while not stop.is_set():
-        with contextlib.suppress(redis.exceptions.RedisError):
+    while not _HostDuty.decided.is_set():
+        try:
+            # Read before this worker's first heartbeat replaces the pid in it.
+            _HostDuty.others = _another_worker_serves_this_host()
+            _HostDuty.decided.set()
+        except redis.exceptions.RedisError:
+            time.sleep(HEARTBEAT_RETRY)
+        except Exception:
+            log.exception("cannot tell whether another worker serves this host")
+            _HostDuty.others = True
+            _HostDuty.decided.set()
+    while True:
+        try:
             registry.heartbeat(redis_client(cfg), cfg.host, ttl, os.getpid())
-        stop.wait(max(0.5, cfg.monitor.host_timeout / 3))
+            time.sleep(max(0.5, cfg.monitor.host_timeout / 3))
+        except redis.exceptions.RedisError:
+            time.sleep(HEARTBEAT_RETRY)
 
 
 def _another_worker_serves_this_host() -> bool:
@@ -89,22 +117,16 @@ def adopt_orphans() -> list[str]:
     return adopted
 
 
+@worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    threading.Thread(target=_serve_host, name="formulabeat-heartbeat", daemon=True).start()
+
+
 @worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    stop = threading.Event()
-
     def adopt() -> None:
-        try:
-            others = _another_worker_serves_this_host()
-        except Exception:
-            log.exception("cannot tell whether another worker serves this host")
-            others = True
-        # Heartbeats first: adopting many runs takes a while, and a host
-        # silent for host_timeout has its runs reaped as lost meanwhile.
-        threading.Thread(
-            target=_heartbeats, args=(stop,), name="formulabeat-heartbeat", daemon=True
-        ).start()
-        if others:
+        _HostDuty.decided.wait()
+        if _HostDuty.others:
             log.warning("another worker serves host %s: not adopting its runs", config().host)
             return
         try:

@@ -126,6 +126,10 @@ def _chaos(
         if time.monotonic() - progress > STUCK_SECONDS:
             print(f"chaos: no run ended for {STUCK_SECONDS} s; giving up", file=sys.stderr)
             _where(client, list(busy.values()))
+            for host in lab.hosts.values():
+                path = lab.root / f"logs-{host.name}" / "worker.log"
+                for line in path.read_text(errors="replace").splitlines()[-25:]:
+                    print(f"chaos: {host.name} log: {line[:300]}", file=sys.stderr)
             break
         time.sleep(0.2)
     return _verdict(lab, sent, log)
@@ -135,7 +139,8 @@ def _where(client: Any, run_ids: list[str]) -> None:
     """Print where the broker holds the messages of runs that never ended."""
     places: dict[str, list[str]] = {run_id: [] for run_id in run_ids}
     for key in client.scan_iter("*"):
-        kind = client.type(key).decode()
+        kind = client.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
         if kind == "list":
             texts = [m.decode(errors="replace") for m in client.lrange(key, 0, -1)]
         elif kind == "hash" and key == b"unacked":
