@@ -38,6 +38,8 @@ TROUBLE = ("lost", "lost_lease")
 # A message its dead worker had reserved comes back after the visibility
 # timeout (60 s); far longer than that with no run ending is a hang.
 STUCK_SECONDS = 240
+# Worker log lines that tell when a worker came up, connected and adopted.
+LIFE_WORDS = ("ready", "adopt", "Connected", "rror", "heartbeat", "serves")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +129,7 @@ def _chaos(
             print(f"chaos: no run ended for {STUCK_SECONDS} s; giving up", file=sys.stderr)
             _where(client, list(busy.values()))
             for host in lab.hosts.values():
-                path = lab.root / f"logs-{host.name}" / "worker.log"
-                for line in path.read_text(errors="replace").splitlines()[-25:]:
+                for line in _worker_log(lab, host.name)[-25:]:
                     print(f"chaos: {host.name} log: {line[:300]}", file=sys.stderr)
             break
         time.sleep(0.2)
@@ -217,17 +218,25 @@ def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
     }
 
 
+def _worker_log(lab: NetLab, host: str) -> list[str]:
+    """The lines a host's workers logged so far (each restart appends)."""
+    path = lab.root / f"logs-{host}" / "worker.log"
+    return path.read_text(errors="replace").splitlines() if path.exists() else []
+
+
 def _explain(lab: NetLab, run_id: str, events: list[dict[str, Any]]) -> None:
     """Print what the workers logged about a run that went wrong, and its agents' events."""
     print(f"chaos: --- run {run_id} ---", file=sys.stderr)
     for host in lab.hosts.values():
-        path = lab.root / f"logs-{host.name}" / "worker.log"
-        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        for line in lines:
+        for line in _worker_log(lab, host.name):
             if run_id in line or run_id[:8] in line:
                 print(f"chaos: {host.name}: {line[:300]}", file=sys.stderr)
     for event in events:
         print(f"chaos: agent: {json.dumps(event)[:300]}", file=sys.stderr)
+    for host in lab.hosts.values():
+        for line in _worker_log(lab, host.name):
+            if any(word in line for word in LIFE_WORDS):
+                print(f"chaos: {host.name} life: {line[:300]}", file=sys.stderr)
 
 
 if __name__ == "__main__":
