@@ -165,8 +165,11 @@ def reap(self: Task) -> dict[str, Any]:
 def resend_lost(app: Celery, client: redis.Redis) -> list[str]:
     """Send again the runs whose message the broker lost (see FormulabeatCelery)."""
     resent = []
-    for run_id, message in registry.unclaimed(client, RESEND_AFTER).items():
-        if _in_broker(client, run_id):
+    waiting = registry.unclaimed(client, RESEND_AFTER)
+    held = _broker_messages(client) if waiting else []
+    for run_id, message in waiting.items():
+        needle = run_id.encode()
+        if any(needle in text for text in held):
             continue
         log.warning("run %s: never taken and gone from the broker; sending it again", run_id)
         app.send_task(
@@ -176,10 +179,9 @@ def resend_lost(app: Celery, client: redis.Redis) -> list[str]:
     return resent
 
 
-def _in_broker(client: redis.Redis, run_id: str) -> bool:
-    """Whether kombu still holds the run's message: in a queue's list, or unacked."""
-    needle = run_id.encode()
+def _broker_messages(client: redis.Redis) -> list[bytes]:
+    """Every message kombu holds for formulabeat: in a queue's list, or unacked."""
+    held = [client.hvals("unacked")]
     for key in client.scan_iter(match=f"{DEFAULT_QUEUE}*", _type="list"):
-        if any(needle in message for message in client.lrange(key, 0, -1)):
-            return True
-    return any(needle in message for message in client.hvals("unacked"))
+        held.append(client.lrange(key, 0, -1))
+    return [m if isinstance(m, bytes) else m.encode() for part in held for m in part]
