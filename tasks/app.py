@@ -112,6 +112,9 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         "result_expires": RESULT_EXPIRES_SECONDS,
         # Monitoring a session is mostly waiting: threads are cheap slots.
         "worker_pool": "threads",
+        # Celery's consumer, except that losing Redis can never end the worker
+        # (see tasks/consumer.py for the Celery 5.7.0 error it survives).
+        "worker_consumer": "tasks.consumer:Consumer",
         "worker_concurrency": cfg.concurrency,
         # libtmux reads sys.stdout.encoding at import; Celery's LoggingProxy has none.
         "worker_redirect_stdouts": False,

@@ -13,7 +13,10 @@ vanished, so none should be). ``duplicated``: runs whose agent got the
 prompt in more than one process, or that overlapped another run of the same
 agent (both from the agents' own logs). ``leaked locks``: leases and session
 slots still held once every run has ended. ``leaked sessions``: tmux
-sessions left on any host. The exit status is 0 only when all are zero.
+sessions left on any host. A worker that exits on its own (chaos only
+kills them with -9) is started again, as systemd would, and told on stderr
+with the end of its log. The exit status is 0 only when all are zero and no
+worker exited on its own.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             counts = _chaos(lab, agents, args, rng, log)
         finally:
             lab.close()
+    if counts["crashed"]:
+        print(f"chaos: {counts['crashed']} worker(s) exited on their own", file=sys.stderr)
     print(
         f"runs: {counts['runs']}, lost: {counts['lost']}, duplicated: {counts['duplicated']}, "
         f"leaked locks: {counts['locks']}, leaked sessions: {counts['sessions']}"
@@ -92,6 +97,7 @@ def _chaos(
     redis_restarted = False
     next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every)
     progress = next_note = next_reap = time.monotonic()
+    crashed = 0
     while len(sent) < args.runs or busy:
         assert lab.redis is not None
         client = lab.redis.client()
@@ -112,6 +118,7 @@ def _chaos(
             time.sleep(rng.uniform(0.2, 2.0))
             lab.start_worker(host)
             next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every)
+        crashed += _restart_crashed(lab)
         if not redis_restarted and len(sent) >= args.runs // 2:
             print("chaos: restarting Redis", file=sys.stderr)
             lab.restart_redis(down_seconds=2)
@@ -133,7 +140,22 @@ def _chaos(
                     print(f"chaos: {host.name} log: {line[:300]}", file=sys.stderr)
             break
         time.sleep(0.2)
-    return _verdict(lab, sent, log)
+    return {**_verdict(lab, sent, log), "crashed": crashed + _restart_crashed(lab)}
+
+
+def _restart_crashed(lab: NetLab) -> int:
+    """Start again (as systemd would) each worker that exited on its own; how many did."""
+    crashed = 0
+    for host in lab.hosts.values():
+        if host.stack is None or not host.stack.alive():
+            continue
+        print(f"chaos: the worker of {host.name} exited on its own; its log ends:", file=sys.stderr)
+        for line in _worker_log(lab, host.name)[-40:]:
+            print(f"chaos: {host.name} log: {line[:300]}", file=sys.stderr)
+        lab.kill_worker(host)
+        lab.start_worker(host)
+        crashed += 1
+    return crashed
 
 
 def _where(client: Any, run_ids: list[str]) -> None:

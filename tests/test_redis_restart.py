@@ -26,8 +26,9 @@ def test_a_redis_restart_mid_run_loses_nothing(tmp_path: Path, tmux_socket: str)
         assert result["outcome"] == "done"
         assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
         assert held_claims(server.client()) == []
-        # The worker still serves after the restart.
+        # The same worker process still serves after the restart.
         assert fleet.run("planner")["outcome"] == "done"
+        assert fleet.stacks[0].alive() == []
     finally:
         for stack in fleet.stacks:
             stack.stop()
