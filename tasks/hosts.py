@@ -149,6 +149,12 @@ def reap(self: Task) -> dict[str, Any]:
             continue
         for state in registry.live_states(client, host):
             run = Run.from_dict(state)
+            if (registry.get(client, run.id) or {}).get("outcome"):
+                # Ended, but its host went before it forgot the run: the
+                # verdict stands, and only its claims are left to free.
+                release_claims(run, client, cfg)
+                registry.forget(client, run.id, host)
+                continue
             run.end(outcomes.LOST, f"host {host} stopped sending heartbeats")
             run.finished_at = now_iso()
             run.state = "LOST"

@@ -156,12 +156,15 @@ def conclude(run: Run) -> None:
 def _store_end(host: _Host, run: Run) -> None:
     client = redis_client(config())
     client.ping()  # Redis away: the lane tries again, so the end is not lost
-    earlier = registry.get(client, run.id) or {}
-    if earlier.get("outcome") == outcomes.LOST:
-        # The reaper gave the run up while this host was out of reach: its
-        # verdict stands, and this host only cleans up after itself.
-        log.warning("run %s: already reported lost; %s not reported", run.id, run.outcome)
+    earlier = (registry.get(client, run.id) or {}).get("outcome")
+    if earlier:
+        # The run has its verdict already: the reaper gave it up while this
+        # host was out of reach, or an ended run was handed to the watcher
+        # once more (adoption racing its hand-off) and found its run dir
+        # gone. The first verdict stands; this host only cleans up.
+        log.warning("run %s: already ended %s; %s not reported", run.id, earlier, run.outcome)
         lifecycle.finish(run, config(), client)
+        registry.forget(client, run.id, run.host)
         return
     host.reporter.succeeded(run, host.reporter.conclude(run))
 

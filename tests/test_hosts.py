@@ -116,12 +116,22 @@ def test_the_runs_of_a_vanished_host_are_reaped_as_lost(
     _kill_worker(fleet, host)
     subprocess.run(["tmux", "-L", fleet.tmux_socket, "kill-server"], timeout=10, check=False)
     app = client_app(load_config(fleet.config_path))
+    # A run that ended there, but whose host went before it forgot the run.
+    ended = Run(
+        id="0badc1a1-0000-4000-8000-000000000003", project="proj", agent="gardener", host=host
+    )
+    registry.record(redis_client, {**ended.progress(), "outcome": "done"})
+    registry.save_state(redis_client, ended.to_dict())
+    reaped_ids: list[str] = []
 
     def reaped() -> bool:
-        app.send_task(REAP_TASK, queue="formulabeat").get(timeout=30)
+        reaped_ids.extend(app.send_task(REAP_TASK, queue="formulabeat").get(timeout=30)["lost"])
         return sent.state == "SUCCESS"
 
     wait_until(reaped, 60, "the reaper to mark the run lost")
+    assert reaped_ids == [sent.id]
+    assert (registry.get(redis_client, ended.id) or {})["outcome"] == "done"
+    assert registry.live_states(redis_client, host) == []
     result = sent.result
     assert result["outcome"] == "lost"
     assert result["reason"] == f"host {host} stopped sending heartbeats"
@@ -173,3 +183,27 @@ def test_a_session_step_arriving_after_its_run_was_reaped_starts_nothing(
     wait_until(lambda: "already ended lost; no session started" in log.read_text(), 30)
     assert tmux_sessions(fleet.tmux_socket) == []
     assert (registry.get(redis_client, run.id) or {})["outcome"] == "lost"
+
+
+def test_an_ended_run_handed_to_the_watcher_again_keeps_its_outcome(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    # Adoption can read a run as live just before its watch ends; following
+    # it again then finds its run dir gone. The first verdict must stand.
+    fleet.add_agent("planner", "phase=awaiting_ci sleep=2 phase=done")
+    fleet.write_config()
+    fleet.start_worker("host-a")
+    sent = fleet.send("planner")
+    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    live = registry.live_states(redis_client, "host-a")
+    assert wait_result(sent, 60)["outcome"] == "done"
+    _kill_worker(fleet, "host-a")
+    registry.save_state(redis_client, live[0])  # read as live by the adopter
+    fleet.start_worker("host-a")
+    log = fleet.root / "logs-host-a" / "worker.log"
+    wait_until(lambda: f"run {sent.id}: already ended done" in log.read_text(), 30)
+    assert (registry.get(redis_client, sent.id) or {})["outcome"] == "done"
+    assert sent.result["outcome"] == "done"
+    assert registry.live_states(redis_client, "host-a") == []
+    assert held_claims(redis_client) == []
+    assert tmux_sessions(fleet.tmux_socket) == []
