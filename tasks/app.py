@@ -85,6 +85,9 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         "broker_url": url,
         "result_backend": cfg.result_backend or url,
         "broker_connection_retry_on_startup": True,
+        # kombu's Redis transport, except that a channel of a lost connection
+        # fails as a lost connection, not as an error that ends the worker.
+        "broker_transport": "tasks.transport:Transport",
         "task_default_queue": DEFAULT_QUEUE,
         "task_queues": (Queue(DEFAULT_QUEUE), Queue(host_queue(cfg.host))),
         # Acked when they start: kombu's Redis transport redelivers unacked
@@ -112,9 +115,6 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         "result_expires": RESULT_EXPIRES_SECONDS,
         # Monitoring a session is mostly waiting: threads are cheap slots.
         "worker_pool": "threads",
-        # Celery's consumer, except that losing Redis can never end the worker
-        # (see tasks/consumer.py for the Celery 5.7.0 error it survives).
-        "worker_consumer": "tasks.consumer:Consumer",
         "worker_concurrency": cfg.concurrency,
         # libtmux reads sys.stdout.encoding at import; Celery's LoggingProxy has none.
         "worker_redirect_stdouts": False,

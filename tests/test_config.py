@@ -171,19 +171,6 @@ def test_beat_schedule_has_one_crontab_entry_per_agent(tmp_path: Path) -> None:
     assert "last_run_at" not in plain
 
 
-def test_workers_use_the_consumer_that_survives_a_lost_broker(tmp_path: Path) -> None:
-    from celery.utils.imports import symbol_by_name
-    from celery.worker.consumer import Consumer as CeleryConsumer
-
-    from tasks.app import celery_settings
-    from tasks.consumer import Consumer
-
-    text = GOOD.replace("[[projects]]", '[broker]\nurl = "redis://127.0.0.1:9/0"\n[[projects]]', 1)
-    settings = celery_settings(parse_config(text, tmp_path / "f.toml"))
-    consumer = symbol_by_name(settings["worker_consumer"])
-    assert consumer is Consumer and issubclass(consumer, CeleryConsumer)
-
-
 def test_the_deploy_example_config_is_valid() -> None:
     example = Path(__file__).parent.parent / "deploy" / "formulabeat.example.toml"
     cfg = load_config(example)
