@@ -173,6 +173,12 @@ class Fleet:
         app = client_app(load_config(self.config_path))
         return app.send_task("formulabeat.run", args=["proj", agent], queue="formulabeat")
 
+    def send_live(self, agent: str, timeout: float = 60.0) -> Any:
+        """Send a run of ``agent``; return its AsyncResult once the run is AWAITING_CI."""
+        sent = self.send(agent)
+        wait_until(lambda: sent.state == "AWAITING_CI", timeout, "the run to be live")
+        return sent
+
 
 def _toml(value: Any) -> str:
     if isinstance(value, bool):

@@ -37,8 +37,7 @@ def test_a_killed_worker_comes_back_and_adopts_its_run(
     fleet.add_agent("planner", "phase=awaiting_ci sleep=6 phase=done")
     fleet.write_config()
     fleet.start_worker("host-a")
-    sent = fleet.send("planner")
-    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    sent = fleet.send_live("planner")
     _kill_worker(fleet, "host-a")
     assert len(tmux_sessions(fleet.tmux_socket)) == 1  # the session outlives the worker
     fleet.start_worker("host-a")
@@ -109,8 +108,7 @@ def test_the_runs_of_a_vanished_host_are_reaped_as_lost(
     fleet.config_path.write_text(text)
     fleet.start_worker("host-a")
     fleet.start_worker("host-b")
-    sent = fleet.send("planner")
-    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    sent = fleet.send_live("planner")
     host = sent.info["host"]
     # The whole host goes: its worker and its tmux server.
     _kill_worker(fleet, host)
@@ -193,8 +191,7 @@ def test_an_ended_run_handed_to_the_watcher_again_keeps_its_outcome(
     fleet.add_agent("planner", "phase=awaiting_ci sleep=2 phase=done")
     fleet.write_config()
     fleet.start_worker("host-a")
-    sent = fleet.send("planner")
-    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    sent = fleet.send_live("planner")
     live = registry.live_states(redis_client, "host-a")
     assert wait_result(sent, 60)["outcome"] == "done"
     _kill_worker(fleet, "host-a")

@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from tests.conftest import Fleet
+from tests.conftest import Fleet, wait_result
 from workers.locks import Lease, agent_lock_key, holder, release_run
 
 
@@ -48,10 +48,7 @@ def test_a_run_that_loses_its_lease_stops_itself_and_pushes_nothing(
     )
     fleet.config_path.write_text(text)
     fleet.start_worker()
-    sent = fleet.send("planner")
-    from tests.conftest import wait_result, wait_until
-
-    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    sent = fleet.send_live("planner")
     key = agent_lock_key("proj", "planner")
     redis_client.delete(key)  # the lease is gone (as after a long stall) ...
     thief = Lease.acquire(redis_client, key, "other-run", "host-z", 60)  # ... and taken

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import Fleet, commit_files, held_claims, wait_result, wait_until
+from tests.conftest import Fleet, commit_files, held_claims, wait_result
 from workers.embedded import start_redis, stop_redis
 
 
@@ -18,8 +18,7 @@ def test_a_redis_restart_mid_run_loses_nothing(tmp_path: Path, tmux_socket: str)
         fleet.add_agent("planner", "phase=awaiting_ci sleep=4 phase=done")
         fleet.write_config()
         fleet.start_worker()
-        sent = fleet.send("planner")
-        wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+        sent = fleet.send_live("planner")
         stop_redis(server)
         server = start_redis(tmp_path / "redis-data", port=server.port, password=password)
         result = wait_result(sent, 120)

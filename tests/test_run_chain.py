@@ -206,8 +206,7 @@ def test_cancel_from_another_host_kills_the_session_and_frees_the_lease(
     fleet.add_agent("stuck", "phase=awaiting_ci sleep=120")
     fleet.write_config()
     fleet.start_worker("host-a")
-    sent = fleet.send("stuck")
-    wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+    sent = fleet.send_live("stuck")
     proc = subprocess.run(
         [sys.executable, "-m", "tasks.cli", "--config", str(fleet.config_path), "cancel", sent.id],
         capture_output=True,

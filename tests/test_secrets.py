@@ -54,8 +54,7 @@ def test_no_secret_leaks_from_a_run(
             target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True
         )
         listener.start()
-        sent = fleet.send("planner")
-        wait_until(lambda: sent.state == "AWAITING_CI", 60, "the run to be live")
+        sent = fleet.send_live("planner")
         # While the session lives: what other sessions on the server could read.
         server_env = subprocess.run(
             ["tmux", "-L", fleet.tmux_socket, "show-environment", "-g"],
