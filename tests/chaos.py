@@ -140,7 +140,7 @@ def _chaos(
                     print(f"chaos: {host.name} log: {line[:300]}", file=sys.stderr)
             break
         time.sleep(0.2)
-    return {**_verdict(lab, sent, log), "crashed": crashed + _restart_crashed(lab)}
+    return {**_verdict(lab, sent, log), "crashed": crashed}
 
 
 def _restart_crashed(lab: NetLab) -> int:
