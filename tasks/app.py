@@ -24,6 +24,10 @@ from workers.errors import BrokerError
 
 RESULT_EXPIRES_SECONDS = 7 * 24 * 3600
 VISIBILITY_TIMEOUT = 60
+SESSION_TASK = "formulabeat.session"
+# The tasks whose messages must not get lost, and the step each claims
+# (after its task id, which is the run id): see FormulabeatCelery.
+LEDGER_STEPS = {RUN_TASK: "", SESSION_TASK: "/session"}
 
 
 @functools.cache
@@ -133,22 +137,28 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
 
 
 class FormulabeatCelery(Celery):
-    """Celery that writes each run it sends into the ledger of sent runs.
+    """Celery that writes each run step it sends into the ledger of sent steps.
 
     kombu's Redis transport pops a message before it records it as unacked,
-    so a worker killed in between loses it; the reaper sends again a run
-    that stays in the ledger, unclaimed, with no message left in the broker.
+    so a worker killed (or Redis stopped) in between loses it; the reaper
+    sends again a step that stays in the ledger, unclaimed, with no message
+    left in the broker.
     """
 
     def send_task(
         self, name: str, args: Any = None, kwargs: Any = None, **options: Any
     ) -> AsyncResult:
-        if name == RUN_TASK:
-            options["task_id"] = options.get("task_id") or uuid()
-            message = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
-            message["queue"] = options.get("queue") or DEFAULT_QUEUE
+        if name in LEDGER_STEPS:
+            task_id = options["task_id"] = options.get("task_id") or uuid()
+            message = {
+                "task": name,
+                "task_id": task_id,
+                "args": list(args or ()),
+                "kwargs": dict(kwargs or {}),
+                "queue": options.get("queue") or DEFAULT_QUEUE,
+            }
             client = _client_for(self.conf.broker_url, 10.0)
-            registry.note_sent(client, options["task_id"], message)
+            registry.note_sent(client, task_id + LEDGER_STEPS[name], message)
         return super().send_task(name, args, kwargs, **options)
 
 

@@ -7,8 +7,9 @@ reports the right outcome; tmux sessions of runs that no longer
 exist are killed, so no session outlives its run record. Any host's worker
 reaps the runs of hosts whose heartbeat stopped: they end as ``lost`` and
 their leases are freed, so the next schedule runs the agent elsewhere. The
-reaper also sends again a run whose message the broker lost: unclaimed a
-visibility timeout after it was sent, in no queue and not unacked.
+reaper also sends again a run step (the run, or its session step) whose
+message the broker lost: unclaimed a visibility timeout after it was sent,
+in no queue and not unacked.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import redis
 from celery import Celery, Task
 from celery.signals import worker_init, worker_ready
 
-from beat_schedule import DEFAULT_QUEUE, REAP_TASK, RUN_TASK
+from beat_schedule import DEFAULT_QUEUE, REAP_TASK
 from tasks import watching
 from tasks.app import VISIBILITY_TIMEOUT, app, config, redis_client
 from tasks.reporting import Reporter
@@ -169,19 +170,24 @@ def reap(self: Task) -> dict[str, Any]:
 
 
 def resend_lost(app: Celery, client: redis.Redis) -> list[str]:
-    """Send again the runs whose message the broker lost (see FormulabeatCelery)."""
+    """Send again the run steps whose message the broker lost (see FormulabeatCelery)."""
     resent = []
     waiting = registry.unclaimed(client, RESEND_AFTER)
     held = _broker_messages(client) if waiting else []
-    for run_id, message in waiting.items():
-        needle = run_id.encode()
-        if any(needle in text for text in held):
+    for step, message in waiting.items():
+        # A run's steps share its id: the message must also name the task.
+        needles = (message["task_id"].encode(), message["task"].encode())
+        if any(all(needle in text for needle in needles) for text in held):
             continue
-        log.warning("run %s: never taken and gone from the broker; sending it again", run_id)
+        log.warning("run step %s: never taken and gone from the broker; sending it again", step)
         app.send_task(
-            RUN_TASK, message["args"], message["kwargs"], task_id=run_id, queue=message["queue"]
+            message["task"],
+            message["args"],
+            message["kwargs"],
+            task_id=message["task_id"],
+            queue=message["queue"],
         )
-        resent.append(run_id)
+        resent.append(step)
     return resent
 
 

@@ -29,7 +29,7 @@ from kombu.exceptions import OperationalError
 # libtmux must be imported before Celery swaps sys.stdout (see STACK notes).
 import workers.tmux  # noqa: F401
 from tasks import metrics, watching
-from tasks.app import app, config, host_queue, redis_client
+from tasks.app import SESSION_TASK, app, config, host_queue, redis_client
 from workers import lifecycle, registry
 from workers import run as outcomes
 from workers.errors import FormulabeatError
@@ -90,7 +90,7 @@ def run(self: Task, project: str, agent: str, trigger: str = "manual") -> None:
     raise Ignore()
 
 
-@app.task(name="formulabeat.session", bind=True)
+@app.task(name=SESSION_TASK, bind=True)
 def session(self: Task, data: dict[str, Any]) -> None:
     """Start the agent and deliver the prompt; hand the session to the watcher."""
     current = Run.from_dict(data)

@@ -10,8 +10,8 @@ import time
 
 import redis
 
-from beat_schedule import REAP_TASK
-from tasks.app import client_app
+from beat_schedule import REAP_TASK, RUN_TASK
+from tasks.app import SESSION_TASK, client_app
 from tasks.hosts import RESEND_AFTER, resend_lost
 from tests.conftest import Fleet, held_claims, tmux_sessions, wait_result, wait_until
 from workers import registry
@@ -162,6 +162,35 @@ def test_a_run_the_broker_lost_is_sent_again_and_a_queued_one_is_not(
     assert wait_result(lost, 60)["outcome"] == "done"
     assert wait_result(queued, 60)["outcome"] == "done"
     assert redis_client.zcard(registry.SENT_KEY) == 0
+
+
+def test_a_lost_session_step_is_sent_again_to_its_host_and_claiming_it_clears_the_ledger(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    # Redis stopped (or the worker died) between kombu's BRPOP of a session
+    # step and its unacked record: the run is claimed, its session never starts.
+    fleet.add_agent("planner")
+    app = client_app(fleet.write_config())
+    run = Run(
+        id="0badc1a1-0000-4000-8000-000000000004", project="proj", agent="planner", host="host-a"
+    )
+    step = f"{run.id}/session"
+    # The run's own message still waits as unacked: it names the run id too.
+    redis_client.hset("unacked", "tag", json.dumps([{"headers": {"id": run.id, "task": RUN_TASK}}]))
+    queue = "formulabeat.host.host-a"
+    app.send_task(SESSION_TASK, args=[run.to_dict()], task_id=run.id, queue=queue)
+    redis_client.zadd(registry.SENT_KEY, {step: time.time() - 2 * RESEND_AFTER})
+    assert resend_lost(app, redis_client) == []  # still in its host's queue
+    popped = redis_client.rpop(queue)
+    assert isinstance(popped, bytes) and run.id.encode() in popped
+    redis_client.zadd(registry.SENT_KEY, {step: time.time() - 2 * RESEND_AFTER})
+    assert resend_lost(app, redis_client) == [step]
+    again = redis_client.lrange(queue, 0, -1)
+    assert len(again) == 1 and json.loads(again[0])["headers"]["task"] == SESSION_TASK
+    assert json.loads(again[0])["headers"]["id"] == run.id
+    assert registry.claim(redis_client, step, "host-a")
+    assert redis_client.zscore(registry.SENT_KEY, step) is None
+    assert not registry.claim(redis_client, step, "host-a")
 
 
 def test_a_session_step_arriving_after_its_run_was_reaped_starts_nothing(

@@ -108,14 +108,24 @@ def _claim_key(step: str) -> str:
     return f"formulabeat:claimed:{step}"
 
 
+# A step taken leaves the ledger of steps sent (below) in the same call.
+_CLAIM = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+
 def claim(client: redis.Redis, step: str, host: str) -> bool:
     """Take a run's step for this host; False when it was taken before (a redelivery)."""
-    return bool(client.set(_claim_key(step), host, nx=True, ex=RUN_TTL_SECONDS))
+    keys = (_claim_key(step), SENT_KEY, _sent_key(step))
+    return bool(client.eval(_CLAIM, len(keys), *keys, host, RUN_TTL_SECONDS, step))
 
 
 # The claim and the live state in one step: a worker killed right after its
 # claim leaves a run its host adopts, never a claim nobody knows the run of.
-# The run leaves the ledger of sent runs in the same step.
+# The run leaves the ledger of sent steps in the same call.
 _CLAIM_RUN = """
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
@@ -140,20 +150,22 @@ def claim_run(client: redis.Redis, state: dict[str, Any]) -> bool:
     return bool(client.eval(_CLAIM_RUN, len(keys), *keys, *args))
 
 
-# -- the ledger of runs sent and not yet taken (a message the broker lost) --
+# -- the ledger of steps sent and not yet taken (a message the broker lost) --
+# A step is named as it is claimed: the run id for the run itself,
+# ``<run id>/session`` for its session step.
 
 SENT_KEY = "formulabeat:sent"
 
 
-def _sent_key(run_id: str) -> str:
-    return f"formulabeat:sent:{run_id}"
+def _sent_key(step: str) -> str:
+    return f"formulabeat:sent:{step}"
 
 
-def note_sent(client: redis.Redis, run_id: str, message: dict[str, Any]) -> None:
-    """Write down a run being sent (its task's args, kwargs and queue) until it is claimed."""
+def note_sent(client: redis.Redis, step: str, message: dict[str, Any]) -> None:
+    """Write down a step being sent (its task, task id, args, kwargs, queue) until it is claimed."""
     pipe = client.pipeline()
-    pipe.set(_sent_key(run_id), json.dumps(message), ex=RUN_TTL_SECONDS)
-    pipe.zadd(SENT_KEY, {run_id: time.time()})
+    pipe.set(_sent_key(step), json.dumps(message), ex=RUN_TTL_SECONDS)
+    pipe.zadd(SENT_KEY, {step: time.time()})
     pipe.execute()
 
 
@@ -168,15 +180,15 @@ def sent(client: redis.Redis, run_id: str) -> dict[str, Any] | None:
 
 
 def unclaimed(client: redis.Redis, older_than: float) -> dict[str, dict[str, Any]]:
-    """Runs sent more than ``older_than`` seconds ago that no worker has claimed."""
+    """Steps sent more than ``older_than`` seconds ago that no worker has claimed."""
     found = {}
     for member in client.zrangebyscore(SENT_KEY, 0, time.time() - older_than):
-        run_id = _text(member)
-        raw = client.get(_sent_key(run_id))
-        if raw is None or client.exists(_claim_key(run_id)):
-            client.zrem(SENT_KEY, run_id)
+        step = _text(member)
+        raw = client.get(_sent_key(step))
+        if raw is None or client.exists(_claim_key(step)):
+            client.zrem(SENT_KEY, step)
         else:
-            found[run_id] = json.loads(raw)
+            found[step] = json.loads(raw)
     return found
 
 
