@@ -96,7 +96,7 @@ def session(self: Task, data: dict[str, Any]) -> None:
     current = Run.from_dict(data)
     cfg = config()
     step = f"{current.id}/session"
-    _claim(step, lambda client: registry.claim(client, step, cfg.host))
+    _claim(step, lambda client: registry.claim(client, step, watching.claimant()))
     client = redis_client(cfg)
     ended = (watching.with_redis(lambda: registry.get(client, current.id)) or {}).get("outcome")
     if ended:

@@ -12,6 +12,7 @@ the run id, which is where ``AsyncResult(run_id)`` and the CLI look.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -126,15 +127,33 @@ def follow(run: Run) -> None:
         metrics.LIVE.inc()
 
 
+def claimant() -> str:
+    """Who takes a run step here: this host's worker process.
+
+    An adopter tells a step its own worker runs from one a dead worker took.
+    """
+    return f"{config().host}:{os.getpid()}"
+
+
 def adopt(run: Run) -> None:
     """Take a live run of this host over after its worker died."""
     if run.mode == "oneshot" or not run.session_id:
+        client = redis_client(config())
+        step = f"{run.id}/session"
+        me = claimant()
+        if registry.awaits_claim(client, step) or (
+            not registry.claim(client, step, me) and registry.claimed_by(client, step) == me
+        ):
+            # The dead worker sent the session step (it waits in the queue,
+            # or the reaper sends it again), or this worker runs it now: the
+            # run is that step's to start.
+            log.info("run %s: its session step takes it from %s", run.id, run.state)
+            return
         # A one-shot agent was the dead worker's child; a run still preparing
         # had no session yet: neither can be picked up where it stopped. The
-        # session step is claimed first, so that its message, if the dead
-        # worker had it reserved and Redis delivers it again, does nothing.
-        client = redis_client(config())
-        registry.claim(client, f"{run.id}/session", run.host)
+        # session step is claimed now, so that its message, if the dead worker
+        # had it reserved and Redis delivers it again, does nothing.
+        lifecycle.kill_session(run, config())  # one the dead worker began
         run.end(outcomes.FAILED, f"the worker on host {run.host} stopped during {run.state}")
         conclude(run)
     elif run.state in STARTING_STATES and not lifecycle.prompt_delivered(run):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,10 +12,10 @@ import time
 import redis
 
 from beat_schedule import REAP_TASK, RUN_TASK
-from tasks.app import SESSION_TASK, client_app
+from tasks.app import SESSION_TASK, client_app, host_queue
 from tasks.hosts import RESEND_AFTER, resend_lost
 from tests.conftest import Fleet, held_claims, tmux_sessions, wait_result, wait_until
-from workers import registry
+from workers import lifecycle, registry
 from workers.config import load_config
 from workers.locks import Lease, agent_lock_key
 from workers.run import Run
@@ -70,6 +71,39 @@ def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
     assert result["outcome"] == "failed"
     assert result["reason"] == "the worker on host host-a stopped during CLAIMED"
     assert registry.live_states(redis_client, "host-a") == []
+    assert held_claims(redis_client) == []
+
+
+def test_a_prepared_run_whose_session_step_waits_is_left_to_that_step(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    # The worker died right after it prepared the run and sent its session
+    # step: the next worker's adopter must not fail the run under the step.
+    log = fleet.root / "agent.jsonl"
+    fleet.add_agent("planner", f"log={log} phase=done")
+    cfg = dataclasses.replace(fleet.write_config(), host="host-a")
+    run = Run(
+        id="0badc1a1-0000-4000-8000-000000000005", project="proj", agent="planner", host="host-a"
+    )
+    assert registry.claim_run(redis_client, {**run.to_dict(), "state": "CLAIMED"})
+
+    class Saved:
+        def progress(self, changed: Run, state: str) -> None:
+            changed.state = state
+            registry.save_state(redis_client, changed.to_dict())
+
+    lifecycle.prepare(run, cfg, redis_client, Saved())
+    assert not run.ended and run.state == "PREPARING"
+    app = client_app(cfg)
+    app.send_task(SESSION_TASK, args=[run.to_dict()], task_id=run.id, queue=host_queue("host-a"))
+    fleet.start_worker("host-a")
+    result = wait_result(app.AsyncResult(run.id), 60)
+    assert result["outcome"] == "done", result["reason"]
+    prompts = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "prompt"]
+    assert len(prompts) == 1
+    worker_log = (fleet.root / "logs-host-a" / "worker.log").read_text()
+    assert f"run {run.id}: its session step takes it from PREPARING" in worker_log
+    assert tmux_sessions(fleet.tmux_socket) == []
     assert held_claims(redis_client) == []
 
 

@@ -117,10 +117,16 @@ return 1
 """
 
 
-def claim(client: redis.Redis, step: str, host: str) -> bool:
-    """Take a run's step for this host; False when it was taken before (a redelivery)."""
+def claim(client: redis.Redis, step: str, owner: str) -> bool:
+    """Take a run's step for ``owner``; False when it was taken before (a redelivery)."""
     keys = (_claim_key(step), SENT_KEY, _sent_key(step))
-    return bool(client.eval(_CLAIM, len(keys), *keys, host, RUN_TTL_SECONDS, step))
+    return bool(client.eval(_CLAIM, len(keys), *keys, owner, RUN_TTL_SECONDS, step))
+
+
+def claimed_by(client: redis.Redis, step: str) -> str | None:
+    """Who took a run's step, if anyone did."""
+    owner = client.get(_claim_key(step))
+    return _text(owner) if owner is not None else None
 
 
 # The claim and the live state in one step: a worker killed right after its
@@ -167,6 +173,11 @@ def note_sent(client: redis.Redis, step: str, message: dict[str, Any]) -> None:
     pipe.set(_sent_key(step), json.dumps(message), ex=RUN_TTL_SECONDS)
     pipe.zadd(SENT_KEY, {step: time.time()})
     pipe.execute()
+
+
+def awaits_claim(client: redis.Redis, step: str) -> bool:
+    """Whether a step was sent and no worker has taken it yet."""
+    return bool(client.exists(_sent_key(step)))
 
 
 def sent(client: redis.Redis, run_id: str) -> dict[str, Any] | None:
