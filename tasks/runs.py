@@ -70,7 +70,8 @@ def run(self: Task, project: str, agent: str, trigger: str = "manual") -> None:
     cfg = config()
     current = Run(id=self.request.id, project=project, agent=agent, host=cfg.host, state="CLAIMED")
     state = current.to_dict()
-    _claim(current.id, lambda client: registry.claim_run(client, state))
+    owner = watching.claim_owner()
+    _claim(current.id, lambda client: registry.claim_run(client, state, owner))
     sink = watching.sink()
     sink.progress(current, "CLAIMED")
     log.info("run %s: %s/%s (%s) taken by %s", current.id, project, agent, trigger, cfg.host)
@@ -96,7 +97,8 @@ def session(self: Task, data: dict[str, Any]) -> None:
     current = Run.from_dict(data)
     cfg = config()
     step = f"{current.id}/session"
-    _claim(step, lambda client: registry.claim(client, step, watching.claimant()))
+    owner = watching.claim_owner()
+    _claim(step, lambda client: registry.claim(client, step, owner))
     client = redis_client(cfg)
     ended = (watching.with_redis(lambda: registry.get(client, current.id)) or {}).get("outcome")
     if ended:

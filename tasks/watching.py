@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -128,11 +129,16 @@ def follow(run: Run) -> None:
 
 
 def claimant() -> str:
-    """Who takes a run step here: this host's worker process.
+    """Who takes run steps here: this host's worker process.
 
     An adopter tells a step its own worker runs from one a dead worker took.
     """
     return f"{config().host}:{os.getpid()}"
+
+
+def claim_owner() -> str:
+    """The owner of one delivery's claim of a step: this worker process and a nonce."""
+    return f"{claimant()}:{uuid.uuid4().hex}"
 
 
 def adopt(run: Run) -> None:
@@ -140,9 +146,9 @@ def adopt(run: Run) -> None:
     if run.mode == "oneshot" or not run.session_id:
         client = redis_client(config())
         step = f"{run.id}/session"
-        me = claimant()
         if registry.awaits_claim(client, step) or (
-            not registry.claim(client, step, me) and registry.claimed_by(client, step) == me
+            not registry.claim(client, step, claim_owner())
+            and (registry.claimed_by(client, step) or "").rpartition(":")[0] == claimant()
         ):
             # The dead worker sent the session step (it waits in the queue,
             # or the reaper sends it again), or this worker runs it now: the

@@ -60,8 +60,11 @@ def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
     fleet.write_config()
     run_id = "0badc1a1-0000-4000-8000-000000000001"
     state = Run(id=run_id, project="proj", agent="planner", host="host-a", state="CLAIMED")
-    assert registry.claim_run(redis_client, state.to_dict())
-    assert not registry.claim_run(redis_client, {**state.to_dict(), "state": "PREPARING"})
+    assert registry.claim_run(redis_client, state.to_dict(), "host-a:1:first")
+    # Its reply lost (Redis restarting), the same delivery asks again: still its own.
+    assert registry.claim_run(redis_client, state.to_dict(), "host-a:1:first")
+    again = {**state.to_dict(), "state": "PREPARING"}
+    assert not registry.claim_run(redis_client, again, "host-a:1:second")
     assert [s["state"] for s in registry.live_states(redis_client, "host-a")] == ["CLAIMED"]
     # Killed after taking the lease and a slot, before either was published.
     assert Lease.acquire(redis_client, agent_lock_key("proj", "planner"), run_id, "host-a", 300)
@@ -85,7 +88,7 @@ def test_a_prepared_run_whose_session_step_waits_is_left_to_that_step(
     run = Run(
         id="0badc1a1-0000-4000-8000-000000000005", project="proj", agent="planner", host="host-a"
     )
-    assert registry.claim_run(redis_client, {**run.to_dict(), "state": "CLAIMED"})
+    assert registry.claim_run(redis_client, {**run.to_dict(), "state": "CLAIMED"}, "dead:1:x")
 
     class Saved:
         def progress(self, changed: Run, state: str) -> None:
@@ -222,9 +225,10 @@ def test_a_lost_session_step_is_sent_again_to_its_host_and_claiming_it_clears_th
     again = redis_client.lrange(queue, 0, -1)
     assert len(again) == 1 and json.loads(again[0])["headers"]["task"] == SESSION_TASK
     assert json.loads(again[0])["headers"]["id"] == run.id
-    assert registry.claim(redis_client, step, "host-a")
+    assert registry.claim(redis_client, step, "host-a:1:first")
     assert redis_client.zscore(registry.SENT_KEY, step) is None
-    assert not registry.claim(redis_client, step, "host-a")
+    assert registry.claim(redis_client, step, "host-a:1:first")  # asked again
+    assert not registry.claim(redis_client, step, "host-a:1:second")  # delivered again
 
 
 def test_a_session_step_arriving_after_its_run_was_reaped_starts_nothing(

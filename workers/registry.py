@@ -108,17 +108,30 @@ def _claim_key(step: str) -> str:
     return f"formulabeat:claimed:{step}"
 
 
+# A claim taken by the same owner before counts as taken: the reply to a
+# claim can be lost (Redis restarting) after Redis carried it out, and the
+# owner, asking again, must not take its own claim for a redelivery. Each
+# delivery of a step claims as a new owner.
+_TAKE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+  return 0
+end
+"""
+
 # A step taken leaves the ledger of steps sent (below) in the same call.
-_CLAIM = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+_CLAIM = (
+    _TAKE
+    + """
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('DEL', KEYS[3])
 return 1
 """
+)
 
 
 def claim(client: redis.Redis, step: str, owner: str) -> bool:
-    """Take a run's step for ``owner``; False when it was taken before (a redelivery)."""
+    """Take a run's step for ``owner``; False when another owner took it (a redelivery)."""
     keys = (_claim_key(step), SENT_KEY, _sent_key(step))
     return bool(client.eval(_CLAIM, len(keys), *keys, owner, RUN_TTL_SECONDS, step))
 
@@ -132,17 +145,19 @@ def claimed_by(client: redis.Redis, step: str) -> str | None:
 # The claim and the live state in one step: a worker killed right after its
 # claim leaves a run its host adopts, never a claim nobody knows the run of.
 # The run leaves the ledger of sent steps in the same call.
-_CLAIM_RUN = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+_CLAIM_RUN = (
+    _TAKE
+    + """
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('ZREM', KEYS[4], ARGV[4])
 redis.call('DEL', KEYS[5])
 return 1
 """
+)
 
 
-def claim_run(client: redis.Redis, state: dict[str, Any]) -> bool:
+def claim_run(client: redis.Redis, state: dict[str, Any], owner: str) -> bool:
     """Like :func:`claim` for the run itself, saving its live state with the claim."""
     run_id = state["id"]
     keys = (
@@ -152,7 +167,7 @@ def claim_run(client: redis.Redis, state: dict[str, Any]) -> bool:
         SENT_KEY,
         _sent_key(run_id),
     )
-    args = (state["host"], RUN_TTL_SECONDS, json.dumps(state), run_id)
+    args = (owner, RUN_TTL_SECONDS, json.dumps(state), run_id)
     return bool(client.eval(_CLAIM_RUN, len(keys), *keys, *args))
 
 
