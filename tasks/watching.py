@@ -144,21 +144,11 @@ def claim_owner() -> str:
 def adopt(run: Run) -> None:
     """Take a live run of this host over after its worker died."""
     if run.mode == "oneshot" or not run.session_id:
-        client = redis_client(config())
-        step = f"{run.id}/session"
-        if registry.awaits_claim(client, step) or (
-            not registry.claim(client, step, claim_owner())
-            and (registry.claimed_by(client, step) or "").rpartition(":")[0] == claimant()
-        ):
-            # The dead worker sent the session step (it waits in the queue,
-            # or the reaper sends it again), or this worker runs it now: the
-            # run is that step's to start.
+        if _session_step_takes(run):
             log.info("run %s: its session step takes it from %s", run.id, run.state)
             return
         # A one-shot agent was the dead worker's child; a run still preparing
-        # had no session yet: neither can be picked up where it stopped. The
-        # session step is claimed now, so that its message, if the dead worker
-        # had it reserved and Redis delivers it again, does nothing.
+        # had no session yet: neither can be picked up where it stopped.
         lifecycle.kill_session(run, config())  # one the dead worker began
         run.end(outcomes.FAILED, f"the worker on host {run.host} stopped during {run.state}")
         conclude(run)
@@ -170,6 +160,22 @@ def adopt(run: Run) -> None:
             # The prompt went in, but RUNNING died with the worker's lane.
             _LaneSink(_this_host()).progress(run, "RUNNING")
         follow(run)
+
+
+def _session_step_takes(run: Run) -> bool:
+    """Whether the run's session step will start it, or this worker starts it now.
+
+    Otherwise the step is claimed here, so that its message, if the dead
+    worker had it reserved and Redis delivers it again, does nothing.
+    """
+    client = redis_client(config())
+    step = f"{run.id}/session"
+    if registry.awaits_claim(client, step):
+        return True  # sent: it waits in a queue, or the reaper sends it again
+    if registry.claim(client, step, claim_owner()):
+        return False  # never sent: its worker died before
+    owner = registry.claimed_by(client, step) or ""
+    return owner.rpartition(":")[0] == claimant()
 
 
 def conclude(run: Run) -> None:
