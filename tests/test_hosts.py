@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from typing import Any
 
 import redis
 
@@ -30,6 +31,12 @@ def _kill_worker(fleet: Fleet, host: str) -> None:
             proc.wait(timeout=30)
     stack.procs.clear()
     fleet.stacks.remove(stack)
+
+
+def _run(number: int, agent: str = "planner", host: str = "host-a", **fields: Any) -> Run:
+    """A run of project ``proj`` made up by a test (its id says so)."""
+    run_id = f"0badc1a1-0000-4000-8000-{number:012d}"
+    return Run(id=run_id, project="proj", agent=agent, host=host, **fields)
 
 
 def test_a_killed_worker_comes_back_and_adopts_its_run(
@@ -58,8 +65,7 @@ def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
     # killed right after it leaves a run its host's next worker ends.
     fleet.add_agent("planner")
     fleet.write_config()
-    run_id = "0badc1a1-0000-4000-8000-000000000001"
-    state = Run(id=run_id, project="proj", agent="planner", host="host-a", state="CLAIMED")
+    state = _run(1, state="CLAIMED")
     assert registry.claim_run(redis_client, state.to_dict(), "host-a:1:first")
     # Its reply lost (Redis restarting), the same delivery asks again: still its own.
     assert registry.claim_run(redis_client, state.to_dict(), "host-a:1:first")
@@ -67,8 +73,8 @@ def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
     assert not registry.claim_run(redis_client, again, "host-a:1:second")
     assert [s["state"] for s in registry.live_states(redis_client, "host-a")] == ["CLAIMED"]
     # Killed after taking the lease and a slot, before either was published.
-    assert Lease.acquire(redis_client, agent_lock_key("proj", "planner"), run_id, "host-a", 300)
-    assert Slots(redis_client, "default", 300).try_acquire(run_id, 64)
+    assert Lease.acquire(redis_client, agent_lock_key("proj", "planner"), state.id, "host-a", 300)
+    assert Slots(redis_client, "default", 300).try_acquire(state.id, 64)
     fleet.start_worker("host-a")
     result = wait_result(client_app(load_config(fleet.config_path)).AsyncResult(state.id), 60)
     assert result["outcome"] == "failed"
@@ -85,9 +91,7 @@ def test_a_prepared_run_whose_session_step_waits_is_left_to_that_step(
     log = fleet.root / "agent.jsonl"
     fleet.add_agent("planner", f"log={log} phase=done")
     cfg = dataclasses.replace(fleet.write_config(), host="host-a")
-    run = Run(
-        id="0badc1a1-0000-4000-8000-000000000005", project="proj", agent="planner", host="host-a"
-    )
+    run = _run(5)
     assert registry.claim_run(redis_client, {**run.to_dict(), "state": "CLAIMED"}, "dead:1:x")
 
     class Saved:
@@ -152,9 +156,7 @@ def test_the_runs_of_a_vanished_host_are_reaped_as_lost(
     subprocess.run(["tmux", "-L", fleet.tmux_socket, "kill-server"], timeout=10, check=False)
     app = client_app(load_config(fleet.config_path))
     # A run that ended there, but whose host went before it forgot the run.
-    ended = Run(
-        id="0badc1a1-0000-4000-8000-000000000003", project="proj", agent="gardener", host=host
-    )
+    ended = _run(3, agent="gardener", host=host)
     registry.record(redis_client, {**ended.progress(), "outcome": "done"})
     registry.save_state(redis_client, ended.to_dict())
     reaped_ids: list[str] = []
@@ -208,13 +210,11 @@ def test_a_lost_session_step_is_sent_again_to_its_host_and_claiming_it_clears_th
     # step and its unacked record: the run is claimed, its session never starts.
     fleet.add_agent("planner")
     app = client_app(fleet.write_config())
-    run = Run(
-        id="0badc1a1-0000-4000-8000-000000000004", project="proj", agent="planner", host="host-a"
-    )
+    run = _run(4)
     step = f"{run.id}/session"
     # The run's own message still waits as unacked: it names the run id too.
     redis_client.hset("unacked", "tag", json.dumps([{"headers": {"id": run.id, "task": RUN_TASK}}]))
-    queue = "formulabeat.host.host-a"
+    queue = host_queue("host-a")
     app.send_task(SESSION_TASK, args=[run.to_dict()], task_id=run.id, queue=queue)
     redis_client.zadd(registry.SENT_KEY, {step: time.time() - 2 * RESEND_AFTER})
     assert resend_lost(app, redis_client) == []  # still in its host's queue
@@ -238,12 +238,10 @@ def test_a_session_step_arriving_after_its_run_was_reaped_starts_nothing(
     # silent long enough to be reaped; then a new worker gets the message.
     fleet.add_agent("planner")
     app = client_app(fleet.write_config())
-    run = Run(
-        id="0badc1a1-0000-4000-8000-000000000002", project="proj", agent="planner", host="host-a"
-    )
+    run = _run(2)
     registry.record(redis_client, {**run.progress(), "outcome": "lost"})
     fleet.start_worker("host-a")
-    app.send_task("formulabeat.session", args=[run.to_dict()], queue="formulabeat.host.host-a")
+    app.send_task(SESSION_TASK, args=[run.to_dict()], queue=host_queue("host-a"))
     log = fleet.root / "logs-host-a" / "worker.log"
     wait_until(lambda: "already ended lost; no session started" in log.read_text(), 30)
     assert tmux_sessions(fleet.tmux_socket) == []
