@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -25,9 +26,12 @@ from workers.errors import BrokerError
 RESULT_EXPIRES_SECONDS = 7 * 24 * 3600
 VISIBILITY_TIMEOUT = 60
 SESSION_TASK = "formulabeat.session"
-# The tasks whose messages must not get lost, and the step each claims
-# (after its task id, which is the run id): see FormulabeatCelery.
-LEDGER_STEPS = {RUN_TASK: "", SESSION_TASK: "/session"}
+# The tasks whose messages must not get lost, and the step each claims,
+# named from its task id (the run id): see FormulabeatCelery.
+LEDGER_STEPS: dict[str, Callable[[str], str]] = {
+    RUN_TASK: str,
+    SESSION_TASK: registry.session_step,
+}
 
 
 @functools.cache
@@ -158,7 +162,7 @@ class FormulabeatCelery(Celery):
                 "queue": options.get("queue") or DEFAULT_QUEUE,
             }
             client = _client_for(self.conf.broker_url, 10.0)
-            registry.note_sent(client, task_id + LEDGER_STEPS[name], message)
+            registry.note_sent(client, LEDGER_STEPS[name](task_id), message)
         return super().send_task(name, args, kwargs, **options)
 
 

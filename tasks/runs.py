@@ -96,7 +96,7 @@ def session(self: Task, data: dict[str, Any]) -> None:
     """Start the agent and deliver the prompt; hand the session to the watcher."""
     current = Run.from_dict(data)
     cfg = config()
-    step = f"{current.id}/session"
+    step = registry.session_step(current.id)
     owner = watching.claim_owner()
     _claim(step, lambda client: registry.claim(client, step, owner))
     client = redis_client(cfg)

@@ -169,7 +169,7 @@ def _session_step_takes(run: Run) -> bool:
     worker had it reserved and Redis delivers it again, does nothing.
     """
     client = redis_client(config())
-    step = f"{run.id}/session"
+    step = registry.session_step(run.id)
     if registry.awaits_claim(client, step):
         return True  # sent: it waits in a queue, or the reaper sends it again
     if registry.claim(client, step, claim_owner()):

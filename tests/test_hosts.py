@@ -211,7 +211,7 @@ def test_a_lost_session_step_is_sent_again_to_its_host_and_claiming_it_clears_th
     fleet.add_agent("planner")
     app = client_app(fleet.write_config())
     run = _run(4)
-    step = f"{run.id}/session"
+    step = registry.session_step(run.id)
     # The run's own message still waits as unacked: it names the run id too.
     redis_client.hset("unacked", "tag", json.dumps([{"headers": {"id": run.id, "task": RUN_TASK}}]))
     queue = host_queue("host-a")

@@ -178,6 +178,11 @@ def claim_run(client: redis.Redis, state: dict[str, Any], owner: str) -> bool:
 SENT_KEY = "formulabeat:sent"
 
 
+def session_step(run_id: str) -> str:
+    """The name a run's session step is claimed and written down under."""
+    return f"{run_id}/session"
+
+
 def _sent_key(step: str) -> str:
     return f"formulabeat:sent:{step}"
 
