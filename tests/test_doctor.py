@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 from workers.embedded import EmbeddedRedis
+from workers.statedir import new_run_dir
 
 
 def doctor(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -57,3 +59,18 @@ def test_problems_say_what_to_fix(tmp_path: Path, redis_server: EmbeddedRedis) -
     assert "FIX  agent p/a" in out and "'no-such-agent' not found on PATH" in out
     assert "FIX  redis" in out and "wrong password" in out
     assert f"FIX  state dir              {state} has mode 755: run chmod 700 {state}" in out
+
+
+def test_a_state_dir_formulabeat_made_is_private_however_it_came_to_exist(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    # A worker's first run makes the state dir as the parent of runs/ (and,
+    # with the default, ~/.local/state above it): each one made is 0700.
+    state = tmp_path / "made" / "by" / "formulabeat"
+    config = write_config(tmp_path, redis_server.url)
+    config.write_text(config.read_text().replace('state_dir = "state"', f'state_dir = "{state}"'))
+    run_dir = new_run_dir(state, "0123456789abcdef")
+    for made in (run_dir, state / "runs", state, state.parent, state.parent.parent):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    lines = doctor(config).stdout.splitlines()
+    assert any(line.startswith("ok") and "state dir" in line for line in lines), lines

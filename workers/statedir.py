@@ -7,14 +7,24 @@ with an unpredictable name (``mkdtemp``) inside it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) if needed and make it 0700; refuse a symlink."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create ``path`` (and parents) if needed and make it 0700; refuse a symlink.
+
+    Every directory this creates is 0700, not only the last: ``mkdir(parents=True)``
+    gives the parents it makes the umask's mode, so a state dir made as the
+    parent of ``runs/`` would be left readable by everyone.
+    """
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):
+        # mode is masked by the umask; 0700 with any umask still means 0700 or less.
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
     if path.is_symlink():
         raise OSError(f"{path} is a symlink; refusing to keep private state there")
     os.chmod(path, 0o700)
