@@ -1,11 +1,16 @@
 # The two commands of the README: `make demo` and `make test`. Each creates
-# .venv and installs what it needs; tmux and git are the only system packages.
+# .venv and installs what it needs; tmux, git and npm (for the real Claude
+# Code CLI the tests run) are the system packages.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The Claude Code CLI the tests and the benchmark run, pinned: it changes often.
+CLAUDE_CODE_VERSION := 2.1.197
+CLAUDE_DIR   := .claude-cli
+CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
 
-.PHONY: setup system-deps demo test lint typecheck unit chaos bench clean
+.PHONY: setup system-deps claude-cli demo test lint typecheck unit chaos bench clean
 
 setup: system-deps $(STAMP)
 
@@ -18,6 +23,12 @@ system-deps:
 	    echo "missing system packages:$$missing — install them (sudo apt-get install$$missing)"; exit 1; \
 	  fi; \
 	fi
+	@command -v npm >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing npm"; apt-get update -qq && apt-get install -y -qq npm || true; \
+	  else \
+	    echo "npm not found (sudo apt-get install npm): the tests of the real Claude Code CLI will skip"; \
+	  fi; }
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=python3.11)")'
@@ -25,6 +36,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# Into the checkout (ignored by git), where tests/real_cli.py looks for it.
+claude-cli: system-deps $(CLAUDE_STAMP)
+
+$(CLAUDE_STAMP):
+	@if ! command -v npm >/dev/null 2>&1; then echo "no npm: Claude Code CLI not installed"; exit 0; fi; \
+	rm -rf $(CLAUDE_DIR) && \
+	npm install --prefix $(CLAUDE_DIR) --no-audit --no-fund --loglevel=error \
+	  @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) && \
+	$(CLAUDE_DIR)/node_modules/.bin/claude --version && touch $(CLAUDE_STAMP)
 
 demo: setup
 	$(BIN)/formulabeat demo
@@ -36,7 +57,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup
+unit: setup claude-cli
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
@@ -46,8 +67,8 @@ chaos: setup
 	$(BIN)/python -m tests.chaos
 
 # Latency, idle cost, concurrency and throughput; writes bench/results.json.
-bench: setup
+bench: setup claude-cli
 	$(BIN)/python -m bench.bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(CLAUDE_DIR) .mypy_cache .ruff_cache .pytest_cache

@@ -94,7 +94,7 @@ def _config(root: Path, url: str, agents: dict[str, str], sessions: int) -> Path
     blocks = "".join(
         f'[[agents]]\nname = "{name}"\nproject = "bench"\n'
         f'formula = "project/formulas/{name}.toml"\nschedule = "0 0 1 1 *"\n'
-        f'command = "{AGENT}"\nmin_memory_mb = 0\n\n'
+        f'command = "{AGENT}"\ndriver = "scripted"\nmin_memory_mb = 0\n\n'
         for name in agents
     )
     path = root / "formulabeat.toml"

@@ -88,6 +88,7 @@ formula = "project/formulas/{agent}.toml"
 schedule = "0 0 1 1 *"
 run_on_start = true
 command = "{agent_command}"
+driver = "scripted"
 min_memory_mb = 256
 idle_timeout = 60
 """

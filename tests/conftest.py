@@ -8,6 +8,8 @@ real git repositories; workers are real ``celery worker`` processes.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import secrets
 import subprocess
 import sys
@@ -25,8 +27,12 @@ import redis
 from tasks.app import client_app
 from tasks.demo import commit_all
 from tasks.stack import Stack
+from tests.messages_api import MessagesAPI
+from tests.real_cli import claude_binary, run_by_hand_once
+from workers import launcher as launcher_module
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+from workers.tmux import AgentSession, TmuxServer
 
 AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
 
@@ -37,6 +43,33 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server = start_redis(tmp_path_factory.mktemp("redis"))
     yield server
     stop_redis(server)
+
+
+@pytest.fixture(scope="session")
+def messages_api() -> Iterator[MessagesAPI]:
+    """The Messages API stand-in the real CLI talks to, for the whole test session."""
+    with MessagesAPI() as api:
+        yield api
+
+
+@pytest.fixture(scope="session")
+def claude() -> Path:
+    """The real Claude Code CLI (skips, or fails under CI, when it is not installed)."""
+    return claude_binary()
+
+
+@pytest.fixture(scope="session")
+def claude_home(
+    claude: Path, messages_api: MessagesAPI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """A HOME where ``claude`` was run once by hand: its dialogs answered as a person does."""
+    home = tmp_path_factory.mktemp("claude-home")
+    socket = f"fbtest-byhand-{secrets.token_hex(4)}"
+    try:
+        run_by_hand_once(claude, home, messages_api.url, socket)
+        yield home
+    finally:
+        subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, timeout=10)
 
 
 @pytest.fixture
@@ -68,6 +101,31 @@ def tmux_sessions(socket: str) -> list[str]:
         check=False,
     )
     return proc.stdout.split() if proc.returncode == 0 else []
+
+
+def start_session(
+    tmux_socket: str,
+    name: str,
+    cwd: Path,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    exit_file: Path | None = None,
+) -> AgentSession:
+    """A tmux session running ``argv`` through the launcher, as a run starts its agent."""
+    spec = cwd / f"{name}.launch.json"
+    env = {"PATH": os.environ["PATH"], "HOME": str(cwd), **(env or {})}
+    spec.write_text(
+        json.dumps(
+            {
+                "argv": argv,
+                "env": env,
+                "cwd": str(cwd),
+                "exit_file": str(exit_file) if exit_file else None,
+            }
+        )
+    )
+    launcher = [sys.executable, "-I", "-S", str(Path(launcher_module.__file__).resolve())]
+    return AgentSession.start(TmuxServer(tmux_socket), name, cwd, [*launcher, str(spec)], exit_file)
 
 
 def held_claims(client: redis.Redis) -> list[str]:
@@ -136,9 +194,12 @@ class Fleet:
                 "formula": f"project/formulas/{name}.toml",
                 "schedule": "0 0 1 1 *",
                 "command": AGENT,
+                "driver": "scripted",
                 "min_memory_mb": 0,
                 **options,
             }
+            if "command" in options and "driver" not in options:
+                del settings["driver"]  # another program: the config infers its driver
             body = "\n".join(f"{key} = {_toml(value)}" for key, value in settings.items())
             agents.append(f"[[agents]]\n{body}\n")
         text = (
@@ -187,6 +248,8 @@ def _toml(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
 

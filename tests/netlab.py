@@ -37,7 +37,7 @@ def host_config(
     blocks = "".join(
         f'[[agents]]\nname = "{name}"\nproject = "proj"\n'
         f'formula = "project/formulas/{name}.toml"\nschedule = "0 0 1 1 *"\n'
-        f'command = "{AGENT}"\nmin_memory_mb = 0\n\n'
+        f'command = "{AGENT}"\ndriver = "scripted"\nmin_memory_mb = 0\n\n'
         for name in agents
     )
     return (

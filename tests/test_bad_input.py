@@ -108,13 +108,14 @@ CASES: dict[str, tuple[dict[str, object], dict[str, str], str, str]] = {
         {"command": "sh -c 'echo starting; exit 3'"},
         {},
         "failed",
-        "the agent ended (exit status 3) before showing its prompt",
+        "the agent ended (exit status 3) before it was ready; its screen: starting",
     ),
     "no-ready-prompt": (
         {"command": "sh -c 'echo Please log in:; sleep 60'"},
         {},
         "failed",
-        "the agent did not show its ready prompt '❯' within 3 s; last output: 'Please log in:'",
+        "the agent did not become ready within 3 s (no ready prompt '❯' at a line start); "
+        "its screen: Please log in:",
     ),
     "phase-binary": ({"command": "{agent} binary"}, {}, "failed", "is not UTF-8 text (byte 6)"),
     "phase-100mb": ({"command": "{agent} huge"}, {}, "failed", "is 104857600 bytes (limit 65536)"),
@@ -215,7 +216,9 @@ def test_tmux_or_git_missing_from_path(
     missing: str,
     reason: str,
 ) -> None:
-    fleet.add_agent("planner", command=f"{sys.executable} -m workers.scripted_agent")
+    fleet.add_agent(
+        "planner", command=f"{sys.executable} -m workers.scripted_agent", driver="scripted"
+    )
     fleet.write_config()
     monkeypatch.setenv("PATH", _path_without(fleet.root, missing))
     fleet.start_worker()

@@ -13,7 +13,8 @@ import git
 import redis
 
 from tests.conftest import Fleet, commit_files, tmux_sessions
-from workers.worktrees import PRESERVED_MARKER, add_worktree, cleanup_stale
+from workers.rundir import PRESERVED
+from workers.worktrees import add_worktree, cleanup_stale
 
 
 def test_oneshot_agent_runs_from_origin_primary_with_the_prompt_on_stdin(fleet: Fleet) -> None:
@@ -103,8 +104,8 @@ def test_cleanup_removes_stale_run_dirs_but_not_preserved_or_in_use(tmp_path: Pa
         run_dir.mkdir()
         add_worktree(repo, run_dir / "worktree")
         dirs[name] = run_dir
-    (dirs["preserved"] / PRESERVED_MARKER).write_text(json.dumps({"reason": "crashed"}))
-    (dirs["old-preserved"] / PRESERVED_MARKER).write_text(json.dumps({"reason": "crashed"}))
+    (dirs["preserved"] / PRESERVED).write_text(json.dumps({"reason": "crashed"}))
+    (dirs["old-preserved"] / PRESERVED).write_text(json.dumps({"reason": "crashed"}))
     for name in ("stale", "preserved", "in-use"):
         _age(dirs[name], 25 * 3600)
     _age(dirs["old-preserved"], 200 * 3600)

@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import start_session, wait_until
 from workers.errors import SessionError
-from workers.tmux import AgentSession, TmuxServer, prompt_shown
-
-
-def launch(tmp_path: Path, name: str, argv: list[str], env: dict[str, str] | None = None) -> Path:
-    spec = tmp_path / f"{name}.json"
-    spec.write_text(json.dumps({"argv": argv, "env": env or {}, "cwd": str(tmp_path)}))
-    return spec
+from workers.tmux import TmuxServer
 
 
 def py(code: str) -> list[str]:
@@ -28,24 +22,17 @@ def py(code: str) -> list[str]:
 def test_a_session_named_like_ours_neither_masks_a_crash_nor_dies_with_it(
     tmp_path: Path, tmux_socket: str
 ) -> None:
-    server = TmuxServer(tmux_socket)
-    ours = AgentSession.start(
-        server,
+    ours = start_session(
+        tmux_socket,
         "proj-agent",
         tmp_path,
-        launch(
-            tmp_path,
-            "a",
-            py(
-                "import os, time\n"
-                f"while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.05)\n"
-                "raise SystemExit(3)"
-            ),
+        py(
+            "import os, time\n"
+            f"while not os.path.exists({str(tmp_path / 'go')!r}): time.sleep(0.05)\n"
+            "raise SystemExit(3)"
         ),
     )
-    twin = AgentSession.start(
-        server, "proj-agent-2", tmp_path, launch(tmp_path, "b", py("import time; time.sleep(120)"))
-    )
+    twin = start_session(tmux_socket, "proj-agent-2", tmp_path, py("import time; time.sleep(120)"))
     assert ours.alive() and twin.alive()
     # The original's `tmux has-session -t proj-agent` prefix-matches proj-agent-2.
     prefix = subprocess.run(
@@ -67,55 +54,55 @@ def test_a_session_named_like_ours_neither_masks_a_crash_nor_dies_with_it(
     assert not twin.alive()
 
 
-def test_ready_means_prompt_shown_and_quiet_not_a_prompt_char_anywhere(
+def test_an_agent_whose_status_tmux_lost_has_it_from_the_launchers_exit_file(
     tmp_path: Path, tmux_socket: str
 ) -> None:
-    # It prints lines starting with ❯ while it is still busy, then goes quiet.
-    code = (
-        "import sys, time\n"
-        "for i in range(30):\n"
-        "    print(f'❯ loading step {i}', flush=True); time.sleep(0.05)\n"
-        "print('READY-MARKER'); print('❯ ', end='', flush=True); time.sleep(120)\n"
-    )
-    session = AgentSession.start(
-        TmuxServer(tmux_socket), "ready", tmp_path, launch(tmp_path, "r", py(code))
-    )
-    session.wait_ready("❯", quiet=0.4, timeout=30)
-    assert "READY-MARKER" in session.capture()
-    session.kill()
-
-
-def test_prompt_detection_looks_at_line_starts_only() -> None:
-    assert prompt_shown("banner\n\n❯ \n", "❯")
-    assert prompt_shown("──────\n│ ❯ type here │\n──────\n  ? for shortcuts", "❯")
-    assert not prompt_shown("the arrow ❯ appears mid-line\n", "❯")
-
-
-def test_an_agent_that_exits_before_its_prompt_is_a_clear_error(
-    tmp_path: Path, tmux_socket: str
-) -> None:
-    # As a run does: tmux 3.3 may mark the pane dead without its status,
-    # and the launcher's exit file is what says it then.
+    # tmux 3.3 may mark the pane dead without its status: the launcher's
+    # shell parent writes it down, as it does for a run.
     exit_file = tmp_path / "d.exit"
-    spec = launch(tmp_path, "d", py("print('bye'); raise SystemExit(7)"))
-    spec.write_text(json.dumps({**json.loads(spec.read_text()), "exit_file": str(exit_file)}))
-    session = AgentSession.start(TmuxServer(tmux_socket), "dies", tmp_path, spec, exit_file)
-    with pytest.raises(SessionError, match=r"ended \(exit status 7\) before showing its prompt"):
-        session.wait_ready("❯", quiet=0.2, timeout=30)
+    session = start_session(
+        tmux_socket, "dies", tmp_path, py("print('bye'); raise SystemExit(7)"), None, exit_file
+    )
+    wait_until(lambda: not session.alive(), 30, "the agent to exit")
+    assert session.status() == (False, "exit status 7")
+    assert "bye" in session.capture()  # remain-on-exit keeps its last screen
     session.kill()
 
 
-def test_missing_prompt_times_out_with_the_last_output(tmp_path: Path, tmux_socket: str) -> None:
-    session = AgentSession.start(
-        TmuxServer(tmux_socket),
-        "noprompt",
-        tmp_path,
-        launch(tmp_path, "n", py("print('Login required'); import time; time.sleep(60)")),
+def test_the_agent_starts_without_a_shell_whatever_the_login_shell(
+    tmp_path: Path, tmux_socket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A service account's login shell is nologin; tmux runs a one-string
+    # command through it, and a command given as words without it.
+    monkeypatch.setenv("SHELL", "/usr/sbin/nologin")
+    marker = tmp_path / "ran"
+    session = start_session(
+        tmux_socket, "nologin", tmp_path, py(f"open({str(marker)!r}, 'w').write('yes')")
     )
-    with pytest.raises(
-        SessionError, match=r"did not show its ready prompt .* within 1 s.*Login required"
-    ):
-        session.wait_ready("❯", quiet=0.2, timeout=1)
+    wait_until(marker.exists, 30, "the agent to run")
+    session.kill()
+
+
+def test_the_agents_environment_is_the_launch_files_not_the_tmux_servers(
+    tmp_path: Path, tmux_socket: str
+) -> None:
+    # Whoever started the tmux server (here with another HOME and a secret),
+    # the agent sees the environment the launch file gives.
+    subprocess.run(
+        ["tmux", "-L", tmux_socket, "new-session", "-d", "-s", "first", "sleep 120"],
+        env={"PATH": os.environ["PATH"], "HOME": "/tmp/someone-else", "SECRET_X": "leak"},
+        check=True,
+        timeout=10,
+    )
+    seen = tmp_path / "env.json"
+    code = f"import json, os; open({str(seen)!r}, 'w').write(json.dumps(dict(os.environ)))"
+    session = start_session(tmux_socket, "envtest", tmp_path, py(code), {"ONLY_THIS": "1"})
+    wait_until(lambda: seen.exists() and seen.read_text(), 30, "the agent's environment")
+    env = json.loads(seen.read_text())
+    assert env["HOME"] == str(tmp_path)
+    assert env["ONLY_THIS"] == "1"
+    assert "SECRET_X" not in env
+    assert env["TMUX_PANE"] == session.pane_id  # what the hooks use to find the pane
     session.kill()
 
 
@@ -131,9 +118,7 @@ def test_no_descriptor_or_secret_of_the_orchestrator_reaches_tmux_or_the_agent(
         code = (
             f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
         )
-        session = AgentSession.start(
-            TmuxServer(tmux_socket), "fds", tmp_path, launch(tmp_path, "f", py(code), {"X": "1"})
-        )
+        session = start_session(tmux_socket, "fds", tmp_path, py(code), {"X": "1"})
         wait_until(lambda: pid_file.exists() and pid_file.read_text(), 30, "agent pid")
         agent_pid = int(pid_file.read_text())
         server_pid = int(

@@ -29,6 +29,7 @@ MODES = ("session", "oneshot")
 # '.' and ':' in session names and a space would need quoting everywhere, so
 # refuse anything beyond this set instead of mapping it ambiguously.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CRON_FIELDS = ("minute", "hour", "day of month", "month", "day of week")
 
 T = TypeVar("T")
@@ -71,6 +72,15 @@ class AgentConfig:
     forge_token_env: str = "FORGE_TOKEN"
     ops_commit: tuple[str, ...] = ()
     credential: str = "default"
+    # The agent CLI's driver (workers.agents): "claude-code", "scripted", "plain".
+    driver: str = "plain"
+    # The agent's environment beyond the basics: literal values, and names
+    # copied from the worker's environment (both through the 0600 launch file).
+    env: Mapping[str, str] = field(default_factory=dict)
+    pass_env: tuple[str, ...] = ()
+    # Claude Code's startup questions, answered only when these say so.
+    approve_api_key: bool = False
+    accept_bypass_mode: bool = False
 
     @property
     def key(self) -> str:
@@ -104,6 +114,11 @@ class MonitorConfig:
     liveness_interval: float = 1.0
     ready_timeout: float = 120.0
     ready_quiet: float = 0.15
+    # After the paste, how long the agent has to confirm the prompt (its
+    # UserPromptSubmit hook) before it is pasted once more, then given up.
+    confirm_timeout: float = 15.0
+    # A screen the driver does not know fails the start once unchanged this long.
+    settle_seconds: float = 5.0
     lease_seconds: float = 300.0
     host_timeout: float = 30.0
     stale_worktree_hours: float = 24.0
@@ -366,6 +381,43 @@ class _Parser:
             self.check(f"{where}.{key}[{i}]", isinstance(item, str), "must be a string")
         return values
 
+    def _driver(self, table: Mapping[str, Any], where: str, argv: list[str]) -> str:
+        from workers.agents import DRIVERS
+
+        inferred = "claude-code" if Path(argv[0]).name == "claude" else "plain"
+        driver = self.get(table, where, "driver", str, inferred)
+        self.check(
+            f"{where}.driver",
+            driver in DRIVERS,
+            f"{driver!r} is not a driver: use one of {', '.join(sorted(DRIVERS))}",
+        )
+        return driver
+
+    def _env(self, table: Mapping[str, Any], where: str) -> dict[str, str]:
+        values = self.get(table, where, "env", dict, {})
+        for name, value in values.items():
+            self.check(
+                f"{where}.env.{name}",
+                bool(_ENV_NAME_RE.match(name)),
+                "is not an environment variable name (letters, digits, _; not first a digit)",
+            )
+            self.check(
+                f"{where}.env.{name}",
+                isinstance(value, str),
+                f'must be a string, not {_kind(value)} (quote it: {name} = "{value}")',
+            )
+        return dict(values)
+
+    def _env_names(self, table: Mapping[str, Any], where: str, key: str) -> list[str]:
+        names = self._strings(table, where, key)
+        for index, name in enumerate(names):
+            self.check(
+                f"{where}.{key}[{index}]",
+                bool(_ENV_NAME_RE.match(name)),
+                f"{name!r} is not an environment variable name",
+            )
+        return names
+
     def _monitor(self) -> MonitorConfig:
         table = self.table("monitor")
         defaults = MonitorConfig()
@@ -446,6 +498,7 @@ class _Parser:
         except ValueError as exc:
             raise self.fail(f"{where}.command", f"cannot be split into words: {exc}") from None
         self.check(f"{where}.command", bool(argv), "must not be empty")
+        driver = self._driver(table, where, argv)
         defaults = AgentConfig(name="", project="", formula=Path(), schedule="")
         agent = AgentConfig(
             name=name,
@@ -466,6 +519,11 @@ class _Parser:
             forge_token_env=self.get(table, where, "forge_token_env", str, "FORGE_TOKEN"),
             ops_commit=tuple(self._strings(table, where, "ops_commit")),
             credential=self.get(table, where, "credential", str, defaults.credential),
+            driver=driver,
+            env=self._env(table, where),
+            pass_env=tuple(self._env_names(table, where, "pass_env")),
+            approve_api_key=self.get(table, where, "approve_api_key", bool, False),
+            accept_bypass_mode=self.get(table, where, "accept_bypass_mode", bool, False),
         )
         self.check(
             f"{where}.credential",

@@ -1,10 +1,13 @@
-"""Claude Code hooks: installed into the worktree, run as ``formulabeat hook NAME``.
+"""Claude Code hooks: run by the agent CLI on its events, as plain scripts.
 
 Each hook reads Claude Code's JSON payload on stdin and talks to the monitor
-through files in the run's private directory:
+through files in the run's private directory (names in workers.rundir):
 
-- ``stop``: writes the ``idle`` marker, or (phase file still empty, fewer than
-  two nudges so far) types a nudge into the session instead;
+- ``user-prompt-submit``: the prompt the CLI took is this run's: it writes
+  ``prompt-submitted``, which is how the worker knows the prompt arrived;
+- ``stop``: writes the ``idle`` marker, or (phase file still empty, fewer
+  than two nudges so far) answers ``{"decision": "block"}`` with a nudge,
+  which the CLI hands to the model as it would a user's reply;
 - ``post-tool-use``: when the tool wrote the phase file, appends each phase it
   wrote to ``phase-journal`` (so two writes in one millisecond are both seen,
   in order) and touches ``phase-changed``;
@@ -15,33 +18,43 @@ through files in the run's private directory:
 - ``session-end``: writes the ``exited`` marker (fast: its timeout is short);
 - ``session-start``: after a compaction, prints the run's compact context.
 
-Standard library only, and no other formulabeat module: it starts on every
-tool call of every agent.
+The CLI calls two hooks per tool use, so a hook must start fast: it runs as
+``python -I -S hooks.py NAME …`` (no site packages), imports only the
+standard library and workers.rundir, and parses its own few arguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import re
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-MAX_PAYLOAD_BYTES = 1024 * 1024
+if not __package__:
+    # Run as a script by path: make the package importable without site.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from workers.rundir import (
+    CONTEXT,
+    EXITED,
+    HOOKS_LIVE,
+    IDLE,
+    JOURNAL,
+    NUDGES,
+    PHASE,
+    PHASE_CHANGED,
+    PROMPT,
+    PROMPT_SUBMITTED,
+)
+
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MAX_NUDGES = 2
 TERMINAL = ("PHASE:done", "PHASE:merged", "PHASE:failed", "PHASE:escalate")
-# Files in the run directory that the monitor reads.
-JOURNAL = "phase-journal"
-HOOKS_LIVE = "hooks-live"
-IDLE_MARKER = "idle"
-EXITED_MARKER = "exited"
 NUDGE = (
     "You returned to the prompt without writing the phase file. Finish the formula's "
     "steps, then write the phase: echo 'PHASE:done' > '{phase}' "
@@ -50,6 +63,7 @@ NUDGE = (
 
 # (event, matcher, hook name, timeout seconds)
 HOOKS = (
+    ("UserPromptSubmit", "", "user-prompt-submit", 30),
     ("Stop", "", "stop", 30),
     ("PostToolUse", "Bash|Write", "post-tool-use", 30),
     ("StopFailure", "", "stop-failure", 30),
@@ -57,61 +71,28 @@ HOOKS = (
     ("SessionEnd", "", "session-end", 1),
     ("SessionStart", "compact", "session-start", 30),
 )
+NAMES = tuple(name for _, _, name, _ in HOOKS)
 
 
-# -- installation ---------------------------------------------------------
+def hook_command() -> list[str]:
+    """How an agent CLI calls these hooks: this interpreter on this file, without site."""
+    return [sys.executable, "-I", "-S", str(Path(__file__).resolve())]
 
 
-def install_hooks(
-    worktree: Path, hook_command: list[str], run_dir: Path, primary_branch: str
-) -> Path:
-    """Merge formulabeat's hooks into ``<worktree>/.claude/settings.json``, idempotently."""
-    path = worktree / ".claude" / "settings.json"
-    settings: dict[str, Any] = {}
-    if path.exists():
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: not valid JSON, left as it is: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: not a JSON object, left as it is")
-        settings = loaded
-    hooks = settings.setdefault("hooks", {})
-    if not isinstance(hooks, dict):
-        raise ValueError(f"{path}: 'hooks' is not an object, left as it is")
+def settings(hook_command: list[str], run_dir: Path, primary_branch: str) -> dict[str, Any]:
+    """Claude Code settings holding formulabeat's hooks for one run (``--settings`` file)."""
+    hooks: dict[str, list[dict[str, Any]]] = {}
     for event, matcher, name, timeout in HOOKS:
         command = shlex.join(
-            [
-                *hook_command,
-                "hook",
-                name,
-                "--run-dir",
-                str(run_dir),
-                "--primary-branch",
-                primary_branch,
-            ]
+            [*hook_command, name, "--run-dir", str(run_dir), "--primary-branch", primary_branch]
         )
-        groups = hooks.setdefault(event, [])
-        present = any(
-            isinstance(hook, dict) and hook.get("command") == command
-            for group in groups
-            if isinstance(group, dict)
-            for hook in group.get("hooks", [])
+        hooks.setdefault(event, []).append(
+            {
+                "matcher": matcher,
+                "hooks": [{"type": "command", "command": command, "timeout": timeout}],
+            }
         )
-        if not present:
-            groups.append(
-                {
-                    "matcher": matcher,
-                    "hooks": [{"type": "command", "command": command, "timeout": timeout}],
-                }
-            )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(settings, indent=2) + "\n"
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        tmp = path.with_name(f".settings.json.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    return path
+    return {"hooks": hooks}
 
 
 # -- the guard ------------------------------------------------------------
@@ -224,7 +205,7 @@ def _rm_reason(words: list[str], worktree: str) -> str | None:
         full = os.path.normpath(path if path.startswith("/") else os.path.join(root, path))
         if full == root or full.startswith(root + os.sep):
             continue
-        temp_roots = {*_TEMP_ROOTS, tempfile.gettempdir()}
+        temp_roots = {*_TEMP_ROOTS, os.environ.get("TMPDIR") or "/tmp"}
         if any(full.startswith(t.rstrip("/") + "/") for t in temp_roots) or full.startswith(
             "/dev/"
         ):
@@ -319,37 +300,42 @@ def _write_marker(path: Path, text: str) -> None:
         handle.write(text)
 
 
-def _type_into_pane(text: str) -> bool:
-    """Type ``text`` and Enter into this agent's tmux pane ($TMUX, $TMUX_PANE)."""
-    socket = os.environ.get("TMUX", "").split(",")[0]
-    pane = os.environ.get("TMUX_PANE", "")
-    if not socket or not pane:
-        return False
-    for keys in (["-l", text], ["Enter"]):
-        subprocess.run(
-            ["tmux", "-S", socket, "send-keys", "-t", pane, *keys],
-            capture_output=True,
-            timeout=5,
-            check=False,
-        )
-    return True
+def on_user_prompt_submit(run_dir: Path, payload: dict[str, Any]) -> int:
+    """Record that the CLI took this run's prompt (a nudge or a typed line does not count)."""
+    try:
+        expected = (run_dir / PROMPT).read_text(encoding="utf-8")
+    except OSError:
+        return 0
+    prompt = payload.get("prompt")
+    # Compared word by word: a terminal turns the paste's newlines into CRs,
+    # and a CLI may trim or re-wrap white space; the words are the prompt.
+    if isinstance(prompt, str) and prompt.split() == expected.split():
+        record = {"at": time.time(), "bytes": len(prompt.encode("utf-8"))}
+        _write_marker(run_dir / PROMPT_SUBMITTED, json.dumps(record))
+    return 0
 
 
 def on_stop(run_dir: Path, payload: dict[str, Any]) -> int:
-    """Idle marker; or a nudge when the phase file is still empty (twice at most)."""
-    phase_file = run_dir / "phase"
+    """Idle marker; or a nudge when the phase file is still empty (twice at most).
+
+    The nudge is Claude Code's own answer to a Stop hook, ``{"decision":
+    "block", "reason": …}``: the CLI gives the reason to the model and goes
+    on, with nothing typed into its pane.
+    """
+    phase_file = run_dir / PHASE
     text = _phase_text(phase_file)
-    nudges_file = run_dir / "nudges"
+    nudges_file = run_dir / NUDGES
     try:
         nudges = int(nudges_file.read_text().strip() or 0)
     except (OSError, ValueError):
         nudges = 0
     empty = text is not None and not text.strip()
-    if empty and nudges < MAX_NUDGES and _type_into_pane(NUDGE.format(phase=phase_file)):
+    if empty and nudges < MAX_NUDGES:
         _write_marker(nudges_file, str(nudges + 1))
-        (run_dir / IDLE_MARKER).unlink(missing_ok=True)
+        (run_dir / IDLE).unlink(missing_ok=True)
+        print(json.dumps({"decision": "block", "reason": NUDGE.format(phase=phase_file)}))
         return 0
-    _write_marker(run_dir / IDLE_MARKER, str(time.time()))
+    _write_marker(run_dir / IDLE, str(time.time()))
     return 0
 
 
@@ -357,7 +343,7 @@ def on_post_tool_use(run_dir: Path, payload: dict[str, Any]) -> int:
     """Journal each phase a tool call wrote, and wake the monitor."""
     tool, tool_input = str(payload.get("tool_name", "")), payload.get("tool_input")
     cwd = str(payload.get("cwd") or os.getcwd())
-    phase_file = str(run_dir / "phase")
+    phase_file = str(run_dir / PHASE)
     if not isinstance(tool_input, dict) or not writes_phase_file(tool, tool_input, cwd, phase_file):
         return 0
     now = time.time()
@@ -367,14 +353,14 @@ def on_post_tool_use(run_dir: Path, payload: dict[str, Any]) -> int:
     fd = os.open(run_dir / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "a") as journal:
         journal.write(lines)
-    _write_marker(run_dir / "phase-changed", str(now))
+    _write_marker(run_dir / PHASE_CHANGED, str(now))
     return 0
 
 
 def on_stop_failure(run_dir: Path, payload: dict[str, Any]) -> int:
     """Record an API failure as the run's phase, unless it already ended."""
     kind = str(payload.get("error") or "unknown")
-    phase_file = run_dir / "phase"
+    phase_file = run_dir / PHASE
     current = (_phase_text(phase_file) or "").strip().splitlines()[:1]
     if current and current[0].strip() in TERMINAL:
         return 0
@@ -402,7 +388,7 @@ def on_guard(run_dir: Path, payload: dict[str, Any], primary_branch: str) -> int
 def on_session_end(run_dir: Path, payload: dict[str, Any]) -> int:
     """Tell the monitor the session is over."""
     _write_marker(
-        run_dir / EXITED_MARKER, json.dumps({"at": time.time(), "reason": payload.get("reason")})
+        run_dir / EXITED, json.dumps({"at": time.time(), "reason": payload.get("reason")})
     )
     return 0
 
@@ -412,20 +398,48 @@ def on_session_start(run_dir: Path, payload: dict[str, Any]) -> int:
     if payload.get("source", "compact") != "compact":
         return 0
     with contextlib.suppress(OSError):
-        sys.stdout.write((run_dir / "context.md").read_text(encoding="utf-8"))
+        sys.stdout.write((run_dir / CONTEXT).read_text(encoding="utf-8"))
     return 0
+
+
+HANDLERS = {
+    "user-prompt-submit": on_user_prompt_submit,
+    "stop": on_stop,
+    "post-tool-use": on_post_tool_use,
+    "stop-failure": on_stop_failure,
+    "session-end": on_session_end,
+    "session-start": on_session_start,
+}
+
+
+def _parse(argv: list[str]) -> tuple[str, str | None, str] | str:
+    """(name, run dir, primary branch), or the usage error to print."""
+    usage = f"usage: formulabeat hook {{{','.join(NAMES)}}} [--run-dir DIR] [--primary-branch B]"
+    if not argv or argv[0] not in NAMES:
+        return usage
+    options = {"--run-dir": os.environ.get("FORMULABEAT_RUN_DIR"), "--primary-branch": "main"}
+    rest = argv[1:]
+    while rest:
+        key, _, value = rest[0].partition("=")
+        if key not in options:
+            return usage
+        if not value:
+            if len(rest) < 2:
+                return usage
+            value, rest = rest[1], rest[1:]
+        options[key] = value
+        rest = rest[1:]
+    return argv[0], options["--run-dir"], options["--primary-branch"] or "main"
 
 
 def main(argv: list[str]) -> int:
     """``formulabeat hook NAME [--run-dir DIR] [--primary-branch B]``, payload on stdin."""
-    parser = argparse.ArgumentParser(
-        prog="formulabeat hook", description="Claude Code hook entry points"
-    )
-    parser.add_argument("name", choices=[name for _, _, name, _ in HOOKS])
-    parser.add_argument("--run-dir", default=os.environ.get("FORMULABEAT_RUN_DIR"))
-    parser.add_argument("--primary-branch", default="main")
-    args = parser.parse_args(argv)
-    if not args.run_dir:
+    parsed = _parse(argv)
+    if isinstance(parsed, str):
+        print(parsed, file=sys.stderr)
+        return 1
+    name, run_dir_arg, primary_branch = parsed
+    if not run_dir_arg:
         print("formulabeat hook: no --run-dir and no $FORMULABEAT_RUN_DIR", file=sys.stderr)
         return 1
     raw = sys.stdin.buffer.read(MAX_PAYLOAD_BYTES)
@@ -434,22 +448,17 @@ def main(argv: list[str]) -> int:
     except ValueError:
         payload = None
     if not isinstance(payload, dict):
-        print(
-            f"formulabeat hook {args.name}: payload is not a JSON object; ignored", file=sys.stderr
-        )
+        print(f"formulabeat hook {name}: payload is not a JSON object; ignored", file=sys.stderr)
         return 0
-    run_dir = Path(args.run_dir)
+    run_dir = Path(run_dir_arg)
     try:
-        if args.name == "guard":
-            return on_guard(run_dir, payload, args.primary_branch)
-        handler = {
-            "stop": on_stop,
-            "post-tool-use": on_post_tool_use,
-            "stop-failure": on_stop_failure,
-            "session-end": on_session_end,
-            "session-start": on_session_start,
-        }[args.name]
-        return handler(run_dir, payload)
+        if name == "guard":
+            return on_guard(run_dir, payload, primary_branch)
+        return HANDLERS[name](run_dir, payload)
     except OSError as exc:
-        print(f"formulabeat hook {args.name}: {exc}", file=sys.stderr)
+        print(f"formulabeat hook {name}: {exc}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -8,6 +8,7 @@ the task layer supplies, so this module never imports Celery.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -19,14 +20,17 @@ from typing import Protocol
 
 import redis
 
-from workers import guards, registry, worktrees
+from workers import guards, registry, rundir, worktrees
+from workers import launcher as launcher_module
 from workers import run as outcomes
+from workers.agents import Launch, driver_for
 from workers.analysis import structural_report
-from workers.config import AgentConfig, Config
+from workers.config import Config
+from workers.environment import agent_env
 from workers.errors import ConfigError, ContextError, RepoError, SessionError
 from workers.forge import git_auth_env, resolve_identity
-from workers.formula import load_formula
-from workers.hooks import EXITED_MARKER, IDLE_MARKER, install_hooks
+from workers.formula import Formula, load_formula
+from workers.hooks import hook_command
 from workers.locks import Lease, agent_lock_key, holder, release_run
 from workers.monitor import MonitorExit, SessionWatch
 from workers.oneshot import run_oneshot
@@ -34,7 +38,7 @@ from workers.prompt import build_prompt
 from workers.repos import ensure_ops_repo, load_profile_formula, ops_commit_and_push
 from workers.run import Run, now_iso
 from workers.slots import Slots
-from workers.statedir import new_run_dir, private_dir, write_private
+from workers.statedir import new_run_dir, private_dir, runs_dir, write_private
 from workers.tmux import AgentSession, TmuxServer, session_name
 
 log = logging.getLogger("formulabeat.lifecycle")
@@ -42,13 +46,6 @@ MAX_PROMPT_BYTES = 1024 * 1024
 # A crashed session is started again once in the same worktree; a second
 # crash ends the run (as the original's phase callback did).
 MAX_RECOVERIES = 1
-EXIT_STATUS = "exit-status"
-# Written once the prompt is in the agent: a worker killed before it could
-# publish RUNNING leaves this on the host, so the run is followed, not
-# started again with a second copy of the prompt.
-PROMPT_DELIVERED = "prompt-delivered"
-# Credentials an agent needs, handed over through the 0600 launch file only.
-PASS_ENV = ("FORGE_TOKEN", "ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
 
 
 class ProgressSink(Protocol):
@@ -60,29 +57,45 @@ class ProgressSink(Protocol):
 
 def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> None:
     """Guards, lease, formula, prompt and worktree; ends the run if any of them says no."""
+    if not admit(run, cfg, client, sink):
+        return
+    formula = load_run_formula(run, cfg)
     agent = cfg.agent(run.project, run.agent)
-    project = cfg.project(run.project)
+    program = agent.argv()[0]
+    if shutil.which(program, path=agent_env(agent).get("PATH")) is None:
+        raise SessionError(
+            f"agent command {program!r} (agents {agent.key}: command) not found on PATH"
+        )
+    make_run_dir(run, cfg, formula)
+
+
+def admit(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> bool:
+    """Cancel request, skip guards, the agent's lease and a credential slot; False ends it."""
+    agent = cfg.agent(run.project, run.agent)
     who = registry.cancel_requested(client, run.id)
     if who:
         run.end(outcomes.CANCELLED, f"cancelled by {who} before it started")
-        return
+        return False
     reason = guards.skip_reason(client, agent)
     if reason:
         run.end(outcomes.SKIPPED, reason)
-        return
+        return False
     key = agent_lock_key(run.project, run.agent)
     lease = Lease.acquire(client, key, run.id, run.host, cfg.monitor.lease_seconds)
     if lease is None:
         owner = holder(client, key)
         who = f"run {owner.run_id} on host {owner.host}" if owner else "another run"
         run.end(outcomes.SKIPPED, f"agent {agent.key} is already running: {who} holds its lease")
-        return
+        return False
     run.lease_key, run.lease_token, run.lease_fence = lease.key, lease.token, lease.fence
     sink.progress(run, "PREPARING")
-    if not _take_slot(run, cfg, client, sink):
-        return
+    return _take_slot(run, cfg, client, sink)
 
-    # Everything that can be refused is checked before anything is written.
+
+def load_run_formula(run: Run, cfg: Config) -> Formula:
+    """The agent's formula (its forge identity's .profile one first) and the ops repo."""
+    agent = cfg.agent(run.project, run.agent)
+    project = cfg.project(run.project)
     token = os.environ.get(agent.forge_token_env) or None
     login = resolve_identity(project.forge_url, token) if token else None
     formula_path, run.formula_source = load_profile_formula(
@@ -97,11 +110,17 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
             project.primary_branch,
             git_auth_env(login, token) if login and token else {"GIT_TERMINAL_PROMPT": "0"},
         )
-    argv = agent.argv()
-    if shutil.which(argv[0]) is None:
-        raise SessionError(
-            f"agent command {argv[0]!r} (agents {agent.key}: command) not found on PATH"
-        )
+    return formula
+
+
+def make_run_dir(run: Run, cfg: Config, formula: Formula) -> None:
+    """The run's private directory: prompt, worktree, the driver's files, the launch file.
+
+    Everything that can be refused (the prompt's size) is checked before
+    the worktree is made.
+    """
+    agent = cfg.agent(run.project, run.agent)
+    project = cfg.project(run.project)
     oneshot = agent.mode == "oneshot"
     run.mode = agent.mode
     # One-shot runs work from the forge's latest primary branch, as the
@@ -110,14 +129,14 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
     run_dir = new_run_dir(cfg.state_dir, run.id)
     run.run_dir = str(run_dir)
     worktree = worktrees.worktree_path(run_dir, run.id)
-    phase_file = run_dir / "phase"
+    phase_file = run_dir / rundir.PHASE
     scratch = scratch_file(cfg, run) if agent.scratch else None
     parts = build_prompt(
         run_id=run.id,
         project=project,
         agent=agent,
         formula=formula,
-        formula_source=run.formula_source,
+        formula_source=run.formula_source or str(agent.formula),
         phase_file=str(phase_file),
         worktree=str(worktree),
         protocol=not oneshot,
@@ -127,20 +146,50 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
     size = len(parts.prompt.encode("utf-8"))
     if size > MAX_PROMPT_BYTES:
         raise ContextError(f"the prompt is {size} bytes, over the {MAX_PROMPT_BYTES} byte limit")
-    worktrees.add_worktree(project.repo_root, worktree, ref)
-    run.worktree = str(worktree)
-    try:
-        install_hooks(worktree, hook_command(), run_dir, project.primary_branch)
-    except ValueError as exc:
-        raise SessionError(f"cannot install the hooks: {exc}") from None
+    run.prompt_sha256 = hashlib.sha256(parts.prompt.encode("utf-8")).hexdigest()
     write_private(phase_file, "")
     run.phase_file = str(phase_file)
-    write_private(run_dir / "prompt.md", parts.prompt)
-    run.prompt_file = str(run_dir / "prompt.md")
-    write_private(run_dir / "context.md", parts.footer + "\n")
-    if oneshot and not {"-p", "--print"} & set(argv):
-        argv.append("-p")
-    write_private(run_dir / "launch.json", json.dumps(_launch_spec(run, agent, argv)))
+    write_private(run_dir / rundir.PROMPT, parts.prompt)
+    run.prompt_file = str(run_dir / rundir.PROMPT)
+    write_private(run_dir / rundir.CONTEXT, parts.footer + "\n")
+    worktrees.add_worktree(project.repo_root, worktree, ref)
+    run.worktree = str(worktree)
+    driver = driver_for(agent.driver)
+    launch = launch_of(run, cfg)
+    driver.install(agent, launch)
+    argv = driver.command(agent, launch, oneshot)
+    spec = {
+        "argv": argv,
+        "env": dict(launch.env),
+        "cwd": run.worktree,
+        "exit_file": str(run_dir / rundir.EXIT_STATUS),
+    }
+    write_private(run_dir / rundir.LAUNCH, json.dumps(spec))
+
+
+def launch_of(run: Run, cfg: Config) -> Launch:
+    """What the agent's driver knows of the run (its environment included)."""
+    assert run.run_dir and run.worktree and run.phase_file
+    agent = cfg.agent(run.project, run.agent)
+    env = agent_env(agent)
+    env.update(
+        {
+            "PHASE_FILE": run.phase_file,
+            "FORMULABEAT_RUN_ID": run.id,
+            "FORMULABEAT_RUN_DIR": run.run_dir,
+            "FORMULABEAT_PROJECT": run.project,
+            "FORMULABEAT_AGENT": agent.name,
+        }
+    )
+    return Launch(
+        run_id=run.id,
+        run_dir=Path(run.run_dir),
+        worktree=Path(run.worktree),
+        worktree_root=runs_dir(cfg.state_dir),
+        primary_branch=cfg.project(run.project).primary_branch,
+        hook_command=tuple(hook_command()),
+        env=env,
+    )
 
 
 def _take_slot(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> bool:
@@ -189,30 +238,9 @@ def release_claims(run: Run, client: redis.Redis, cfg: Config) -> None:
             Slots(client, credential, 0).release(run.id)
 
 
-def hook_command() -> list[str]:
-    """How the agent's hooks call formulabeat: this installation's own script."""
-    script = Path(sys.executable).with_name("formulabeat")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "tasks.cli"]
-
-
 def scratch_file(cfg: Config, run: Run) -> Path:
     """The agent's scratch file: it outlives runs, so it lives beside them."""
     return private_dir(cfg.state_dir / "scratch") / f"{run.project}-{run.agent}.md"
-
-
-def _launch_spec(run: Run, agent: AgentConfig, argv: list[str]) -> dict[str, object]:
-    env = {
-        "PHASE_FILE": run.phase_file,
-        "FORMULABEAT_RUN_ID": run.id,
-        "FORMULABEAT_RUN_DIR": run.run_dir,
-        "FORMULABEAT_PROJECT": run.project,
-        "FORMULABEAT_AGENT": agent.name,
-    }
-    env.update({name: os.environ[name] for name in PASS_ENV if name in os.environ})
-    if agent.forge_token_env in os.environ:
-        env["FORGE_TOKEN"] = os.environ[agent.forge_token_env]
-    exit_file = str(Path(run.run_dir) / EXIT_STATUS) if run.run_dir else None
-    return {"argv": argv, "env": env, "cwd": run.worktree, "exit_file": exit_file}
 
 
 def _session(run: Run, cfg: Config) -> AgentSession:
@@ -223,38 +251,46 @@ def _session(run: Run, cfg: Config) -> AgentSession:
         name=run.session,
         session_id=run.session_id,
         pane_id=run.pane_id,
-        exit_file=Path(run.run_dir) / EXIT_STATUS if run.run_dir else None,
+        exit_file=Path(run.run_dir) / rundir.EXIT_STATUS if run.run_dir else None,
     )
 
 
 def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
-    """Start the agent in tmux, wait until it is ready, and deliver the prompt."""
+    """Start the agent in tmux, wait until it is ready, deliver the prompt and see it taken."""
     agent = cfg.agent(run.project, run.agent)
     assert run.run_dir and run.worktree and run.prompt_file
     if agent.mode == "oneshot":
         # A one-shot agent is a child of the monitoring task, started there.
         return
     run_dir = Path(run.run_dir)
-    for stale in (EXIT_STATUS, PROMPT_DELIVERED):
+    for stale in rundir.SESSION_MARKERS:
         (run_dir / stale).unlink(missing_ok=True)
+    launcher = [sys.executable, "-I", "-S", str(Path(launcher_module.__file__).resolve())]
     session = AgentSession.start(
         TmuxServer(cfg.tmux_socket),
         session_name(run.project, run.agent, run.id),
         Path(run.worktree),
-        run_dir / "launch.json",
-        run_dir / EXIT_STATUS,
+        [*launcher, str(run_dir / rundir.LAUNCH)],
+        run_dir / rundir.EXIT_STATUS,
     )
     run.session, run.session_id, run.pane_id = session.name, session.session_id, session.pane_id
     sink.progress(run, "STARTING")
-    session.wait_ready(agent.ready_prompt, cfg.monitor.ready_quiet, cfg.monitor.ready_timeout)
-    session.paste_file(Path(run.prompt_file), f"formulabeat-{run.id}")
-    (run_dir / PROMPT_DELIVERED).touch()
+    driver = driver_for(agent.driver)
+    launch = launch_of(run, cfg)
+    driver.wait_ready(session, agent, launch, cfg.monitor)
+    driver.deliver(session, agent, launch, cfg.monitor)
+    (run_dir / rundir.PROMPT_DELIVERED).touch()
     sink.progress(run, "RUNNING")
 
 
 def prompt_delivered(run: Run) -> bool:
     """Whether the run's current session got its prompt (known on its host only)."""
-    return run.run_dir is not None and (Path(run.run_dir) / PROMPT_DELIVERED).exists()
+    if run.run_dir is None:
+        return False
+    run_dir = Path(run.run_dir)
+    return (run_dir / rundir.PROMPT_DELIVERED).exists() or (
+        run_dir / rundir.PROMPT_SUBMITTED
+    ).exists()
 
 
 def renewer(run: Run, cfg: Config, client: redis.Redis) -> Callable[[], bool | None]:
@@ -302,8 +338,13 @@ def session_watch(
 ) -> SessionWatch:
     """What the host's watcher needs to follow the run's session."""
     agent = cfg.agent(run.project, run.agent)
+    driver = driver_for(agent.driver)
+
+    def explain(how: str, screen: str) -> str:
+        return driver.ended(how, screen, agent, launch_of(run, cfg))
+
     return SessionWatch(
-        run, _session(run, cfg), agent, cfg.monitor, on_phase, renewer(run, cfg, client)
+        run, _session(run, cfg), agent, cfg.monitor, on_phase, renewer(run, cfg, client), explain
     )
 
 
@@ -327,8 +368,6 @@ def recover(run: Run, cfg: Config, sink: ProgressSink) -> None:
     """Start the crashed session again in the same worktree (raises SessionError)."""
     assert run.run_dir
     run.recoveries += 1
-    for marker in (EXITED_MARKER, IDLE_MARKER):
-        (Path(run.run_dir) / marker).unlink(missing_ok=True)
     sink.progress(run, "RECOVERING")
     start(run, cfg, sink)
 
@@ -354,7 +393,7 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
     release_claims(run, client, cfg)
     if run.run_dir:
         run_dir = Path(run.run_dir)
-        run.nudges = _count(run_dir / "nudges")
+        run.nudges = _count(run_dir / rundir.NUDGES)
         if run.outcome == outcomes.CRASHED:
             worktrees.preserve(run_dir, run.reason or "crashed")
             run.worktree_preserved = True

@@ -8,6 +8,7 @@ end the run).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import time
@@ -20,10 +21,10 @@ from inotify_simple import flags as inotify_flags
 
 from workers import run as outcomes
 from workers.config import AgentConfig, MonitorConfig
-from workers.errors import PhaseFileError
-from workers.hooks import EXITED_MARKER, HOOKS_LIVE, IDLE_MARKER, JOURNAL
+from workers.errors import PhaseFileError, SessionError
 from workers.phases import TERMINAL, read_phase
 from workers.run import Run
+from workers.rundir import EXITED, HOOKS_LIVE, IDLE, JOURNAL
 from workers.tmux import AgentSession
 
 # Checks (at the liveness interval) with an idle agent and no phase before
@@ -131,9 +132,12 @@ class SessionWatch:
         timing: MonitorConfig,
         on_phase: Callable[[Run], None],
         renew: Callable[[], bool | None],
+        explain: Callable[[str, str], str],
     ) -> None:
         assert run.phase_file is not None and run.run_dir is not None
         self.run = run
+        # (how it ended, its last screen) -> the reason, from the agent's driver.
+        self.explain = explain
         self.session = session
         self.on_phase = on_phase
         self.run_dir = Path(run.run_dir)
@@ -171,9 +175,17 @@ class SessionWatch:
 
     def exited(self) -> bool:
         """Whether the run directory says the agent's process has ended."""
-        return (self.run_dir / EXITED_MARKER).exists() or (
+        return (self.run_dir / EXITED).exists() or (
             self.session.exit_file is not None and self.session.exit_file.exists()
         )
+
+    def ended_reason(self, how: str | None) -> str:
+        """Why the session ended: how, and the last lines of its screen (kept by remain-on-exit)."""
+        screen = ""
+        if how != "its tmux session is gone":
+            with contextlib.suppress(SessionError):
+                screen = self.session.capture()
+        return self.explain(f"the agent's session ended ({how})", screen)
 
     def check(self, alive: bool, how: str | None, cancelled_by: str | None) -> MonitorExit | None:
         """The periodic check: liveness, a cancel request, the idle prompt, the limits."""
@@ -181,10 +193,10 @@ class SessionWatch:
             ended = self.scan()  # it may have written its phase on the way out
             if ended is not None or self.terminal is not None:
                 return ended or self.terminal
-            return MonitorExit(outcomes.CRASHED, f"the agent's session ended ({how})")
+            return MonitorExit(outcomes.CRASHED, self.ended_reason(how))
         if cancelled_by:
             return MonitorExit(outcomes.CANCELLED, f"cancelled by {cancelled_by}")
-        idle = self.run.final_phase is None and (self.run_dir / IDLE_MARKER).exists()
+        idle = self.run.final_phase is None and (self.run_dir / IDLE).exists()
         self.idle_checks = self.idle_checks + 1 if idle else 0
         if self.idle_checks >= IDLE_PROMPT_CHECKS:
             return MonitorExit(

@@ -24,9 +24,8 @@ from workers.errors import PhaseFileError
 from workers.monitor import Limits, MonitorExit, RunDirWake, check_phase, merge_journal
 from workers.phases import TERMINAL, read_phase
 from workers.run import Run
-from workers.tmux import scrubbed_env
+from workers.rundir import LAUNCH, OUTPUT
 
-OUTPUT_NAME = "output.log"
 TAIL_BYTES = 2000
 
 
@@ -41,9 +40,10 @@ def run_oneshot(
     """Run the agent to completion (or a timeout); the way it ended."""
     assert run.run_dir and run.prompt_file and run.phase_file
     run_dir = Path(run.run_dir)
-    spec = json.loads((run_dir / "launch.json").read_text())
-    env = {**scrubbed_env(), **{str(k): str(v) for k, v in spec["env"].items()}}
-    output = run_dir / OUTPUT_NAME
+    spec = json.loads((run_dir / LAUNCH).read_text())
+    # The launch file holds the agent's whole environment (workers.environment).
+    env = {str(k): str(v) for k, v in spec["env"].items()}
+    output = run_dir / OUTPUT
     with open(run.prompt_file, "rb") as stdin, open(output, "wb") as out:
         try:
             proc = subprocess.Popen(

@@ -64,6 +64,8 @@ class Run:
     # The credential whose session slot the run holds, if it took one.
     slot: str | None = None
     formula_source: str | None = None
+    # What the agent was given: the SHA-256 of the prompt's UTF-8 text.
+    prompt_sha256: str | None = None
     phases: list[dict[str, str]] = field(default_factory=list)
     outcome: str | None = None
     final_phase: str | None = None
@@ -127,6 +129,7 @@ class Run:
             "reason": self.reason,
             "finished_at": self.finished_at,
             "formula_source": self.formula_source,
+            "prompt_sha256": self.prompt_sha256,
             "worktree_preserved": self.worktree_preserved,
             "recoveries": self.recoveries,
             "nudges": self.nudges,

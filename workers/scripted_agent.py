@@ -3,8 +3,11 @@
 It shows its ready prompt ``❯``, reads the pasted prompt in raw mode (with
 bracketed paste on, as Claude Code does), takes a scenario from a line
 ``SCENARIO: <tokens>`` in the prompt, writes the phase file the prompt names,
-and runs the hooks of ``.claude/settings.json`` in its working directory with
-Claude Code's JSON payloads. Nothing in formulabeat depends on its internals.
+and runs the hooks of ``.claude/settings.json`` in its working directory and
+of the ``--settings`` file with Claude Code's JSON payloads. A Stop hook that
+answers ``{"decision": "block", "reason": …}`` gets a new turn with the
+reason, as Claude Code gives it to the model. Nothing in formulabeat depends
+on its internals.
 
 Scenario tokens, run in order (underscores in arguments become spaces):
 
@@ -39,7 +42,6 @@ import select
 import signal
 import subprocess
 import sys
-import tempfile
 import termios
 import threading
 import time
@@ -57,8 +59,9 @@ _TOOL_EVENTS = ("PreToolUse", "PostToolUse")
 class Agent:
     """One scripted agent process: its hooks, its log, its scenario runner."""
 
-    def __init__(self, prompt_char: str, interactive: bool) -> None:
+    def __init__(self, prompt_char: str, interactive: bool, settings: str | None = None) -> None:
         self.prompt_char = prompt_char
+        self.settings = settings
         self.interactive = interactive
         self.session_id = str(uuid.uuid4())
         self.cwd = os.getcwd()
@@ -70,7 +73,7 @@ class Agent:
         self.run_id = os.environ.get("FORMULABEAT_RUN_ID")
         self.events: list[dict[str, Any]] = []
         self.extra_log: str | None = None
-        self._scratch = tempfile.mkdtemp(prefix="scripted-agent-")
+        self.ignore_input = False
 
     # -- output and log ---------------------------------------------------
     def say(self, text: str) -> None:
@@ -109,26 +112,33 @@ class Agent:
 
     @property
     def transcript_path(self) -> str:
-        base = self.phase_file or os.path.join(self._scratch, "agent")
-        return f"{base}.transcript.jsonl"
+        return f"{self.phase_file}.transcript.jsonl" if self.phase_file else os.devnull
 
     # -- hooks ------------------------------------------------------------
-    def _settings_hooks(self) -> dict[str, Any]:
-        path = Path(self.cwd) / ".claude" / "settings.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            self.say(f"[warning: cannot read {path}: {exc}]")
-            return {}
-        hooks = data.get("hooks", {}) if isinstance(data, dict) else {}
-        return hooks if isinstance(hooks, dict) else {}
+    def _settings_hooks(self) -> dict[str, list[Any]]:
+        """The hooks of the project's settings and of ``--settings``, merged as Claude Code does."""
+        merged: dict[str, list[Any]] = {}
+        paths = [Path(self.cwd) / ".claude" / "settings.json"]
+        if self.settings:
+            paths.append(Path(self.settings))
+        for path in paths:
+            try:
+                data = json.loads(path.read_text())
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                self.say(f"[warning: cannot read {path}: {exc}]")
+                continue
+            hooks = data.get("hooks", {}) if isinstance(data, dict) else {}
+            for event, groups in (hooks if isinstance(hooks, dict) else {}).items():
+                if isinstance(groups, list):
+                    merged.setdefault(event, []).extend(groups)
+        return merged
 
     def run_hooks(
         self, event: str, match: str | None = None, **fields: Any
-    ) -> list[tuple[int, str]]:
-        """Run every hook of ``event`` whose matcher fits; (exit code, stderr) of each."""
+    ) -> list[tuple[int, str, str]]:
+        """Run every hook of ``event`` whose matcher fits; (exit code, stderr, stdout) of each."""
         commands: list[tuple[str, float]] = []
         for group in self._settings_hooks().get(event, []) or []:
             if not isinstance(group, dict):
@@ -155,7 +165,7 @@ class Agent:
                 **fields,
             }
         ).encode()
-        results: list[tuple[int, str]] = [(0, "")] * len(commands)
+        results: list[tuple[int, str, str]] = [(0, "", "")] * len(commands)
 
         def run_one(index: int, command: str, timeout: float) -> None:
             env = {**os.environ, "CLAUDE_PROJECT_DIR": self.cwd}
@@ -169,11 +179,15 @@ class Agent:
                     timeout=timeout,
                     check=False,
                 )
-                results[index] = (proc.returncode, proc.stderr.decode(errors="replace").strip())
+                results[index] = (
+                    proc.returncode,
+                    proc.stderr.decode(errors="replace").strip(),
+                    proc.stdout.decode(errors="replace").strip(),
+                )
             except subprocess.TimeoutExpired:
-                results[index] = (-1, f"hook timed out after {timeout:g} s")
+                results[index] = (-1, f"hook timed out after {timeout:g} s", "")
             except OSError as exc:
-                results[index] = (-1, str(exc))
+                results[index] = (-1, str(exc), "")
 
         threads = [
             threading.Thread(target=run_one, args=(i, cmd, limit), daemon=True)
@@ -183,7 +197,7 @@ class Agent:
             thread.start()
         for thread in threads:
             thread.join()
-        for code, _ in results:
+        for code, _, _ in results:
             self.log("hook", hook=event, code=code)
         return results
 
@@ -193,7 +207,7 @@ class Agent:
         tool_input = {"command": command}
         denied = [
             err
-            for code, err in self.run_hooks(
+            for code, err, _ in self.run_hooks(
                 "PreToolUse", "Bash", tool_name="Bash", tool_input=tool_input
             )
             if code == 2
@@ -253,12 +267,28 @@ class Agent:
 
     # -- turns ------------------------------------------------------------
     def turn(self, text: str) -> None:
-        """One submitted prompt: run its scenario, then the Stop (or StopFailure) hook."""
+        """One submitted prompt: its scenario, then Stop hooks, which may ask for more."""
+        self.log("prompt", bytes=len(text.encode()))
+        self.run_hooks("UserPromptSubmit", prompt=text)
+        stop_hook_active = False
+        while self.scenario(text):
+            reasons = [
+                decision["reason"]
+                for _, _, out in self.run_hooks("Stop", stop_hook_active=stop_hook_active)
+                for decision in [_decision(out)]
+                if decision.get("decision") == "block" and decision.get("reason")
+            ]
+            if not reasons:
+                return
+            # Claude Code hands a blocking Stop hook's reason to the model.
+            text, stop_hook_active = "\n".join(str(r) for r in reasons), True
+            self.log("nudged")
+
+    def scenario(self, text: str) -> bool:
+        """Run the scenario ``text`` asks for; False when the turn ends without a Stop."""
         found = _PHASE_PATH_RE.search(text)
         if found:
             self.phase_file = found.group(1)
-        self.log("prompt", bytes=len(text.encode()))
-        self.run_hooks("UserPromptSubmit", prompt=text)
         tokens = ["idle"] if self.deaf else ["phase=done"]
         for line in text.splitlines():
             if line.strip().startswith("SCENARIO:"):
@@ -287,7 +317,7 @@ class Agent:
                 self.say(f"API Error: {value}")
                 self.api_failed = True
                 self.run_hooks("StopFailure", value, error=value, error_details="scripted failure")
-                return
+                return False
             elif key == "bash":
                 self.bash_tool(value.replace("_", " "))
             elif key == "log":
@@ -297,7 +327,7 @@ class Agent:
                     time.sleep(0.2)
             else:
                 self.say(f"[warning: unknown scenario token {token!r}]")
-        self.run_hooks("Stop", stop_hook_active=False)
+        return True
 
     def _first_crash(self) -> bool:
         if self.phase_file is None:
@@ -364,8 +394,12 @@ def _read_interactive(agent: Agent) -> None:
                 keep = _partial_suffix(head, PASTE_START) if start < 0 else 0
                 for byte in head[: len(head) - keep]:
                     if byte in (0x0D, 0x0A):
-                        text = buffer.decode("utf-8", errors="replace").strip()
+                        # A terminal pastes newlines as CR, which a TUI takes as line ends.
+                        raw = buffer.decode("utf-8", errors="replace")
+                        text = raw.replace("\r\n", "\n").replace("\r", "\n").strip()
                         buffer.clear()
+                        if text and agent.ignore_input:
+                            continue
                         if text:
                             agent.say(f"[received {len(text)} characters]")
                             agent.turn(text)
@@ -381,6 +415,15 @@ def _read_interactive(agent: Agent) -> None:
                 in_paste = True
     finally:
         restore()
+
+
+def _decision(output: str) -> dict[str, Any]:
+    """A hook's JSON answer on stdout ({} when it printed none)."""
+    try:
+        data = json.loads(output) if output.startswith("{") else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _partial_suffix(data: bytes, marker: bytes) -> int:
@@ -401,9 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--print", dest="oneshot", action="store_true")
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--prompt-char", default="❯")
+    parser.add_argument("--settings", help="a settings file whose hooks also run")
+    parser.add_argument("--session-id")
+    parser.add_argument(
+        "--ignore-input", action="store_true", help="take keys but never a prompt (a stuck TUI)"
+    )
     args = parser.parse_args(argv)
     interactive = not args.oneshot and sys.stdin.isatty()
-    agent = Agent(args.prompt_char, interactive)
+    agent = Agent(args.prompt_char, interactive, args.settings)
+    agent.ignore_input = args.ignore_input
     if args.startup_delay:
         time.sleep(args.startup_delay)
     try:
@@ -413,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             agent.turn(text)
             agent.end("other", 1 if agent.api_failed else 0)
         agent.run_hooks("SessionStart", "startup", source="startup")
-        agent.log("start")
+        # Names only: the values may be secrets, and this log is read by tests.
+        agent.log("start", home=os.environ.get("HOME"), env=sorted(os.environ))
         _read_interactive(agent)
     except SystemExit as done:
         return int(done.code or 0)

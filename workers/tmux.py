@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
-import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,9 @@ from libtmux.pane import Pane
 from workers.errors import SessionError
 
 TMUX_TIMEOUT = 15.0
-READY_POLL_MIN = 0.02
-READY_POLL_MAX = 0.25
 # The tmux server inherits the environment of the client that starts it, and
 # every later pane sees that environment: pass on only what a terminal needs.
 _ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TMPDIR", "TERM")
-_BOX_CHARS = "│┃|║ \t"
 
 
 class TmuxResult(tmux_cmd):
@@ -174,11 +170,15 @@ class AgentSession:
         server: TmuxServer,
         name: str,
         cwd: Path,
-        launch_file: Path,
+        command: Sequence[str],
         exit_file: Path | None = None,
     ) -> AgentSession:
-        """Create a detached session in ``cwd`` running the launcher for ``launch_file``."""
-        command = shlex.join([sys.executable, "-m", "workers.launcher", str(launch_file)])
+        """Create a detached session in ``cwd`` running ``command`` (its words, no shell).
+
+        Given as separate words, tmux execs the command itself; given as one
+        string it would run it through the user's login shell, which for a
+        service account is ``nologin``.
+        """
         # remain-on-exit is set in the same tmux command queue as new-session,
         # so even an agent that dies at once leaves a dead pane with its status.
         out = server.checked(
@@ -195,7 +195,7 @@ class AgentSession:
             "200",
             "-y",
             "50",
-            command,
+            *command,
             ";",
             "set-option",
             "-w",
@@ -221,6 +221,11 @@ class AgentSession:
 
     def status_from(self, state: PaneState | None, known: bool = False) -> tuple[bool, str | None]:
         """Like :meth:`status`, starting from a state already read (``known``: None is gone)."""
+        recorded = self._recorded_exit()
+        if recorded is not None:
+            # The launcher's shell wrote the agent's status and lingers a
+            # moment so tmux reads the agent's last output: it has ended.
+            return False, recorded
         # tmux marks the pane dead when the pty closes, which can come before
         # it reaps the process (and 3.3 sometimes never records the status):
         # give it a moment, then say the status is unknown.
@@ -239,13 +244,24 @@ class AgentSession:
                 return False, f"killed by signal {state.signal}"
             if state.status:
                 return False, f"exit status {state.status}"
-            if self.exit_file is not None and self.exit_file.exists():
-                recorded = self.exit_file.read_text().strip()
-                if recorded:
-                    return False, f"exit status {recorded}"
+            recorded = self._recorded_exit()
+            if recorded is not None:
+                return False, recorded
             state, known = None, False
             time.sleep(0.02)
         return False, "exit status unknown"
+
+    def _recorded_exit(self) -> str | None:
+        if self.exit_file is None:
+            return None
+        try:
+            code = self.exit_file.read_text().strip()
+        except OSError:
+            return None
+        if not code.isdigit():
+            return None
+        # A shell reports a death by signal N as 128 + N.
+        return f"killed by signal {int(code) - 128}" if int(code) > 128 else f"exit status {code}"
 
     def alive(self) -> bool:
         """Whether the agent process in the pane is still running."""
@@ -255,58 +271,18 @@ class AgentSession:
         """The visible text of the pane."""
         return "\n".join(self.pane.capture_pane())
 
-    def wait_ready(self, prompt: str, quiet: float, timeout: float) -> None:
-        """Wait until the agent's prompt line shows and the pane has been quiet for ``quiet`` s."""
-        deadline = time.monotonic() + timeout
-        last, changed_at = None, time.monotonic()
-        # Look often right after the screen changed (the prompt may just have
-        # appeared), less and less while it stays the same: a fleet starting
-        # hundreds of agents at once does not spend its CPU on looking.
-        poll = READY_POLL_MIN
-        while True:
-            alive, how = self.status()
-            if not alive:
-                raise SessionError(
-                    f"the agent ended ({how}) before showing its prompt; "
-                    f"last output: {_tail(last or '')!r}"
-                )
-            screen = self.capture()
-            now = time.monotonic()
-            if screen != last:
-                last, changed_at, poll = screen, now, READY_POLL_MIN
-            elif now - changed_at >= quiet and prompt_shown(screen, prompt):
-                return
-            else:
-                poll = min(READY_POLL_MAX, poll * 1.5)
-            if now >= deadline:
-                raise SessionError(
-                    f"the agent did not show its ready prompt {prompt!r} within {timeout:g} s; "
-                    f"last output: {_tail(screen)!r}"
-                )
-            time.sleep(poll)
-
     def paste_file(self, path: Path, buffer_name: str) -> None:
-        """Paste a file's text as one bracketed paste, then press Enter on its own."""
+        """Paste a file's text as one bracketed paste (no Enter)."""
         self.server.checked("load-buffer", "-b", buffer_name, str(path))
         self.pane.paste_buffer(buffer_name=buffer_name, delete_after=True, bracket=True)
-        # A TUI may still be taking the paste in; Enter inside it would be text.
-        time.sleep(0.05)
-        self.server.checked("send-keys", "-t", self.pane_id, "Enter")
 
-    def type_text(self, text: str) -> None:
-        """Type literal text into the pane and press Enter (a nudge)."""
-        self.server.checked("send-keys", "-t", self.pane_id, "-l", text)
-        self.server.checked("send-keys", "-t", self.pane_id, "Enter")
+    def press(self, *keys: str) -> None:
+        """Send tmux key names (``Enter``, ``Up``) or single characters to the pane."""
+        self.server.checked("send-keys", "-t", self.pane_id, *keys)
 
     def kill(self) -> None:
         """Kill this session (and only it); a session already gone is fine."""
         self.server.cmd("kill-session", "-t", self.session_id)
-
-
-def prompt_shown(screen: str, prompt: str, window: int = 12) -> bool:
-    """Whether one of the last non-blank lines *starts* with the prompt character."""
-    lines = [line for line in screen.splitlines() if line.strip()][-window:]
-    return any(line.lstrip(_BOX_CHARS).startswith(prompt) for line in lines)
 
 
 def session_name(project: str, agent: str, run_id: str) -> str:
@@ -315,6 +291,8 @@ def session_name(project: str, agent: str, run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
-def _tail(screen: str) -> str:
-    lines = [line for line in screen.splitlines() if line.strip()]
-    return " / ".join(lines[-3:])
+def screen_tail(screen: str, lines: int = 6, limit: int = 600) -> str:
+    """The last non-blank lines of a screen, joined with `` / `` (for a reason)."""
+    kept = [" ".join(line.split()) for line in screen.splitlines() if line.strip()][-lines:]
+    text = " / ".join(kept)
+    return text if len(text) <= limit else "…" + text[-limit:]

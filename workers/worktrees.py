@@ -18,10 +18,10 @@ import git
 
 from workers.errors import RepoError
 from workers.run import now_iso
+from workers.rundir import PRESERVED
 from workers.statedir import write_private
 
 GIT_TIMEOUT = 120.0
-PRESERVED_MARKER = "PRESERVED.json"
 
 
 def require_git() -> None:
@@ -121,7 +121,7 @@ def remove_worktree(repo_root: Path, path: Path) -> None:
 
 def preserve(run_dir: Path, reason: str) -> Path:
     """Keep a run's directory for debugging, with a marker saying why and when."""
-    marker = run_dir / PRESERVED_MARKER
+    marker = run_dir / PRESERVED
     write_private(marker, json.dumps({"reason": reason, "at": now_iso()}) + "\n")
     return marker
 
@@ -159,7 +159,7 @@ def cleanup_stale(
             continue
         if any(path == run_dir or run_dir in path.parents for path in in_use):
             continue
-        limit = preserved_max_age if (run_dir / PRESERVED_MARKER).exists() else max_age
+        limit = preserved_max_age if (run_dir / PRESERVED).exists() else max_age
         try:
             if run_dir_age(run_dir, now) < limit:
                 continue

@@ -1,0 +1,372 @@
+"""The agent drivers' contract, once per driver, on real sessions.
+
+Each driver (workers.agents) starts its CLI in a real tmux session through
+the launcher, waits until it is ready, delivers a prompt and sees it
+confirmed, and says why a session that ended did. ``claude-code`` runs the
+real Claude Code CLI against the Messages API stand-in; ``scripted`` runs
+formulabeat's scripted agent; ``plain`` a POSIX sh agent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import start_session, wait_until
+from tests.messages_api import MessagesAPI
+from tests.real_cli import BYPASS, cli_env
+from workers.agents import DRIVERS, Launch
+from workers.agents.base import HookedDriver, prompt_shown
+from workers.agents.claude_code import config_file, read_json
+from workers.config import AgentConfig, MonitorConfig
+from workers.errors import SessionError
+from workers.hooks import hook_command
+from workers.rundir import PHASE, PROMPT
+from workers.tmux import AgentSession
+
+TIMING = MonitorConfig(ready_quiet=0.2, confirm_timeout=5.0, settle_seconds=2.0)
+SCRIPTED = f"{sys.executable} -m workers.scripted_agent {BYPASS}"
+# Shows a prompt, echoes what is typed, and writes each line it reads to a file.
+SH_AGENT = r"""#!/bin/sh
+printf '\342\235\257 '
+while IFS= read -r line; do printf '%s\n' "$line" >> "$PHASE_FILE.seen"; done
+"""
+
+
+@dataclass
+class Rig:
+    """One driver's agent, its run directory and worktree, ready to be started."""
+
+    driver_name: str
+    agent: AgentConfig
+    launch: Launch
+    socket: str
+
+    def start(self) -> AgentSession:
+        driver = DRIVERS[self.driver_name]
+        driver.install(self.agent, self.launch)
+        argv = driver.command(self.agent, self.launch, oneshot=False)
+        return start_session(
+            self.socket,
+            f"rig-{self.driver_name}",
+            self.launch.worktree,
+            argv,
+            dict(self.launch.env),
+            self.launch.run_dir / "exit-status",
+        )
+
+    def ready_and_deliver(self, session: AgentSession) -> None:
+        driver = DRIVERS[self.driver_name]
+        driver.wait_ready(session, self.agent, self.launch, TIMING)
+        driver.deliver(session, self.agent, self.launch, TIMING)
+
+
+def make_rig(
+    tmp_path: Path,
+    socket: str,
+    driver: str,
+    command: str,
+    env: dict[str, str] | None = None,
+    **options: object,
+) -> Rig:
+    root = tmp_path / "state" / "runs"
+    run_dir = root / "run-1"
+    worktree = run_dir / "worktree"
+    worktree.mkdir(parents=True)
+    run_dir.chmod(0o700)
+    phase = run_dir / PHASE
+    phase.write_text("")
+    prompt = (
+        "Do the work of run rig-1.\nSCENARIO: phase=done\n"
+        f"When done: echo 'PHASE:done' > '{phase}'\n"
+    )
+    (run_dir / PROMPT).write_text(prompt)
+    agent = AgentConfig(
+        name="a",
+        project="p",
+        formula=Path("f.toml"),
+        schedule="* * * * *",
+        command=command,
+        driver=driver,
+        **options,  # type: ignore[arg-type]
+    )
+    full_env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "PHASE_FILE": str(phase),
+        **(env or {}),
+    }
+    launch = Launch(
+        run_id="rig-1",
+        run_dir=run_dir,
+        worktree=worktree,
+        worktree_root=root,
+        primary_branch="main",
+        hook_command=tuple(hook_command()),
+        env=full_env,
+    )
+    return Rig(driver, agent, launch, socket)
+
+
+@pytest.fixture
+def sh_agent(tmp_path: Path) -> str:
+    path = tmp_path / "agent.sh"
+    path.write_text(SH_AGENT)
+    path.chmod(0o755)
+    return str(path)
+
+
+RigFactory = Callable[..., Rig]
+
+
+@pytest.fixture(params=["claude-code", "scripted", "plain"])
+def rig(request: pytest.FixtureRequest, tmp_path: Path, tmux_socket: str, sh_agent: str) -> Rig:
+    """A healthy agent of each driver."""
+    if request.param == "claude-code":
+        claude = request.getfixturevalue("claude")
+        home = request.getfixturevalue("claude_home")
+        api: MessagesAPI = request.getfixturevalue("messages_api")
+        return make_rig(
+            tmp_path, tmux_socket, "claude-code", f"{claude} {BYPASS}", cli_env(home, api.url)
+        )
+    if request.param == "scripted":
+        return make_rig(tmp_path, tmux_socket, "scripted", SCRIPTED)
+    return make_rig(tmp_path, tmux_socket, "plain", sh_agent)
+
+
+# -- the contract, once per driver ----------------------------------------------
+
+
+def test_a_driver_readies_its_agent_and_the_prompt_arrives(rig: Rig) -> None:
+    session = rig.start()
+    try:
+        rig.ready_and_deliver(session)
+        phase = rig.launch.run_dir / PHASE
+        if rig.driver_name == "plain":
+            seen = Path(f"{phase}.seen")
+            wait_until(lambda: seen.exists() and "rig-1" in seen.read_text(), 30, "the prompt")
+        else:
+            # The agent followed the prompt: its model (or script) wrote the phase.
+            wait_until(lambda: phase.read_text().strip() == "PHASE:done", 60, "PHASE:done")
+        if DRIVERS[rig.driver_name].hooks:
+            assert (rig.launch.run_dir / "prompt-submitted").exists()
+            # Nothing of formulabeat's lands in the worktree the agent commits from.
+            assert not (rig.launch.worktree / ".claude").exists()
+    finally:
+        session.kill()
+
+
+def test_a_driver_says_why_its_agent_ended_with_its_last_screen(rig: Rig, tmp_path: Path) -> None:
+    # The agent's own program, made to fail at once with a message.
+    failing = tmp_path / "fails.sh"
+    failing.write_text("#!/bin/sh\necho 'cannot start: no licence for this host' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    rig.agent = AgentConfig(**{**rig.agent.__dict__, "command": str(failing)})
+    session = rig.start()
+    try:
+        with pytest.raises(SessionError) as raised:
+            rig.ready_and_deliver(session)
+        assert "ended (exit status 3) before it was ready" in str(raised.value)
+        assert "cannot start: no licence for this host" in str(raised.value)
+    finally:
+        session.kill()
+
+
+# -- readiness, per driver ------------------------------------------------------------
+
+
+def test_plain_ready_means_the_prompt_at_a_line_start_and_quiet(
+    tmp_path: Path, tmux_socket: str
+) -> None:
+    # It prints lines starting with ❯ while it is still busy, then goes quiet.
+    script = tmp_path / "busy.py"
+    script.write_text(
+        "import sys, time\n"
+        "for i in range(30):\n"
+        "    print(f'❯ loading step {i}', flush=True); time.sleep(0.05)\n"
+        "print('READY-MARKER'); print('❯ ', end='', flush=True); time.sleep(120)\n"
+    )
+    rig = make_rig(tmp_path, tmux_socket, "plain", f"{sys.executable} {script}")
+    session = rig.start()
+    try:
+        DRIVERS["plain"].wait_ready(session, rig.agent, rig.launch, MonitorConfig(ready_quiet=0.4))
+        assert "READY-MARKER" in session.capture()
+    finally:
+        session.kill()
+
+
+def test_prompt_detection_looks_at_line_starts_only() -> None:
+    assert prompt_shown("banner\n\n❯ \n", "❯")
+    assert prompt_shown("──────\n│ ❯ type here │\n──────\n  ? for shortcuts", "❯")
+    assert not prompt_shown("the arrow ❯ appears mid-line\n", "❯")
+
+
+def test_plain_without_its_prompt_times_out_with_the_last_output(
+    tmp_path: Path, tmux_socket: str
+) -> None:
+    script = tmp_path / "login.sh"
+    script.write_text("#!/bin/sh\necho 'Login required'\nsleep 60\n")
+    script.chmod(0o755)
+    rig = make_rig(tmp_path, tmux_socket, "plain", str(script))
+    session = rig.start()
+    try:
+        with pytest.raises(SessionError, match=r"did not become ready within 1 s.*Login required"):
+            DRIVERS["plain"].wait_ready(
+                session, rig.agent, rig.launch, MonitorConfig(ready_quiet=0.2, ready_timeout=1)
+            )
+    finally:
+        session.kill()
+
+
+def test_a_prompt_the_agent_never_takes_is_pasted_twice_then_not_accepted(
+    tmp_path: Path, tmux_socket: str
+) -> None:
+    rig = make_rig(tmp_path, tmux_socket, "scripted", f"{SCRIPTED} --ignore-input")
+    session = rig.start()
+    try:
+        with pytest.raises(SessionError, match=r"prompt not accepted.*within 5 s \(tried twice\)"):
+            rig.ready_and_deliver(session)
+    finally:
+        session.kill()
+
+
+# -- Claude Code's screens ------------------------------------------------------------
+
+
+def claude_rig(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    socket: str,
+    home: Path,
+    **options: object,
+) -> Rig:
+    claude = request.getfixturevalue("claude")
+    api: MessagesAPI = request.getfixturevalue("messages_api")
+    env = cli_env(home, api.url)
+    env.update(options.pop("env", {}))  # type: ignore[arg-type]
+    for name in options.pop("drop", ()):  # type: ignore[attr-defined]
+        env.pop(name, None)
+    return make_rig(tmp_path, socket, "claude-code", f"{claude} {BYPASS}", env, **options)
+
+
+def onboarded_home(tmp_path: Path) -> Path:
+    """A HOME whose owner finished onboarding but answered no other question."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".claude.json").write_text(json.dumps({"hasCompletedOnboarding": True, "x": 1}))
+    return home
+
+
+def test_claude_trust_of_the_worktree_root_is_recorded_keeping_every_other_key(
+    request: pytest.FixtureRequest, tmp_path: Path, tmux_socket: str
+) -> None:
+    home = onboarded_home(tmp_path)
+    rig = claude_rig(request, tmp_path, tmux_socket, home, approve_api_key=True)
+    session = rig.start()
+    try:
+        config = read_json(config_file(rig.launch.env))
+        root = os.path.realpath(rig.launch.worktree_root)
+        assert config["projects"][root]["hasTrustDialogAccepted"] is True
+        assert config["x"] == 1 and config["hasCompletedOnboarding"] is True
+        rig.agent = AgentConfig(**{**rig.agent.__dict__, "accept_bypass_mode": True})
+        rig.ready_and_deliver(session)  # no trust dialog; key and bypass answered
+    finally:
+        session.kill()
+    after = read_json(config_file(rig.launch.env))
+    assert after["projects"][root]["hasTrustDialogAccepted"] is True
+    assert after["x"] == 1
+
+
+def test_claude_trust_dialog_for_a_worktree_is_answered_when_it_still_shows(
+    request: pytest.FixtureRequest, claude_home: Path, tmp_path: Path, tmux_socket: str
+) -> None:
+    rig = claude_rig(request, tmp_path, tmux_socket, claude_home)
+    driver = DRIVERS["claude-code"]
+    # Started without install()'s trust, as if another program had removed it.
+    argv = driver.command(rig.agent, rig.launch, oneshot=False)
+    HookedDriver.install(driver, rig.agent, rig.launch)  # type: ignore[arg-type]
+    session = start_session(
+        tmux_socket, "untrusted", rig.launch.worktree, argv, dict(rig.launch.env)
+    )
+    try:
+        wait_until(lambda: "trust this folder" in session.capture(), 30, "the trust dialog")
+        rig.ready_and_deliver(session)
+    finally:
+        session.kill()
+
+
+@pytest.mark.parametrize(
+    ("question", "setting", "fix"),
+    [
+        ("API key", "approve_api_key", "approve_api_key = true"),
+        ("Bypass Permissions", "accept_bypass_mode", "accept_bypass_mode = true"),
+    ],
+)
+def test_claude_questions_are_answered_only_when_configured(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    tmux_socket: str,
+    question: str,
+    setting: str,
+    fix: str,
+) -> None:
+    home = onboarded_home(tmp_path)
+    # The other question answered, so that this one is what stops it.
+    other = "accept_bypass_mode" if setting == "approve_api_key" else "approve_api_key"
+    rig = claude_rig(request, tmp_path, tmux_socket, home, **{other: True})
+    session = rig.start()
+    try:
+        with pytest.raises(SessionError) as raised:
+            DRIVERS["claude-code"].wait_ready(session, rig.agent, rig.launch, TIMING)
+        assert question in str(raised.value) and fix in str(raised.value)
+        assert "formulabeat doctor --fix" in str(raised.value)
+    finally:
+        session.kill()
+    rig = claude_rig(request, tmp_path / "again", tmux_socket, home, **{other: True, setting: True})
+    session = rig.start()
+    try:
+        rig.ready_and_deliver(session)
+    finally:
+        session.kill()
+
+
+def test_claude_in_a_fresh_home_fails_naming_its_first_run_setup(
+    request: pytest.FixtureRequest, tmp_path: Path, tmux_socket: str
+) -> None:
+    home = tmp_path / "fresh"
+    home.mkdir()
+    rig = claude_rig(request, tmp_path, tmux_socket, home)
+    session = rig.start()
+    try:
+        with pytest.raises(SessionError) as raised:
+            DRIVERS["claude-code"].wait_ready(session, rig.agent, rig.launch, TIMING)
+        reason = str(raised.value)
+        assert "first-run setup" in reason and str(home) in reason
+        assert "Unable to connect to Anthropic services" in reason  # as the CLI wrote it
+    finally:
+        session.kill()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the CLI refuses bypass mode as root only")
+def test_claude_as_root_without_a_sandbox_quotes_its_refusal(
+    request: pytest.FixtureRequest, claude_home: Path, tmp_path: Path, tmux_socket: str
+) -> None:
+    rig = claude_rig(request, tmp_path, tmux_socket, claude_home, drop=("IS_SANDBOX",))
+    session = rig.start()
+    try:
+        with pytest.raises(SessionError) as raised:
+            DRIVERS["claude-code"].wait_ready(session, rig.agent, rig.launch, TIMING)
+        reason = str(raised.value)
+        assert (
+            "--dangerously-skip-permissions cannot be used with root/sudo privileges "
+            "for security reasons" in reason
+        )
+        assert 'IS_SANDBOX = "1"' in reason
+    finally:
+        session.kill()

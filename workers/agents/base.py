@@ -1,0 +1,297 @@
+"""What every agent driver does, and the plain driver for any CLI that shows a prompt.
+
+A driver knows one agent CLI: the command line it is started with, what it
+needs in the run directory, what its screen says before it takes input
+(ready, a dialog to answer, a dialog to report), how the prompt is delivered
+and how its arrival is confirmed, and what ``formulabeat doctor`` checks for
+it. Nothing here knows tmux beyond :class:`workers.tmux.AgentSession`, and
+the session machinery knows nothing of any CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from workers.checks import Check
+from workers.config import AgentConfig, MonitorConfig
+from workers.errors import SessionError
+from workers.hooks import settings
+from workers.rundir import AGENT_SETTINGS, PROMPT, PROMPT_SUBMITTED
+from workers.statedir import write_private
+from workers.tmux import AgentSession, screen_tail
+
+POLL_MIN = 0.02
+POLL_MAX = 0.25
+# A TUI may still be taking a paste in; an Enter inside it would be text.
+PASTE_SETTLE = 0.05
+# How often one dialog may be answered before it counts as stuck.
+MAX_ANSWERS = 2
+_BOX_CHARS = "│┃|║ \t"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a driver knows of one run's session."""
+
+    run_id: str
+    run_dir: Path
+    worktree: Path
+    # Where formulabeat makes every worktree of this host (trusted as a whole).
+    worktree_root: Path
+    primary_branch: str
+    hook_command: tuple[str, ...]
+    # The agent's whole environment, as the launch file gives it.
+    env: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The agent takes input now."""
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Not yet: look again."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A dialog formulabeat answers: press ``keys``."""
+
+    keys: tuple[str, ...]
+    what: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A screen formulabeat will not type into: the run fails with ``reason``."""
+
+    reason: str
+
+
+Verdict = Ready | Wait | Answer | Refuse
+
+
+class AgentDriver(Protocol):
+    """One agent CLI, as formulabeat drives it."""
+
+    name: str
+    hooks: bool
+
+    def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
+        """The agent's argument vector for this run."""
+
+    def install(self, agent: AgentConfig, launch: Launch) -> None:
+        """Put what the CLI needs for this run in place (hooks, trust); raises SessionError."""
+
+    def wait_ready(
+        self, session: AgentSession, agent: AgentConfig, launch: Launch, timing: MonitorConfig
+    ) -> None:
+        """Return once the agent takes input, answering the dialogs it may; else SessionError."""
+
+    def deliver(
+        self, session: AgentSession, agent: AgentConfig, launch: Launch, timing: MonitorConfig
+    ) -> None:
+        """Give the agent its prompt and return once it confirmed it; else SessionError."""
+
+    def ended(self, how: str, screen: str, agent: AgentConfig, launch: Launch) -> str:
+        """Why a session ended, from its last screen (with the fix when the screen is known)."""
+
+    def checks(
+        self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path
+    ) -> list[Check]:
+        """What ``formulabeat doctor`` checks for this agent (empty when nothing applies)."""
+
+    def fix(self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path) -> list[str]:
+        """Apply the setup fixes a user may delegate; what was changed, a line each."""
+
+
+class PromptDriver:
+    """Any CLI that shows a prompt character when it waits for input (driver ``plain``).
+
+    It knows no dialogs and runs no hooks: ready is the prompt character at
+    the start of one of the last lines with the screen unchanged for
+    ``ready_quiet``; delivery is confirmed when the screen moved after the
+    paste and the agent still runs (the fallback for agents without hooks).
+    """
+
+    name = "plain"
+    hooks = False
+
+    # -- command line and files ----------------------------------------------
+    def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
+        """The configured command, with ``--model`` when a model is set."""
+        return agent.argv()
+
+    def install(self, agent: AgentConfig, launch: Launch) -> None:
+        """Nothing to install for a plain CLI."""
+
+    # -- readiness -------------------------------------------------------------
+    def judge(
+        self, screen: str, quiet: float, agent: AgentConfig, launch: Launch, timing: MonitorConfig
+    ) -> Verdict:
+        """What the screen says now (``quiet``: seconds it has not changed)."""
+        if quiet >= timing.ready_quiet and prompt_shown(screen, agent.ready_prompt):
+            return Ready()
+        return Wait()
+
+    def wait_ready(
+        self, session: AgentSession, agent: AgentConfig, launch: Launch, timing: MonitorConfig
+    ) -> None:
+        """Watch the screen until :meth:`judge` says ready, answering what it answers."""
+        deadline = time.monotonic() + timing.ready_timeout
+        last, changed_at, poll = None, time.monotonic(), POLL_MIN
+        answered: dict[str, int] = {}
+        while True:
+            self._alive_or_raise(session, agent, launch, "before it was ready")
+            screen = session.capture()
+            now = time.monotonic()
+            # Look often right after the screen changed (the prompt may just
+            # have appeared), less and less while it stays the same: a fleet
+            # starting hundreds of agents does not spend its CPU looking.
+            if screen != last:
+                last, changed_at, poll = screen, now, POLL_MIN
+            else:
+                poll = min(POLL_MAX, poll * 1.5)
+            verdict = self.judge(screen, now - changed_at, agent, launch, timing)
+            if isinstance(verdict, Ready):
+                return
+            if isinstance(verdict, Refuse):
+                raise SessionError(verdict.reason)
+            if isinstance(verdict, Answer):
+                count = answered.get(verdict.what, 0)
+                if count >= MAX_ANSWERS:
+                    raise SessionError(
+                        f"answered {verdict.what} {count} times and it still shows; "
+                        f"its screen: {screen_tail(screen)}"
+                    )
+                answered[verdict.what] = count + 1
+                session.press(*verdict.keys)
+                last, poll = None, POLL_MIN
+            elif now >= deadline:
+                raise SessionError(
+                    f"the agent did not become ready within {timing.ready_timeout:g} s "
+                    f"({self.not_ready_hint(agent)}); its screen: {screen_tail(screen)}"
+                )
+            time.sleep(poll)
+
+    def not_ready_hint(self, agent: AgentConfig) -> str:
+        """What ready means for this driver, for a timeout's reason."""
+        return f"no ready prompt {agent.ready_prompt!r} at a line start"
+
+    # -- delivery ----------------------------------------------------------------
+    def deliver(
+        self, session: AgentSession, agent: AgentConfig, launch: Launch, timing: MonitorConfig
+    ) -> None:
+        """Paste the prompt and press Enter; try once more if the agent does not confirm it."""
+        for attempt in range(2):
+            if attempt:
+                # A dialog may have taken the paste, or the Enter was lost.
+                self.wait_ready(session, agent, launch, timing)
+            before = session.capture()
+            if not (attempt and self.holds_text(before)):
+                session.paste_file(launch.run_dir / PROMPT, f"formulabeat-{launch.run_id}")
+                time.sleep(PASTE_SETTLE)
+            session.press("Enter")
+            if self._await_confirmation(session, agent, launch, before, timing.confirm_timeout):
+                return
+        raise SessionError(
+            "prompt not accepted: the agent did not confirm it within "
+            f"{timing.confirm_timeout:g} s (tried twice); its screen: "
+            f"{screen_tail(session.capture())}"
+        )
+
+    def holds_text(self, screen: str) -> bool:
+        """Whether the input line still holds pasted text (so Enter alone may submit it)."""
+        return False
+
+    def confirmed(self, session: AgentSession, launch: Launch, before: str) -> bool:
+        """Whether the agent took the prompt (here: its screen moved since ``before``)."""
+        return session.capture() != before
+
+    def _await_confirmation(
+        self,
+        session: AgentSession,
+        agent: AgentConfig,
+        launch: Launch,
+        before: str,
+        timeout: float,
+    ) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.confirmed(session, launch, before):
+                return True
+            self._alive_or_raise(session, agent, launch, "before it confirmed the prompt")
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_MIN)
+
+    # -- endings -------------------------------------------------------------------
+    def ended(self, how: str, screen: str, agent: AgentConfig, launch: Launch) -> str:
+        """``how`` and the screen's last lines, with a known screen's fix."""
+        text = f"{how}; its screen: {screen_tail(screen)}" if screen.strip() else how
+        hint = self.explain(screen, agent, launch)
+        return f"{text} ({hint})" if hint else text
+
+    def explain(self, screen: str, agent: AgentConfig, launch: Launch) -> str | None:
+        """The fix for a screen this driver knows (None: nothing to add)."""
+        return None
+
+    def _alive_or_raise(
+        self, session: AgentSession, agent: AgentConfig, launch: Launch, when: str
+    ) -> None:
+        alive, how = session.status()
+        if not alive:
+            screen = session.capture() if how != "its tmux session is gone" else ""
+            reason = self.ended(f"the agent ended ({how}) {when}", screen, agent, launch)
+            raise SessionError(reason)
+
+    # -- doctor ----------------------------------------------------------------------
+    def checks(
+        self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path
+    ) -> list[Check]:
+        """Nothing to check beyond the command itself."""
+        return []
+
+    def fix(self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path) -> list[str]:
+        """Nothing to fix."""
+        return []
+
+
+class HookedDriver(PromptDriver):
+    """A CLI that runs Claude Code's hooks: they confirm delivery and report phases.
+
+    formulabeat's hooks go into a settings file in the run directory, given
+    to the CLI with ``--settings``: the worktree the agent commits from holds
+    nothing of formulabeat's, and a repository's own ``.claude/settings.json``
+    keeps working beside them.
+    """
+
+    hooks = True
+
+    def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
+        """The configured command, with the run's hook settings (and ``-p`` for one-shot)."""
+        argv = [*agent.argv(), "--settings", str(launch.run_dir / AGENT_SETTINGS)]
+        if oneshot and not {"-p", "--print"} & set(argv):
+            argv.append("-p")
+        return argv
+
+    def install(self, agent: AgentConfig, launch: Launch) -> None:
+        """Write the run's hook settings file."""
+        text = settings(list(launch.hook_command), launch.run_dir, launch.primary_branch)
+        write_private(launch.run_dir / AGENT_SETTINGS, json.dumps(text, indent=2) + "\n")
+
+    def confirmed(self, session: AgentSession, launch: Launch, before: str) -> bool:
+        """The UserPromptSubmit hook saw this run's prompt."""
+        return (launch.run_dir / PROMPT_SUBMITTED).exists()
+
+
+def prompt_shown(screen: str, prompt: str, window: int = 12) -> bool:
+    """Whether one of the last non-blank lines *starts* with the prompt character."""
+    lines = [line for line in screen.splitlines() if line.strip()][-window:]
+    return any(line.lstrip(_BOX_CHARS).startswith(prompt) for line in lines)

@@ -1,0 +1,462 @@
+"""Claude Code, the CLI every user runs: its command line, screens, config file and setup.
+
+Measured on Claude Code 2.1.197 (see the README's "Claude Code" section):
+
+- Before its input box it may show dialogs, each an option list whose
+  selected entry is drawn ``❯`` after a space: workspace trust (for every
+  directory not yet trusted; trust covers subdirectories), the API-key
+  question (default No), the Bypass Permissions warning (default exit). A
+  digit key chooses and confirms an option.
+- Ready is the input box: a rule of ``─``, a line starting ``❯`` at column 0,
+  another rule, then a status line (which says ``Not logged in`` when it is).
+- Its config file is ``~/.claude.json`` (``$CLAUDE_CONFIG_DIR/.claude.json``);
+  it changes it under a proper-lockfile lock (``mkdir <file>.lock``, stale
+  after 10 s), re-reading it inside the lock and replacing it by rename, so
+  an edit under the same lock loses none of its keys, nor it ours.
+- Settings (``skipDangerousModePermissionPrompt``) are in
+  ``~/.claude/settings.json`` (``$CLAUDE_CONFIG_DIR/settings.json``).
+- As root it refuses ``--dangerously-skip-permissions`` unless ``IS_SANDBOX=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from workers.agents.base import Answer, HookedDriver, Launch, Ready, Refuse, Verdict, Wait
+from workers.checks import Check
+from workers.config import AgentConfig, MonitorConfig
+from workers.errors import SessionError
+from workers.tmux import screen_tail
+
+BYPASS_FLAG = "--dangerously-skip-permissions"
+# proper-lockfile's default: a lock directory older than this was abandoned.
+LOCK_STALE_SECONDS = 10.0
+LOCK_WAIT_SECONDS = 15.0
+# The CLI keeps this many trailing characters of an approved API key.
+KEY_SUFFIX = 20
+AUTH_ENV = (
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_USE_BEDROCK",
+    "CLAUDE_CODE_USE_VERTEX",
+    "CLAUDE_CODE_USE_FOUNDRY",
+)
+
+# Screens, by words they show (lowercased).
+_TRUST = ("yes, i trust this folder", "do you trust the files in this folder")
+_API_KEY = ("detected a custom api key",)
+_BYPASS = ("bypass permissions mode",)
+_ONBOARDING = ("choose the text style", "let's get started", "select login method")
+_UNREACHABLE = ("unable to connect to anthropic services",)
+_ROOT = ("cannot be used with root/sudo privileges",)
+
+
+class ClaudeCode(HookedDriver):
+    """Claude Code's CLI (driver ``claude-code``, the default for a ``claude`` command)."""
+
+    name = "claude-code"
+
+    # -- files -------------------------------------------------------------
+    def install(self, agent: AgentConfig, launch: Launch) -> None:
+        """The run's hook settings, and trust of the worktree root (before any dialog)."""
+        super().install(agent, launch)
+        config = config_file(launch.env)
+        if not trusted(read_json(config), launch.worktree_root):
+            try:
+                edit_json(config, lambda data: trust(data, launch.worktree_root))
+            except OSError as exc:
+                raise SessionError(
+                    f"cannot record trust of {launch.worktree_root} in {config}: {exc}"
+                ) from None
+
+    # -- screens -----------------------------------------------------------
+    def judge(
+        self, screen: str, quiet: float, agent: AgentConfig, launch: Launch, timing: MonitorConfig
+    ) -> Verdict:
+        """Ready at the input box; dialogs answered as configured, or refused with the fix."""
+        lines = screen.splitlines()
+        text = screen.lower()
+        box = input_box(lines)
+        if quiet < timing.ready_quiet:
+            return Wait()
+        if box is not None:
+            status = "\n".join(lines[box + 1 :]).lower()
+            if "not logged in" in status:
+                return self._refuse(screen, self._login_fix(agent, launch))
+            return Ready()
+        if _shows(text, _TRUST):
+            shown = workspace(lines)
+            if shown is None or _within(Path(shown), launch.worktree_root):
+                return Answer(("1",), "the workspace trust dialog")
+            return self._refuse(
+                screen, f"Claude Code asks to trust {shown}, which is not a formulabeat worktree"
+            )
+        if _shows(text, _API_KEY):
+            if agent.approve_api_key:
+                return Answer(("1",), "the API key question")
+            return self._refuse(screen, self._api_key_fix(agent))
+        if _shows(text, _BYPASS):
+            if agent.accept_bypass_mode:
+                return Answer(("2",), "the Bypass Permissions warning")
+            return self._refuse(screen, self._bypass_fix(agent))
+        hint = self.explain(screen, agent, launch)
+        if hint:
+            return self._refuse(screen, hint)
+        if screen.strip() and quiet >= timing.settle_seconds:
+            return self._refuse(
+                screen,
+                f"Claude Code shows a screen formulabeat does not know (unchanged for "
+                f"{timing.settle_seconds:g} s, no input box); attach to its session to see it",
+            )
+        return Wait()
+
+    def holds_text(self, screen: str) -> bool:
+        """Whether the input box still holds text (a paste whose Enter was lost)."""
+        lines = screen.splitlines()
+        box = input_box(lines)
+        return box is not None and lines[box].removeprefix("❯").strip() != ""
+
+    def not_ready_hint(self, agent: AgentConfig) -> str:
+        """Ready is the input box."""
+        return "no input box"
+
+    def explain(self, screen: str, agent: AgentConfig, launch: Launch) -> str | None:
+        """The fix for the screens the CLI shows when it cannot start."""
+        text = screen.lower()
+        if _shows(text, _ROOT):
+            return (
+                f"it runs as root: run the worker as an unprivileged user, or, inside a "
+                f'container or VM sandbox, set env = {{ IS_SANDBOX = "1" }} for agent {agent.key}'
+            )
+        if _shows(text, _ONBOARDING) or _shows(text, _UNREACHABLE):
+            return (
+                f"Claude Code has not finished its first-run setup for HOME={_home(launch.env)}: "
+                "run `claude` there once by hand (or, with an API key, `formulabeat doctor --fix`)"
+                + ("; it checks api.anthropic.com until then" if _shows(text, _UNREACHABLE) else "")
+            )
+        return None
+
+    @staticmethod
+    def _refuse(screen: str, why: str) -> Refuse:
+        return Refuse(f"{why}; its screen: {screen_tail(screen)}")
+
+    @staticmethod
+    def _api_key_fix(agent: AgentConfig) -> str:
+        return (
+            "Claude Code asks whether to use the API key in its environment (ANTHROPIC_API_KEY), "
+            f"which formulabeat answers only when told: set approve_api_key = true for agent "
+            f"{agent.key}, run `formulabeat doctor --fix`, or run `claude` once by hand and "
+            "answer Yes"
+        )
+
+    @staticmethod
+    def _bypass_fix(agent: AgentConfig) -> str:
+        return (
+            "Claude Code asks to accept Bypass Permissions mode (--dangerously-skip-permissions), "
+            f"which formulabeat accepts only when told: set accept_bypass_mode = true for agent "
+            f"{agent.key}, run `formulabeat doctor --fix`, or run `claude {BYPASS_FLAG}` once "
+            "by hand and accept"
+        )
+
+    @staticmethod
+    def _login_fix(agent: AgentConfig, launch: Launch) -> str:
+        return (
+            f"Claude Code is not logged in for HOME={_home(launch.env)}: run `claude` there and "
+            f'/login, or give agent {agent.key} an API key (pass_env = ["ANTHROPIC_API_KEY"])'
+        )
+
+    # -- doctor ------------------------------------------------------------
+    def checks(
+        self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path
+    ) -> list[Check]:
+        """Onboarding, login or key approval, bypass acceptance, root, trust: a line each."""
+        name = f"claude {agent.key}"
+        config_path = config_file(env)
+        config = read_json(config_path)
+        bypass = BYPASS_FLAG in agent.argv()
+        checks = [
+            Check(
+                f"{name} setup",
+                config.get("hasCompletedOnboarding") is True,
+                f"onboarding done ({config_path})"
+                if config.get("hasCompletedOnboarding") is True
+                else f"onboarding not done in {config_path}: run `claude` once by hand as this "
+                "user, or (with an API key) `formulabeat doctor --fix`",
+            ),
+            self._login_check(name, agent, env, config),
+        ]
+        if bypass:
+            accepted = read_json(settings_file(env)).get("skipDangerousModePermissionPrompt")
+            checks.append(
+                Check(
+                    f"{name} bypass",
+                    accepted is True or agent.accept_bypass_mode,
+                    "Bypass Permissions mode accepted"
+                    if accepted is True
+                    else "answered at each start (accept_bypass_mode = true)"
+                    if agent.accept_bypass_mode
+                    else f"not accepted: {self._bypass_fix(agent)}",
+                )
+            )
+            if os.geteuid() == 0:
+                sandbox = env.get("IS_SANDBOX") == "1"
+                checks.append(
+                    Check(
+                        f"{name} root",
+                        sandbox,
+                        "root, with IS_SANDBOX=1"
+                        if sandbox
+                        else "the CLI refuses bypass mode as root: run the worker as an "
+                        'unprivileged user, or in a sandbox set env = { IS_SANDBOX = "1" }',
+                    )
+                )
+        writable = os.access(config_path if config_path.exists() else config_path.parent, os.W_OK)
+        checks.append(
+            Check(
+                f"{name} trust",
+                trusted(config, worktree_root) or writable,
+                f"{worktree_root} trusted"
+                if trusted(config, worktree_root)
+                else f"{worktree_root} is trusted before the first run"
+                if writable
+                else f"{config_path} is not writable, so formulabeat cannot trust "
+                f"{worktree_root}: fix its ownership",
+            )
+        )
+        return checks
+
+    def _login_check(
+        self, name: str, agent: AgentConfig, env: Mapping[str, str], config: dict[str, Any]
+    ) -> Check:
+        key = env.get("ANTHROPIC_API_KEY")
+        if key:
+            responses = config.get("customApiKeyResponses") or {}
+            approved = key[-KEY_SUFFIX:] in (responses.get("approved") or [])
+            ok = approved or agent.approve_api_key
+            return Check(
+                f"{name} login",
+                ok,
+                "ANTHROPIC_API_KEY approved"
+                if approved
+                else "ANTHROPIC_API_KEY answered at each start (approve_api_key = true)"
+                if ok
+                else f"ANTHROPIC_API_KEY not approved: {self._api_key_fix(agent)}",
+            )
+        for variable in AUTH_ENV:
+            if env.get(variable):
+                return Check(f"{name} login", True, f"authenticates with {variable}")
+        credentials = config_dir(env) / ".credentials.json"
+        if credentials.exists() or config.get("oauthAccount"):
+            return Check(f"{name} login", True, "logged in")
+        return Check(
+            f"{name} login",
+            False,
+            f"not logged in for HOME={_home(env)}: run `claude` and /login as this user, or give "
+            'the agent an API key (pass_env = ["ANTHROPIC_API_KEY"])',
+        )
+
+    def fix(self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path) -> list[str]:
+        """Trust, onboarding (with key or token auth), key approval, bypass acceptance."""
+        done = []
+        config = config_file(env)
+        key = env.get("ANTHROPIC_API_KEY")
+        token_auth = key or any(env.get(v) for v in AUTH_ENV)
+
+        def change(data: dict[str, Any]) -> bool:
+            changed = trust(data, worktree_root)
+            if changed:
+                done.append(f"{config}: trusted {worktree_root}")
+            if token_auth and data.get("hasCompletedOnboarding") is not True:
+                data["hasCompletedOnboarding"] = True
+                done.append(f"{config}: onboarding marked done")
+                changed = True
+            if key:
+                responses = data.setdefault("customApiKeyResponses", {})
+                approved = responses.setdefault("approved", [])
+                if key[-KEY_SUFFIX:] not in approved:
+                    approved.append(key[-KEY_SUFFIX:])
+                    rejected = responses.get("rejected") or []
+                    responses["rejected"] = [r for r in rejected if r != key[-KEY_SUFFIX:]]
+                    done.append(f"{config}: ANTHROPIC_API_KEY approved")
+                    changed = True
+            return changed
+
+        edit_json(config, change)
+        if BYPASS_FLAG in agent.argv():
+            path = settings_file(env)
+
+            def accept(data: dict[str, Any]) -> bool:
+                if data.get("skipDangerousModePermissionPrompt") is True:
+                    return False
+                data["skipDangerousModePermissionPrompt"] = True
+                done.append(f"{path}: Bypass Permissions mode accepted")
+                return True
+
+            edit_json(path, accept)
+        return done
+
+
+# -- the screen ---------------------------------------------------------------
+
+
+def _is_rule(line: str) -> bool:
+    stripped = line.strip()
+    return len(stripped) >= 10 and set(stripped) == {"─"}
+
+
+def input_box(lines: list[str]) -> int | None:
+    """The index of the input box's ``❯`` line: at column 0, between two rules."""
+    for index in range(len(lines) - 1, 0, -1):
+        line = lines[index]
+        if not line.startswith("❯"):
+            continue
+        above = next((p for p in reversed(lines[:index]) if p.strip()), "")
+        below = next((n for n in lines[index + 1 :] if n.strip()), "")
+        if _is_rule(above) and _is_rule(below):
+            return index
+    return None
+
+
+def workspace(lines: list[str]) -> str | None:
+    """The directory the trust dialog asks about (the line after "Accessing workspace:")."""
+    for index, line in enumerate(lines[:-1]):
+        if line.strip().lower() == "accessing workspace:":
+            return lines[index + 1].strip() or None
+    return None
+
+
+def _shows(text: str, markers: tuple[str, ...]) -> bool:
+    return any(marker in text for marker in markers)
+
+
+def _within(path: Path, root: Path) -> bool:
+    path, root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return path == root or root in path.parents
+
+
+# -- the CLI's config files -------------------------------------------------------
+
+
+def config_dir(env: Mapping[str, str]) -> Path:
+    """Where the CLI keeps its state: $CLAUDE_CONFIG_DIR, else ~/.claude."""
+    if env.get("CLAUDE_CONFIG_DIR"):
+        return Path(env["CLAUDE_CONFIG_DIR"])
+    return Path(_home(env)) / ".claude"
+
+
+def config_file(env: Mapping[str, str]) -> Path:
+    """The CLI's own config file: ``~/.claude.json`` (or in $CLAUDE_CONFIG_DIR)."""
+    if env.get("CLAUDE_CONFIG_DIR"):
+        return Path(env["CLAUDE_CONFIG_DIR"]) / ".claude.json"
+    return Path(_home(env)) / ".claude.json"
+
+
+def settings_file(env: Mapping[str, str]) -> Path:
+    """The user's Claude Code settings."""
+    return config_dir(env) / "settings.json"
+
+
+def _home(env: Mapping[str, str]) -> str:
+    return env.get("HOME") or str(Path.home())
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file as a dict ({} when it is missing or not an object)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def trusted(config: dict[str, Any], root: Path) -> bool:
+    """Whether the config trusts ``root`` or a directory above it."""
+    projects = config.get("projects")
+    if not isinstance(projects, dict):
+        return False
+    real = Path(os.path.realpath(root))
+    for candidate in (real, *real.parents):
+        entry = projects.get(str(candidate))
+        if isinstance(entry, dict) and entry.get("hasTrustDialogAccepted") is True:
+            return True
+    return False
+
+
+def trust(config: dict[str, Any], root: Path) -> bool:
+    """Mark ``root`` trusted in the config dict; False when it already was."""
+    if trusted(config, root):
+        return False
+    projects = config.setdefault("projects", {})
+    entry = projects.setdefault(os.path.realpath(root), {})
+    entry["hasTrustDialogAccepted"] = True
+    return True
+
+
+def edit_json(path: Path, change: Callable[[dict[str, Any]], bool]) -> bool:
+    """Change a JSON file the CLI also writes, under the CLI's own lock.
+
+    ``change`` edits the dict in place and says whether it changed it. The
+    file is replaced atomically, keeping its mode and every other key; one
+    that is not a JSON object is left as it is (SessionError).
+    """
+    lock = path.with_name(path.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _take_lock(lock)
+    try:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = "{}"
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except ValueError as exc:
+            raise SessionError(f"{path} is not valid JSON ({exc}); left as it is") from None
+        if not isinstance(data, dict):
+            raise SessionError(f"{path} is not a JSON object; left as it is")
+        if not change(data):
+            return False
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
+        tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{secrets.token_hex(6)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(data, indent=2))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(lock)
+
+
+def _take_lock(lock: Path) -> None:
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            os.mkdir(lock, 0o700)
+            return
+        except FileExistsError:
+            pass
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age > LOCK_STALE_SECONDS:
+            # Its holder died (proper-lockfile refreshes the mtime while held).
+            with contextlib.suppress(OSError):
+                os.rmdir(lock)
+            continue
+        if time.monotonic() >= deadline:
+            raise SessionError(f"{lock} stayed locked for {LOCK_WAIT_SECONDS:g} s")
+        time.sleep(0.02)

@@ -1,0 +1,40 @@
+"""The files of a run's private directory, each named once.
+
+The worker, the hooks and the launcher all read and write these. The hooks
+and the launcher run in the agent's pane as plain scripts (``python -I -S
+<file>``), so this module imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+# Written by formulabeat before the agent starts.
+PHASE = "phase"
+PROMPT = "prompt.md"
+CONTEXT = "context.md"
+LAUNCH = "launch.json"
+# The agent CLI's hook settings, given to it on its command line (--settings),
+# so nothing of formulabeat's lands in the worktree the agent commits from.
+AGENT_SETTINGS = "agent-settings.json"
+OUTPUT = "output.log"
+
+# Written by the launcher's shell parent when the agent exits (tmux 3.3
+# sometimes marks a pane dead without its status).
+EXIT_STATUS = "exit-status"
+
+# Written by the hooks.
+PROMPT_SUBMITTED = "prompt-submitted"  # UserPromptSubmit saw this run's prompt
+JOURNAL = "phase-journal"
+PHASE_CHANGED = "phase-changed"
+HOOKS_LIVE = "hooks-live"
+IDLE = "idle"
+EXITED = "exited"
+NUDGES = "nudges"
+
+# Written by the worker: the agent confirmed the prompt. A worker killed
+# before it could publish RUNNING leaves this on the host, so the adopter
+# follows the session instead of pasting a second copy of the prompt.
+PROMPT_DELIVERED = "prompt-delivered"
+PRESERVED = "PRESERVED.json"
+
+# Stale after a session ends: a recovered session must earn them again.
+SESSION_MARKERS = (EXIT_STATUS, PROMPT_DELIVERED, PROMPT_SUBMITTED, EXITED, IDLE)
