@@ -271,9 +271,12 @@ def cmd_enable(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check tmux, git, the agent commands, Redis, clocks, memory and the state dir."""
     from tasks.app import broker_url, redis_client
-    from workers.doctor import run_checks
+    from workers.doctor import fix_agents, run_checks
 
     cfg = _config(args)
+    if args.fix:
+        for line in fix_agents(cfg):
+            print(f"fixed {line}")
     try:
         url: str | None = broker_url(cfg)
     except FormulabeatError:
@@ -436,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
         flag.set_defaults(func=cmd_enable)
 
     doctor = sub.add_parser("doctor", help="check this host: tmux, git, agents, Redis, clock")
+    doctor.add_argument(
+        "--fix",
+        action="store_true",
+        help="first apply the agent CLI setup you may delegate (Claude Code: trust of the "
+        "worktree root, onboarding with an API key, key approval, bypass acceptance)",
+    )
     doctor.set_defaults(func=cmd_doctor)
 
     for name, func, what in (

@@ -8,13 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.real_cli import cli_env
 from workers.embedded import EmbeddedRedis
 from workers.statedir import new_run_dir
 
 
-def doctor(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def doctor(
+    config: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "--config", str(config), "doctor"],
+        [sys.executable, "-m", "tasks.cli", "--config", str(config), "doctor", *(args or [])],
         capture_output=True,
         text=True,
         timeout=60,
@@ -74,3 +79,56 @@ def test_a_state_dir_formulabeat_made_is_private_however_it_came_to_exist(
         assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
     lines = doctor(config).stdout.splitlines()
     assert any(line.startswith("ok") and "state dir" in line for line in lines), lines
+
+
+def claude_config(tmp_path: Path, url: str, claude: Path, home: Path, api_url: str) -> Path:
+    """A config whose one agent runs the real Claude Code CLI in ``home``."""
+    config = write_config(tmp_path, url, command=f"{claude} --dangerously-skip-permissions")
+    env = ", ".join(f'{k} = "{v}"' for k, v in cli_env(home, api_url).items())
+    config.write_text(config.read_text() + f"env = {{ {env} }}\n")
+    return config
+
+
+def test_a_home_where_claude_ran_by_hand_is_all_ok(
+    tmp_path: Path, redis_server: EmbeddedRedis, claude: Path, claude_home: Path, messages_api
+) -> None:
+    proc = doctor(claude_config(tmp_path, redis_server.url, claude, claude_home, messages_api.url))
+    lines = proc.stdout.splitlines()
+    claude_lines = [line for line in lines if " claude p/a " in line]
+    names = {line.split()[3] for line in claude_lines}
+    assert {"setup", "login", "bypass", "trust"} <= names, lines
+    assert proc.returncode == 0 and all(line.startswith("ok") for line in lines), proc.stdout
+
+
+def test_doctor_names_each_missing_setup_step_and_fix_applies_them(
+    tmp_path: Path, redis_server: EmbeddedRedis, claude: Path, messages_api
+) -> None:
+    home = tmp_path / "fresh-home"
+    home.mkdir()
+    config = claude_config(tmp_path, redis_server.url, claude, home, messages_api.url)
+    before = doctor(config)
+    assert before.returncode == 1
+    out = before.stdout
+    assert "FIX  claude p/a setup" in out and "onboarding not done" in out
+    assert "FIX  claude p/a login" in out and "ANTHROPIC_API_KEY not approved" in out
+    assert "FIX  claude p/a bypass" in out and "accept_bypass_mode = true" in out
+    fixed = doctor(config, args=["--fix"])
+    assert "fixed " in fixed.stdout and "onboarding marked done" in fixed.stdout
+    assert "Bypass Permissions mode accepted" in fixed.stdout
+    lines = [line for line in fixed.stdout.splitlines() if " claude p/a " in line]
+    assert lines and all(line.startswith("ok") for line in lines), fixed.stdout
+    # What doctor --fix wrote is what the CLI itself keeps: a second --fix changes nothing.
+    again = doctor(config, args=["--fix"])
+    assert "fixed " not in again.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the CLI refuses bypass mode as root only")
+def test_doctor_says_root_needs_a_sandbox_setting(
+    tmp_path: Path, redis_server: EmbeddedRedis, claude: Path, claude_home: Path, messages_api
+) -> None:
+    config = claude_config(tmp_path, redis_server.url, claude, claude_home, messages_api.url)
+    config.write_text(
+        config.read_text().replace('IS_SANDBOX = "1", ', "").replace(', IS_SANDBOX = "1"', "")
+    )
+    proc = doctor(config)
+    assert "FIX  claude p/a root" in proc.stdout and 'IS_SANDBOX = "1"' in proc.stdout

@@ -12,24 +12,18 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import psutil
 import redis
 
+from workers.agents import driver_for
+from workers.checks import Check
 from workers.config import Config, redact_url
+from workers.environment import agent_env, missing_pass_env
+from workers.statedir import runs_dir, runs_path
 
 # Beyond this, lease TTLs and timestamps from different hosts disagree.
 MAX_CLOCK_SKEW_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of the report."""
-
-    name: str
-    ok: bool
-    detail: str
 
 
 def _version(argv: list[str]) -> str | None:
@@ -48,21 +42,46 @@ def check_tool(name: str, argv: list[str], package: str) -> Check:
 
 
 def check_agents(cfg: Config) -> list[Check]:
-    """Each agent's command is on PATH."""
+    """Each agent's command is on its PATH, its pass_env is there, and its driver's checks."""
     checks = []
+    root = runs_path(cfg.state_dir)
     for agent in cfg.agents:
+        env = agent_env(agent)
         program = agent.argv()[0]
-        found = shutil.which(program)
+        found = shutil.which(program, path=env.get("PATH"))
         checks.append(
             Check(
                 f"agent {agent.key}",
                 found is not None,
-                f"{program} → {found}"
+                f"{program} → {found} ({agent.driver})"
                 if found
                 else f"{program!r} not found on PATH (agents.command)",
             )
         )
+        missing = missing_pass_env(agent)
+        if missing:
+            checks.append(
+                Check(
+                    f"agent {agent.key} env",
+                    False,
+                    f"pass_env names {', '.join(missing)}, which this worker's environment "
+                    "lacks: set them where the worker starts (its systemd unit, its shell)",
+                )
+            )
+        if found:
+            checks += driver_for(agent.driver).checks(agent, env, root)
     return checks
+
+
+def fix_agents(cfg: Config) -> list[str]:
+    """Apply the setup each agent's driver may do for the user; what changed, a line each."""
+    root = runs_dir(cfg.state_dir)
+    done: list[str] = []
+    for agent in cfg.agents:
+        for line in driver_for(agent.driver).fix(agent, agent_env(agent), root):
+            if line not in done:
+                done.append(line)
+    return done
 
 
 def check_redis(url: str, client_factory: Callable[[], redis.Redis]) -> list[Check]:

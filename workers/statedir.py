@@ -31,9 +31,14 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def runs_path(state_dir: Path) -> Path:
+    """Where this host's run directories (and so its worktrees) are, made or not."""
+    return state_dir / "runs"
+
+
 def runs_dir(state_dir: Path) -> Path:
-    """The directory holding one private directory per run on this host."""
-    return private_dir(state_dir / "runs")
+    """The directory holding one private directory per run on this host (made 0700)."""
+    return private_dir(runs_path(state_dir))
 
 
 def new_run_dir(state_dir: Path, run_id: str) -> Path:

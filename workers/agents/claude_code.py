@@ -39,6 +39,7 @@ BYPASS_FLAG = "--dangerously-skip-permissions"
 # proper-lockfile's default: a lock directory older than this was abandoned.
 LOCK_STALE_SECONDS = 10.0
 LOCK_WAIT_SECONDS = 15.0
+EDIT_ATTEMPTS = 20
 # The CLI keeps this many trailing characters of an approved API key.
 KEY_SUFFIX = 20
 AUTH_ENV = (
@@ -405,39 +406,59 @@ def edit_json(path: Path, change: Callable[[dict[str, Any]], bool]) -> bool:
     ``change`` edits the dict in place and says whether it changed it. The
     file is replaced atomically, keeping its mode and every other key; one
     that is not a JSON object is left as it is (SessionError).
+
+    The CLI does not wait for its lock: finding it held, it writes its
+    cached copy without it. So the lock is held for as short as can be, and
+    a file that changed between the read and the rename is read again
+    rather than overwritten.
     """
     lock = path.with_name(path.name + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _take_lock(lock)
+    for _ in range(EDIT_ATTEMPTS):
+        _take_lock(lock)
+        try:
+            seen = _identity(path)
+            data = _read_object(path)
+            if not change(data):
+                return False
+            mode = path.stat().st_mode & 0o777 if seen else 0o600
+            tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{secrets.token_hex(6)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    handle.write(json.dumps(data, indent=2))
+                if _identity(path) == seen:
+                    os.replace(tmp, path)
+                    return True
+            finally:
+                tmp.unlink(missing_ok=True)
+        finally:
+            with contextlib.suppress(OSError):
+                os.rmdir(lock)
+    raise SessionError(f"{path} kept changing while formulabeat edited it; try again")
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from the next: inode, mtime, size."""
     try:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            text = "{}"
-        try:
-            data = json.loads(text) if text.strip() else {}
-        except ValueError as exc:
-            raise SessionError(f"{path} is not valid JSON ({exc}); left as it is") from None
-        if not isinstance(data, dict):
-            raise SessionError(f"{path} is not a JSON object; left as it is")
-        if not change(data):
-            return False
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
-        tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{secrets.token_hex(6)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(data, indent=2))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return True
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(lock)
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError as exc:
+        raise SessionError(f"{path} is not valid JSON ({exc}); left as it is") from None
+    if not isinstance(data, dict):
+        raise SessionError(f"{path} is not a JSON object; left as it is")
+    return data
 
 
 def _take_lock(lock: Path) -> None:
