@@ -17,6 +17,8 @@ from workers.config import load_config
 
 FORGE = "tok-FORGE-5f3a9c"
 API_KEY = "sk-API-KEY-77e1d0"
+PROXY_PASSWORD = "PROXY-PASS-91c2"
+LITERAL = "lit-SECRET-4e07"
 
 
 def _all_redis_bytes(client: redis.Redis) -> bytes:
@@ -43,7 +45,14 @@ def test_no_secret_leaks_from_a_run(
     password = fleet.redis_url.split(":")[2].split("@")[0] if fleet.redis_url else ""
     monkeypatch.setenv("FORGE_TOKEN", FORGE)
     monkeypatch.setenv("ANTHROPIC_API_KEY", API_KEY)
-    fleet.add_agent("planner", "phase=awaiting_ci sleep=2 phase=done")
+    monkeypatch.setenv("HTTPS_PROXY", f"http://fb:{PROXY_PASSWORD}@proxy.internal:3128")
+    agent_log = fleet.root / "agent.log"
+    fleet.add_agent(
+        "planner",
+        f"log={agent_log} phase=awaiting_ci sleep=2 phase=done",
+        pass_env=["HTTPS_PROXY", "NOT_SET_ANYWHERE"],
+        env={"CUSTOM_TOKEN": LITERAL},
+    )
     fleet.write_config()
     fleet.start_worker()
     app = client_app(load_config(fleet.config_path))
@@ -99,5 +108,11 @@ def test_no_secret_leaks_from_a_run(
     }
     assert len(events) > 5
     for place, data in places.items():
-        for secret in (FORGE, API_KEY, password):
+        for secret in (FORGE, API_KEY, PROXY_PASSWORD, LITERAL, password):
             assert secret.encode() not in data, f"{secret[:6]}… found in {place}"
+    # The agent got them, through its 0600 launch file (the log has names only).
+    start = next(
+        json.loads(line) for line in agent_log.read_text().splitlines() if '"start"' in line
+    )
+    assert {"HTTPS_PROXY", "CUSTOM_TOKEN", "FORGE_TOKEN", "ANTHROPIC_API_KEY"} <= set(start["env"])
+    assert "NOT_SET_ANYWHERE" not in start["env"]
