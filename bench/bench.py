@@ -1,4 +1,4 @@
-"""``make bench``: formulabeat's speed and cost on this machine, with the scripted agent.
+"""``make bench``: formulabeat's speed and cost on this machine, scripted agent and real CLI.
 
 One host: a private Redis, one worker (the production defaults), tmux on a
 private socket. Latencies run from the agent's own clock (the scripted agent
@@ -12,7 +12,12 @@ which follows the result backend's own publications (``celery-task-meta-*``).
    session per minute while idle, then each writes a phase at a random
    moment, from the write to its publication;
 3. throughput: agents that finish at once, as many runs as they take in
-   ``--throughput-seconds``.
+   ``--throughput-seconds``;
+4. the real Claude Code CLI (the pinned one ``make claude-cli`` installs)
+   against the tests' Messages API stand-in: the CLI's own start → input box,
+   and beside it run sent → prompt confirmed (RUNNING published); the idle
+   cost of ``--real-sessions`` CLIs at their input box, theirs and
+   formulabeat's; and phase write → result backend among as many live CLIs.
 
 It prints a table and writes bench/results.json.
 """
@@ -20,6 +25,7 @@ It prints a table and writes bench/results.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,12 +47,18 @@ import redis
 from tasks.app import client_app
 from tasks.demo import commit_all
 from tasks.stack import Stack
+from tests.messages_api import MessagesAPI
+from tests.real_cli import BYPASS, INSTALLED, cli_env, run_by_hand_once
+from workers import registry
+from workers.agents.claude_code import edit_json, input_box, trust
 from workers.config import load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+from workers.tmux import screen_tail
 
 RESULTS = Path(__file__).with_name("results.json")
 START_TIMEOUT = 900.0
 AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
+SCRIPTED = f'command = "{AGENT}"\ndriver = "scripted"\n'
 
 
 class Observer:
@@ -90,11 +102,11 @@ def _formula(name: str, scenario: str) -> str:
 MONITOR: dict[str, float] = {}  # [monitor] settings from the command line
 
 
-def _config(root: Path, url: str, agents: dict[str, str], sessions: int) -> Path:
+def _config(root: Path, url: str, agents: dict[str, str], sessions: int, how: str) -> Path:
     blocks = "".join(
         f'[[agents]]\nname = "{name}"\nproject = "bench"\n'
         f'formula = "project/formulas/{name}.toml"\nschedule = "0 0 1 1 *"\n'
-        f'command = "{AGENT}"\ndriver = "scripted"\nmin_memory_mb = 0\n\n'
+        f"{how}min_memory_mb = 0\n\n"
         for name in agents
     )
     path = root / "formulabeat.toml"
@@ -112,11 +124,14 @@ def _config(root: Path, url: str, agents: dict[str, str], sessions: int) -> Path
 
 
 @contextmanager
-def _bench_host(root: Path, agents: dict[str, str], sessions: int) -> Iterator[tuple[Any, Any]]:
+def _bench_host(
+    root: Path, agents: dict[str, str], sessions: int, how: str = SCRIPTED
+) -> Iterator[tuple[Any, Any]]:
+    """A private Redis and one worker for ``agents`` (name → scenario), run as ``how`` says."""
     files = {f"formulas/{name}.toml": _formula(name, s) for name, s in agents.items()}
     commit_all(root / "project", {"README.md": "# bench\n", **files}, "bench")
     server: EmbeddedRedis = start_redis(root / "redis")
-    cfg = load_config(_config(root, server.url, agents, sessions))
+    cfg = load_config(_config(root, server.url, agents, sessions, how))
     stack = Stack(cfg, flower=False, beat=False, log_dir=root / "logs")
     try:
         stack.start()
@@ -302,6 +317,215 @@ def bench_throughput(root: Path, agents_count: int, seconds: float) -> dict[str,
     return {"runs_per_min": round(done / elapsed * 60, 1), "throughput_agents": agents_count}
 
 
+def _real_how(binary: Path, home: Path, api: MessagesAPI) -> str:
+    env = ", ".join(f'{k} = "{v}"' for k, v in cli_env(home, api.url).items())
+    return f'command = "{binary} {BYPASS}"\ndriver = "claude-code"\nenv = {{ {env} }}\n'
+
+
+def _cli_ready_ms(
+    binary: Path, home: Path, api: MessagesAPI, socket: str, runs: int
+) -> list[float]:
+    """The CLI alone: tmux new-session → its input box drawn (no formulabeat)."""
+    project = home / "ready-project"
+    project.mkdir(exist_ok=True)
+    env = {**cli_env(home, api.url), "PATH": os.environ["PATH"]}
+    edit_json(home / ".claude.json", lambda data: trust(data, project))
+    words = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), str(binary), BYPASS]
+    tmux = ["tmux", "-L", socket]
+    new = [*tmux, "new-session", "-d", "-x", "200", "-y", "50", "-c", str(project)]
+    # The server lives on between the CLIs (one whose last session ended exits).
+    subprocess.run([*new, "-s", "keep", "sleep", "3600"], check=True, timeout=30)
+    times = []
+    for index in range(runs):
+        name = f"ready{index}"
+        started = time.time()
+        subprocess.run([*new, "-s", name, *words], check=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            screen = subprocess.run(
+                [*tmux, "capture-pane", "-p", "-t", name],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            ).stdout
+            if input_box(screen.splitlines()) is not None:
+                times.append((time.time() - started) * 1000)
+                break
+            time.sleep(0.01)
+        else:
+            print(f"the CLI showed no input box within 60 s: {screen_tail(screen)}")
+        subprocess.run([*tmux, "kill-session", "-t", name], timeout=30, check=False)
+    return times
+
+
+def _cli_cpu(socket: str) -> float:
+    """CPU seconds of every process in the panes of a tmux server (the CLIs)."""
+    out = subprocess.run(
+        ["tmux", "-L", socket, "list-panes", "-a", "-F", "#{pane_pid}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout.split()
+    total = 0.0
+    for pid in out:
+        try:
+            root = psutil.Process(int(pid))
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                continue
+    return total
+
+
+def bench_real(root: Path, sessions: int, runs: int, idle: float, spread: float) -> dict[str, Any]:
+    """The real Claude Code CLI: start overhead, idle cost, phase latency."""
+    binary = INSTALLED
+    if not binary.exists():
+        print(f"no Claude Code CLI at {binary} (make claude-cli): real-CLI series skipped")
+        return {"real_cli_version": None}
+    version = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout.split()[0]
+    results: dict[str, Any] = {"real_cli_version": version}
+    with MessagesAPI() as api:
+        home = root / "home"
+        socket = f"fbbench-real-{os.getpid()}"
+        try:
+            run_by_hand_once(binary, home, api.url, socket)
+            ready = _cli_ready_ms(binary, home, api, socket, runs)
+        finally:
+            subprocess.run(["tmux", "-L", socket, "kill-server"], timeout=30, check=False)
+        how = _real_how(binary, home, api)
+        results["real_cli_ready_ms_p50"] = round(statistics.median(ready), 1)
+        results["real_cli_ready_ms_p99"] = round(_pct(ready, 0.99), 1)
+        with _bench_host(root / "start", {"starter": "phase=done"}, 1, how) as (stack, server):
+            app = client_app(stack.cfg)
+            observer = Observer(server.client())
+            client = server.client()
+            sent = {}
+            for _ in range(runs):
+                at = time.time()
+                run_id = _send(app, "starter")
+                sent[run_id] = at
+                _wait(lambda run_id=run_id: _ended(client, run_id), 120)
+            observer.close()
+        starts = [
+            (observer.seen[(r, "RUNNING")] - t) * 1000
+            for r, t in sent.items()
+            if (r, "RUNNING") in observer.seen
+        ]
+        results["real_start_ms_p50"] = round(statistics.median(starts), 1)
+        results["real_start_ms_p99"] = round(_pct(starts, 0.99), 1)
+        results["real_start_runs"] = len(starts)
+        results["real_start_overhead_ms_p50"] = round(
+            results["real_start_ms_p50"] - results["real_cli_ready_ms_p50"], 1
+        )
+        results.update(_real_idle(root / "idle", how, sessions, idle))
+        results.update(_real_phases(root / "phases", how, sessions, spread))
+    return results
+
+
+def _start_all(
+    stack: Any, server: Any, agents: dict[str, str], state: str
+) -> tuple[set[str], Observer]:
+    app = client_app(stack.cfg)
+    observer = Observer(server.client())
+    client = server.client()
+    ids = {_send(app, name) for name in agents}
+    _wait(lambda: all((i, state) in observer.seen or _ended(client, i) for i in ids), START_TIMEOUT)
+    return ids, observer
+
+
+def _real_idle(root: Path, how: str, sessions: int, idle: float) -> dict[str, Any]:
+    """CLIs at their input box after a phase: their CPU, and the worker's and tmux's."""
+    agents = {f"i{i:02d}": "phase=awaiting_ci idle" for i in range(sessions)}
+    with _bench_host(root, agents, sessions, how + f"idle_timeout = {idle + 600}\n") as (
+        stack,
+        server,
+    ):
+        ids, observer = _start_all(stack, server, agents, "AWAITING_CI")
+        live = sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
+        socket = stack.cfg.tmux_socket or ""
+        worker = psutil.Process(next(p.pid for n, p in stack.procs if n == "worker"))
+        tmux = _tmux_server(socket)
+        ours = [p for p in (worker, tmux) if p is not None]
+        time.sleep(10)  # the Stop hooks and the last starts settle
+        cli_before, ours_before, t0 = _cli_cpu(socket), _cpu(ours), time.monotonic()
+        time.sleep(idle)
+        minutes = (time.monotonic() - t0) / 60
+        cli = (_cli_cpu(socket) - cli_before) / live / minutes
+        formulabeat = (_cpu(ours) - ours_before) / live / minutes
+        rss = 0
+        for pid in subprocess.run(
+            ["tmux", "-L", socket, "list-panes", "-a", "-F", "#{pane_pid}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.split():
+            with contextlib.suppress(psutil.Error):
+                rss += sum(
+                    p.memory_info().rss for p in psutil.Process(int(pid)).children(recursive=True)
+                )
+        client = server.client()
+        for run_id in ids:
+            registry.request_cancel(client, run_id, "the benchmark")
+        _wait(lambda: all(_ended(client, i) for i in ids), 120)
+        observer.close()
+    return {
+        "real_idle_sessions": live,
+        "real_cli_idle_cpu_s_per_session_min": round(cli, 4),
+        "real_formulabeat_idle_cpu_s_per_session_min": round(formulabeat, 5),
+        "real_cli_rss_mib_per_session": round(rss / live / 2**20, 1) if live else None,
+    }
+
+
+def _real_phases(root: Path, how: str, sessions: int, spread: float) -> dict[str, Any]:
+    """Phase write → result backend while ``sessions`` real CLIs live."""
+    stamps = root / "stamps.log"
+    go = root / "go"
+    offsets = [spread * (i * 7919 % sessions) / sessions for i in range(sessions)]
+    agents = {
+        f"p{i:02d}": f"stamp={stamps} phase=awaiting_ci waitfor={go} sleep={offset:.2f} "
+        f"phase=working sleep={spread - offset + 5:.2f} phase=done"
+        for i, offset in enumerate(offsets)
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    with _bench_host(root, agents, sessions, how) as (stack, server):
+        ids, observer = _start_all(stack, server, agents, "AWAITING_CI")
+        live = sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
+        go.touch()
+        _wait(lambda: all((i, "SUCCESS") in observer.seen for i in ids), spread + 180)
+        observer.close()
+        client = server.client()
+        by_phase_file = {}
+        for run_id in ids:
+            raw = client.get(f"formulabeat:run:{run_id}")
+            snapshot = json.loads(raw) if raw else {}
+            worktree = snapshot.get("worktree")
+            if worktree:
+                by_phase_file[str(Path(worktree).parent / "phase")] = run_id
+    latencies = []
+    for line in stamps.read_text().splitlines() if stamps.exists() else []:
+        phase_file, phase, at = line.split()
+        run_id = by_phase_file.get(phase_file.strip("'"))
+        if phase == "working" and run_id and (run_id, "WORKING") in observer.seen:
+            latencies.append((observer.seen[(run_id, "WORKING")] - float(at)) * 1000)
+    return {
+        "real_sessions": live,
+        "real_phase_latency_ms_p50": round(statistics.median(latencies), 1) if latencies else None,
+        "real_phase_latency_ms_p99": round(_pct(latencies, 0.99), 1) if latencies else None,
+        "real_phase_samples": len(latencies),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; print the table and write bench/results.json."""
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
@@ -311,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-runs", type=int, default=30)
     parser.add_argument("--throughput-agents", type=int, default=16)
     parser.add_argument("--throughput-seconds", type=float, default=60.0)
+    parser.add_argument("--real-sessions", type=int, default=20)
+    parser.add_argument("--real-runs", type=int, default=15)
+    parser.add_argument("--real-idle", type=float, default=60.0)
+    parser.add_argument("--real-spread", type=float, default=30.0)
+    parser.add_argument("--no-real", action="store_true", help="skip the real-CLI series")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
         "--monitor",
@@ -331,6 +560,16 @@ def main(argv: list[str] | None = None) -> int:
             bench_throughput(root / "throughput", args.throughput_agents, args.throughput_seconds)
         )
         results.update(bench_fleet(root / "fleet", args.sessions, args.idle, args.spread))
+        if not args.no_real:
+            results.update(
+                bench_real(
+                    root / "real",
+                    args.real_sessions,
+                    args.real_runs,
+                    args.real_idle,
+                    args.real_spread,
+                )
+            )
     results["machine"] = {
         "cores": psutil.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
@@ -366,6 +605,31 @@ def main(argv: list[str] | None = None) -> int:
         ("concurrent sessions", str(results["max_concurrent_sessions"]), "one bash loop each"),
         ("runs per minute (agent done at once)", str(results["runs_per_min"]), "-"),
     ]
+    if results.get("real_cli_version"):
+        rows += [
+            (
+                f"real CLI {results['real_cli_version']}: its own start → input box, p50 (ms)",
+                str(results["real_cli_ready_ms_p50"]),
+                "-",
+            ),
+            (
+                "real CLI: send → prompt confirmed, p50 / p99 (ms)",
+                f"{results['real_start_ms_p50']} / {results['real_start_ms_p99']}"
+                f" (overhead p50 {results['real_start_overhead_ms_p50']})",
+                "-",
+            ),
+            (
+                "real CLI: phase write → result backend, p99 (ms)",
+                f"{results['real_phase_latency_ms_p99']} ({results['real_sessions']} live CLIs)",
+                "5030 median",
+            ),
+            (
+                "real CLI idle CPU-s / session / min: the CLI's, formulabeat's",
+                f"{results['real_cli_idle_cpu_s_per_session_min']}, "
+                f"{results['real_formulabeat_idle_cpu_s_per_session_min']}",
+                "-",
+            ),
+        ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  formulabeat  |  original")
     for name, ours, theirs in rows:

@@ -24,7 +24,10 @@ Tokens (underscores in arguments become spaces):
   first time only (a flag file beside the phase file remembers it);
 - ``crash``: the same, every time;
 - ``apifail=STATUS``: answer with that HTTP error (401, 429, 500, 529, …);
-- ``tokens=IN,OUT``: the usage this response reports (default below).
+- ``tokens=IN,OUT``: the usage this response reports (default below);
+- ``stamp=PATH`` (anywhere in the line): each phase write first appends
+  ``<phase file> <phase> <epoch seconds>`` to PATH (a benchmark's clock);
+- ``waitfor=PATH``: a Bash call that waits until PATH exists.
 
 Side requests the CLI makes without tools (titles, topics) get a short text.
 Every exchange is recorded (:attr:`MessagesAPI.exchanges`), with the usage it
@@ -204,7 +207,11 @@ class MessagesAPI:
         cursor = sum(1 for m in messages if m.get("role") == "assistant")
         action = "side" if not main else self._action(conversation, cursor)
         usage = dict(DEFAULT_USAGE) if main else {"input_tokens": 10, "output_tokens": 2}
-        blocks, status = self._respond(action, phase_file, usage)
+        stamp = next(
+            (t.partition("=")[2] for t in self._tokens(conversation) if t.startswith("stamp=")),
+            None,
+        )
+        blocks, status = self._respond(action, phase_file, usage, stamp)
         exchange = Exchange(
             at=time.time(),
             main=main,
@@ -228,17 +235,28 @@ class MessagesAPI:
             self._send_json(request, exchange, blocks)
 
     @staticmethod
-    def _action(conversation: str, cursor: int) -> str:
+    def _tokens(conversation: str) -> list[str]:
         found = _SCENARIO_RE.search(conversation)
-        tokens = found.group(1).split() if found else ["phase=done"]
+        return found.group(1).split() if found else ["phase=done"]
+
+    def _action(self, conversation: str, cursor: int) -> str:
+        tokens = [t for t in self._tokens(conversation) if not t.startswith("stamp=")]
         return tokens[cursor] if cursor < len(tokens) else "end"
 
     def _respond(
-        self, action: str, phase_file: str | None, usage: dict[str, int]
+        self, action: str, phase_file: str | None, usage: dict[str, int], stamp: str | None = None
     ) -> tuple[list[dict[str, Any]], int]:
         """The content blocks (or an HTTP error status) for one action."""
         name, _, arg = action.partition("=")
         target = _sh_quote(phase_file or "/dev/null")
+
+        def stamped(phase: str) -> str:
+            if not stamp:
+                return ""
+            return (
+                f"printf '%s %s %s\\n' {target} {phase} \"$(date +%s.%N)\" >> {_sh_quote(stamp)}; "
+            )
+
         if name == "tokens":
             given, _, out = arg.partition(",")
             usage.update(input_tokens=int(given), output_tokens=int(out or 0))
@@ -248,13 +266,15 @@ class MessagesAPI:
         command: str | None = None
         if name == "phase":
             phase, _, reason = arg.partition(":")
-            command = (
+            command = stamped(phase) + (
                 f"printf 'PHASE:{phase}\\nReason: %s\\n' {_sh_quote(_spaced(reason))} > {target}"
                 if reason
                 else f"echo 'PHASE:{phase}' > {target}"
             )
         elif name == "phases":
-            command = "; ".join(f"echo 'PHASE:{p}' > {target}" for p in arg.split(","))
+            command = "; ".join(f"{stamped(p)}echo 'PHASE:{p}' > {target}" for p in arg.split(","))
+        elif name == "waitfor":
+            command = f"while [ ! -e {_sh_quote(arg)} ]; do sleep 0.2; done"
         elif name == "bash":
             command = _spaced(arg)
         elif name == "sleep":

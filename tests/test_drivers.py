@@ -238,6 +238,41 @@ def test_a_prompt_the_agent_never_takes_is_pasted_twice_then_not_accepted(
         session.kill()
 
 
+def test_a_lost_enter_is_pressed_again_and_the_prompt_arrives_once(
+    tmp_path: Path, tmux_socket: str
+) -> None:
+    rig = make_rig(tmp_path, tmux_socket, "scripted", f"{SCRIPTED} --lose-first-enter")
+    session = rig.start()
+    try:
+        rig.ready_and_deliver(session)
+        log = Path(f"{rig.launch.run_dir / PHASE}.agent.jsonl")
+        wait_until(lambda: log.exists() and '"phase"' in log.read_text(), 30, "the phase")
+        prompts = [line for line in log.read_text().splitlines() if '"event": "prompt"' in line]
+        assert len(prompts) == 1  # Enter alone the second time: no second paste
+    finally:
+        session.kill()
+
+
+def test_claude_input_someone_typed_is_cleared_so_the_prompt_arrives_whole(
+    request: pytest.FixtureRequest, claude_home: Path, tmp_path: Path, tmux_socket: str
+) -> None:
+    api: MessagesAPI = request.getfixturevalue("messages_api")
+    rig = claude_rig(request, tmp_path, tmux_socket, claude_home)
+    driver = DRIVERS["claude-code"]
+    session = rig.start()
+    try:
+        driver.wait_ready(session, rig.agent, rig.launch, TIMING)
+        session.press("-l", "stray words from an attached terminal")
+        wait_until(lambda: "stray words" in session.capture(), 10, "the typed words")
+        driver.deliver(session, rig.agent, rig.launch, TIMING)
+        phase = str(rig.launch.run_dir / PHASE)
+        wait_until(lambda: api.main_exchanges(phase), 30, "the model to be asked")
+        received = api.main_exchanges(phase)[-1].prompt or ""
+        assert received.split() == (rig.launch.run_dir / PROMPT).read_text().split()
+    finally:
+        session.kill()
+
+
 # -- Claude Code's screens ------------------------------------------------------------
 
 

@@ -74,6 +74,7 @@ class Agent:
         self.events: list[dict[str, Any]] = []
         self.extra_log: str | None = None
         self.ignore_input = False
+        self.enters_to_lose = 0
 
     # -- output and log ---------------------------------------------------
     def say(self, text: str) -> None:
@@ -393,7 +394,9 @@ def _read_interactive(agent: Agent) -> None:
                 head = data if start < 0 else data[:start]
                 keep = _partial_suffix(head, PASTE_START) if start < 0 else 0
                 for byte in head[: len(head) - keep]:
-                    if byte in (0x0D, 0x0A):
+                    if byte in (0x0D, 0x0A) and agent.enters_to_lose:
+                        agent.enters_to_lose -= 1
+                    elif byte in (0x0D, 0x0A):
                         # A terminal pastes newlines as CR, which a TUI takes as line ends.
                         raw = buffer.decode("utf-8", errors="replace")
                         text = raw.replace("\r\n", "\n").replace("\r", "\n").strip()
@@ -449,10 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ignore-input", action="store_true", help="take keys but never a prompt (a stuck TUI)"
     )
+    parser.add_argument(
+        "--lose-first-enter", action="store_true", help="miss the first Enter (a slow TUI)"
+    )
     args = parser.parse_args(argv)
     interactive = not args.oneshot and sys.stdin.isatty()
     agent = Agent(args.prompt_char, interactive, args.settings)
     agent.ignore_input = args.ignore_input
+    agent.enters_to_lose = 1 if args.lose_first_enter else 0
     if args.startup_delay:
         time.sleep(args.startup_delay)
     try:

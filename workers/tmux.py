@@ -126,6 +126,16 @@ class TmuxServer(libtmux.Server):
             states[pane_id] = PaneState.parse(rest)
         return states
 
+    def retried(self, cmd: str, *args: Any) -> list[str]:
+        """:meth:`checked`, once more if the server was exiting when asked."""
+        try:
+            return self.checked(cmd, *args)
+        except SessionError as exc:
+            if "server exited unexpectedly" not in str(exc):
+                raise
+            time.sleep(0.05)
+            return self.checked(cmd, *args)
+
     def checked(self, cmd: str, *args: Any, target: str | None = None) -> list[str]:
         """Run a tmux command; a failure becomes a SessionError with tmux's message."""
         result = self.cmd(cmd, *args, target=target)
@@ -181,7 +191,10 @@ class AgentSession:
         """
         # remain-on-exit is set in the same tmux command queue as new-session,
         # so even an agent that dies at once leaves a dead pane with its status.
-        out = server.checked(
+        # A server whose last session just ended is exiting, and refuses a new
+        # session with "server exited unexpectedly": the next command starts
+        # a new server.
+        out = server.retried(
             "new-session",
             "-d",
             "-P",

@@ -28,7 +28,7 @@ from workers.tmux import AgentSession, screen_tail
 POLL_MIN = 0.02
 POLL_MAX = 0.25
 # A TUI may still be taking a paste in; an Enter inside it would be text.
-PASTE_SETTLE = 0.05
+PASTE_SETTLE = 0.02
 # How often one dialog may be answered before it counts as stuck.
 MAX_ANSWERS = 2
 _BOX_CHARS = "│┃|║ \t"
@@ -75,6 +75,11 @@ class Refuse:
 
 
 Verdict = Ready | Wait | Answer | Refuse
+
+# What an agent's input holds (PromptDriver.input_state).
+EMPTY = "empty"
+PROMPT_HELD = "prompt"
+OTHER_HELD = "other"
 
 
 class AgentDriver(Protocol):
@@ -188,13 +193,24 @@ class PromptDriver:
     def deliver(
         self, session: AgentSession, agent: AgentConfig, launch: Launch, timing: MonitorConfig
     ) -> None:
-        """Paste the prompt and press Enter; try once more if the agent does not confirm it."""
+        """Paste the prompt and press Enter; try once more if the agent does not confirm it.
+
+        Input the agent holds already is cleared first, where the CLI can
+        clear it (text someone typed in an attached session must not become
+        part of the prompt). The second time, the input may hold the whole
+        paste (its Enter was lost: Enter alone submits it), a part of it
+        (cleared and pasted again), or nothing (a dialog or an early start
+        took the paste: pasted again).
+        """
         for attempt in range(2):
             if attempt:
-                # A dialog may have taken the paste, or the Enter was lost.
                 self.wait_ready(session, agent, launch, timing)
+            held = self.input_state(session.capture(), launch)
+            enter_only = attempt > 0 and held == PROMPT_HELD
+            if held != EMPTY and not enter_only:
+                self.clear_input(session)
             before = session.capture()
-            if not (attempt and self.holds_text(before)):
+            if not enter_only:
                 session.paste_file(launch.run_dir / PROMPT, f"formulabeat-{launch.run_id}")
                 time.sleep(PASTE_SETTLE)
             session.press("Enter")
@@ -206,9 +222,12 @@ class PromptDriver:
             f"{screen_tail(session.capture())}"
         )
 
-    def holds_text(self, screen: str) -> bool:
-        """Whether the input line still holds pasted text (so Enter alone may submit it)."""
-        return False
+    def input_state(self, screen: str, launch: Launch) -> str:
+        """What the agent's input holds: nothing, this run's whole prompt, or other text."""
+        return EMPTY
+
+    def clear_input(self, session: AgentSession) -> None:
+        """Empty the agent's input (a plain CLI offers no way: nothing to do)."""
 
     def confirmed(self, session: AgentSession, launch: Launch, before: str) -> bool:
         """Whether the agent took the prompt (here: its screen moved since ``before``)."""

@@ -23,17 +23,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from workers.agents.base import Answer, HookedDriver, Launch, Ready, Refuse, Verdict, Wait
+from workers.agents.base import (
+    EMPTY,
+    OTHER_HELD,
+    PROMPT_HELD,
+    Answer,
+    HookedDriver,
+    Launch,
+    Ready,
+    Refuse,
+    Verdict,
+    Wait,
+)
 from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import SessionError
-from workers.tmux import screen_tail
+from workers.rundir import PROMPT
+from workers.tmux import AgentSession, screen_tail
 
 BYPASS_FLAG = "--dangerously-skip-permissions"
 # proper-lockfile's default: a lock directory older than this was abandoned.
@@ -57,6 +70,8 @@ _BYPASS = ("bypass permissions mode",)
 _ONBOARDING = ("choose the text style", "let's get started", "select login method")
 _UNREACHABLE = ("unable to connect to anthropic services",)
 _ROOT = ("cannot be used with root/sudo privileges",)
+# How the input box shows a multi-line paste.
+_PASTED = re.compile(r"\[Pasted text #\d+ \+(\d+) lines\]")
 
 
 class ClaudeCode(HookedDriver):
@@ -118,11 +133,20 @@ class ClaudeCode(HookedDriver):
             )
         return Wait()
 
-    def holds_text(self, screen: str) -> bool:
-        """Whether the input box still holds text (a paste whose Enter was lost)."""
+    def input_state(self, screen: str, launch: Launch) -> str:
+        """Empty, this run's paste (shown as ``[Pasted text #N +M lines]``), or other text."""
         lines = screen.splitlines()
         box = input_box(lines)
-        return box is not None and lines[box].removeprefix("❯").strip() != ""
+        held = lines[box].removeprefix("❯").strip() if box is not None else ""
+        if not held:
+            return EMPTY
+        shown = _PASTED.fullmatch(held)
+        prompt_lines = (launch.run_dir / PROMPT).read_text(encoding="utf-8").strip().count("\n")
+        return PROMPT_HELD if shown and int(shown.group(1)) == prompt_lines else OTHER_HELD
+
+    def clear_input(self, session: AgentSession) -> None:
+        """Ctrl-U empties the input box (a paste or typed text)."""
+        session.press("C-u")
 
     def not_ready_hint(self, agent: AgentConfig) -> str:
         """Ready is the input box."""

@@ -8,7 +8,12 @@ drive it through the same interface as the real CLI.
 
 from __future__ import annotations
 
-from workers.agents.base import HookedDriver
+import re
+
+from workers.agents.base import EMPTY, OTHER_HELD, PROMPT_HELD, HookedDriver, Launch
+from workers.rundir import PROMPT
+
+_PASTED = re.compile(r"\[pasted (\d+) bytes\]")
 
 
 class Scripted(HookedDriver):
@@ -16,7 +21,11 @@ class Scripted(HookedDriver):
 
     name = "scripted"
 
-    def holds_text(self, screen: str) -> bool:
-        """It prints ``[pasted N bytes]`` when a paste arrived and no Enter yet."""
+    def input_state(self, screen: str, launch: Launch) -> str:
+        """It prints ``[pasted N bytes]`` once a paste arrived (on its prompt's line)."""
         lines = [line for line in screen.splitlines() if line.strip()]
-        return bool(lines) and lines[-1].startswith("[pasted ")
+        shown = _PASTED.search(lines[-1]) if lines else None
+        if shown is None:
+            return EMPTY
+        size = len((launch.run_dir / PROMPT).read_bytes())
+        return PROMPT_HELD if int(shown.group(1)) == size else OTHER_HELD
