@@ -20,24 +20,23 @@ through files in the run's private directory (names in workers.rundir):
 
 The CLI calls two hooks per tool use, so a hook must start fast: it runs as
 ``python -I -S hooks.py NAME …`` (no site packages), imports only the
-standard library and workers.rundir, and parses its own few arguments.
+standard library and workers.rundir, leaves out the modules that cost most
+to import (pathlib, contextlib, typing, argparse, subprocess), and parses
+its own few arguments.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shlex
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 if not __package__:
     # Run as a script by path: make the package importable without site.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from workers.rundir import (
     CONTEXT,
@@ -76,16 +75,17 @@ NAMES = tuple(name for _, _, name, _ in HOOKS)
 
 def hook_command() -> list[str]:
     """How an agent CLI calls these hooks: this interpreter on this file, without site."""
-    return [sys.executable, "-I", "-S", str(Path(__file__).resolve())]
+    return [sys.executable, "-I", "-S", os.path.realpath(__file__)]
 
 
-def settings(hook_command: list[str], run_dir: Path, primary_branch: str) -> dict[str, Any]:
+def settings(
+    hook_command: list[str], run_dir: str | os.PathLike[str], primary_branch: str
+) -> dict[str, object]:
     """Claude Code settings holding formulabeat's hooks for one run (``--settings`` file)."""
-    hooks: dict[str, list[dict[str, Any]]] = {}
+    hooks: dict[str, list[dict[str, object]]] = {}
     for event, matcher, name, timeout in HOOKS:
-        command = shlex.join(
-            [*hook_command, name, "--run-dir", str(run_dir), "--primary-branch", primary_branch]
-        )
+        words = [*hook_command, name, "--run-dir", os.fspath(run_dir)]
+        command = shlex.join([*words, "--primary-branch", primary_branch])
         hooks.setdefault(event, []).append(
             {
                 "matcher": matcher,
@@ -257,7 +257,7 @@ def _write_patterns(phase_file: str) -> list[str]:
     return [rf"""(?:>>?|\btee(?:\s+-a)?)\s*['"]?(?:{name})['"]?""" for name in names]
 
 
-def writes_phase_file(tool_name: str, tool_input: Any, cwd: str, phase_file: str) -> bool:
+def writes_phase_file(tool_name: str, tool_input: object, cwd: str, phase_file: str) -> bool:
     """Whether this tool call wrote the phase file (a read does not count)."""
     if not isinstance(tool_input, dict):
         return False
@@ -272,7 +272,7 @@ def writes_phase_file(tool_name: str, tool_input: Any, cwd: str, phase_file: str
     return False
 
 
-def phases_written(tool_name: str, tool_input: dict[str, Any]) -> list[str]:
+def phases_written(tool_name: str, tool_input: dict[str, object]) -> list[str]:
     """The phases a phase-file write put there, in order."""
     if tool_name == "Write":
         first = str(tool_input.get("content", "")).strip().splitlines()[:1]
@@ -283,7 +283,7 @@ def phases_written(tool_name: str, tool_input: dict[str, Any]) -> list[str]:
 # -- handlers -------------------------------------------------------------
 
 
-def _phase_text(phase_file: Path) -> str | None:
+def _phase_text(phase_file: str) -> str | None:
     try:
         fd = os.open(phase_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -294,16 +294,21 @@ def _phase_text(phase_file: Path) -> str | None:
         os.close(fd)
 
 
-def _write_marker(path: Path, text: str) -> None:
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _write_marker(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
 
 
-def on_user_prompt_submit(run_dir: Path, payload: dict[str, Any]) -> int:
+def on_user_prompt_submit(run_dir: str, payload: dict[str, object]) -> int:
     """Record that the CLI took this run's prompt (a nudge or a typed line does not count)."""
     try:
-        expected = (run_dir / PROMPT).read_text(encoding="utf-8")
+        expected = _read(os.path.join(run_dir, PROMPT))
     except OSError:
         return 0
     prompt = payload.get("prompt")
@@ -311,56 +316,59 @@ def on_user_prompt_submit(run_dir: Path, payload: dict[str, Any]) -> int:
     # and a CLI may trim or re-wrap white space; the words are the prompt.
     if isinstance(prompt, str) and prompt.split() == expected.split():
         record = {"at": time.time(), "bytes": len(prompt.encode("utf-8"))}
-        _write_marker(run_dir / PROMPT_SUBMITTED, json.dumps(record))
+        _write_marker(os.path.join(run_dir, PROMPT_SUBMITTED), json.dumps(record))
     return 0
 
 
-def on_stop(run_dir: Path, payload: dict[str, Any]) -> int:
+def on_stop(run_dir: str, payload: dict[str, object]) -> int:
     """Idle marker; or a nudge when the phase file is still empty (twice at most).
 
     The nudge is Claude Code's own answer to a Stop hook, ``{"decision":
     "block", "reason": …}``: the CLI gives the reason to the model and goes
     on, with nothing typed into its pane.
     """
-    phase_file = run_dir / PHASE
+    phase_file = os.path.join(run_dir, PHASE)
     text = _phase_text(phase_file)
-    nudges_file = run_dir / NUDGES
+    nudges_file = os.path.join(run_dir, NUDGES)
     try:
-        nudges = int(nudges_file.read_text().strip() or 0)
+        nudges = int(_read(nudges_file).strip() or 0)
     except (OSError, ValueError):
         nudges = 0
     empty = text is not None and not text.strip()
     if empty and nudges < MAX_NUDGES:
         _write_marker(nudges_file, str(nudges + 1))
-        (run_dir / IDLE).unlink(missing_ok=True)
+        idle = os.path.join(run_dir, IDLE)
+        if os.path.lexists(idle):
+            os.unlink(idle)
         print(json.dumps({"decision": "block", "reason": NUDGE.format(phase=phase_file)}))
         return 0
-    _write_marker(run_dir / IDLE, str(time.time()))
+    _write_marker(os.path.join(run_dir, IDLE), str(time.time()))
     return 0
 
 
-def on_post_tool_use(run_dir: Path, payload: dict[str, Any]) -> int:
+def on_post_tool_use(run_dir: str, payload: dict[str, object]) -> int:
     """Journal each phase a tool call wrote, and wake the monitor."""
     tool, tool_input = str(payload.get("tool_name", "")), payload.get("tool_input")
     cwd = str(payload.get("cwd") or os.getcwd())
-    phase_file = str(run_dir / PHASE)
+    phase_file = os.path.join(run_dir, PHASE)
     if not isinstance(tool_input, dict) or not writes_phase_file(tool, tool_input, cwd, phase_file):
         return 0
     now = time.time()
     lines = "".join(
         json.dumps({"phase": p, "at": now}) + "\n" for p in phases_written(tool, tool_input)
     )
-    fd = os.open(run_dir / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "a") as journal:
-        journal.write(lines)
-    _write_marker(run_dir / PHASE_CHANGED, str(now))
+    journal = os.path.join(run_dir, JOURNAL)
+    fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        handle.write(lines)
+    _write_marker(os.path.join(run_dir, PHASE_CHANGED), str(now))
     return 0
 
 
-def on_stop_failure(run_dir: Path, payload: dict[str, Any]) -> int:
+def on_stop_failure(run_dir: str, payload: dict[str, object]) -> int:
     """Record an API failure as the run's phase, unless it already ended."""
     kind = str(payload.get("error") or "unknown")
-    phase_file = run_dir / PHASE
+    phase_file = os.path.join(run_dir, PHASE)
     current = (_phase_text(phase_file) or "").strip().splitlines()[:1]
     if current and current[0].strip() in TERMINAL:
         return 0
@@ -368,10 +376,10 @@ def on_stop_failure(run_dir: Path, payload: dict[str, Any]) -> int:
     return 0
 
 
-def on_guard(run_dir: Path, payload: dict[str, Any], primary_branch: str) -> int:
+def on_guard(run_dir: str, payload: dict[str, object], primary_branch: str) -> int:
     """Deny a dangerous Bash command: exit 2, reason on stderr."""
-    live = run_dir / HOOKS_LIVE
-    if not live.exists():
+    live = os.path.join(run_dir, HOOKS_LIVE)
+    if not os.path.exists(live):
         # Tells the monitor that PostToolUse journal entries will follow tool calls.
         _write_marker(live, str(time.time()))
     tool_input = payload.get("tool_input")
@@ -385,20 +393,22 @@ def on_guard(run_dir: Path, payload: dict[str, Any], primary_branch: str) -> int
     return 2
 
 
-def on_session_end(run_dir: Path, payload: dict[str, Any]) -> int:
+def on_session_end(run_dir: str, payload: dict[str, object]) -> int:
     """Tell the monitor the session is over."""
-    _write_marker(
-        run_dir / EXITED, json.dumps({"at": time.time(), "reason": payload.get("reason")})
-    )
+    record = json.dumps({"at": time.time(), "reason": payload.get("reason")})
+    _write_marker(os.path.join(run_dir, EXITED), record)
     return 0
 
 
-def on_session_start(run_dir: Path, payload: dict[str, Any]) -> int:
+def on_session_start(run_dir: str, payload: dict[str, object]) -> int:
     """After a compaction, put the run's compact context back."""
     if payload.get("source", "compact") != "compact":
         return 0
-    with contextlib.suppress(OSError):
-        sys.stdout.write((run_dir / CONTEXT).read_text(encoding="utf-8"))
+    try:
+        context = _read(os.path.join(run_dir, CONTEXT))
+    except OSError:
+        return 0
+    sys.stdout.write(context)
     return 0
 
 
@@ -450,11 +460,10 @@ def main(argv: list[str]) -> int:
     if not isinstance(payload, dict):
         print(f"formulabeat hook {name}: payload is not a JSON object; ignored", file=sys.stderr)
         return 0
-    run_dir = Path(run_dir_arg)
     try:
         if name == "guard":
-            return on_guard(run_dir, payload, primary_branch)
-        return HANDLERS[name](run_dir, payload)
+            return on_guard(run_dir_arg, payload, primary_branch)
+        return HANDLERS[name](run_dir_arg, payload)
     except OSError as exc:
         print(f"formulabeat hook {name}: {exc}", file=sys.stderr)
         return 1
