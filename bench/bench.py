@@ -258,8 +258,10 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
         procs = [p for p in (worker, tmux) if p is not None]
         time.sleep(5)  # the last starts settle
         before, t0 = _cpu(procs), time.monotonic()
+        worker_before = _cpu([worker])
         time.sleep(idle)
         cpu = _cpu(procs) - before
+        worker_cpu = _cpu([worker]) - worker_before
         elapsed = time.monotonic() - t0
         go.touch()
         _wait(lambda: all((i, "SUCCESS") in observer.seen for i in ids), spread + 120)
@@ -288,6 +290,9 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
         if concurrent
         else None,
         "idle_sessions": concurrent,
+        "idle_worker_cpu_s_per_session_min": round(worker_cpu / concurrent / (elapsed / 60), 5)
+        if concurrent
+        else None,
         "idle_window_s": round(elapsed, 1),
         "max_concurrent_sessions": concurrent,
         "sessions_up_after_s": round(up_after, 1),
