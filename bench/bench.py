@@ -322,29 +322,75 @@ def bench_throughput(root: Path, agents_count: int, seconds: float) -> dict[str,
     return {"runs_per_min": round(done / elapsed * 60, 1), "throughput_agents": agents_count}
 
 
+def bench_usage(root: Path, sessions: int, seconds: float) -> dict[str, Any]:
+    """The watcher's CPU while every session's transcript grows a line a second."""
+    agents = {
+        f"u{i:03d}": f"phase=awaiting_ci chatter={seconds + 60:.0f} phase=done"
+        for i in range(sessions)
+    }
+    with _bench_host(root, agents, sessions) as (stack, server):
+        ids, observer = _start_all(stack, server, agents, "AWAITING_CI")
+        live = sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
+        worker = psutil.Process(next(p.pid for n, p in stack.procs if n == "worker"))
+        time.sleep(5)
+        before, t0 = _cpu([worker]), time.monotonic()
+        time.sleep(seconds)
+        cpu = _cpu([worker]) - before
+        minutes = (time.monotonic() - t0) / 60
+        client = server.client()
+        counted = 0
+        for run_id in ids:
+            raw = client.get(f"celery-task-meta-{run_id}")
+            info = json.loads(raw).get("result") if raw else None
+            if isinstance(info, dict) and info.get("usage"):
+                counted += 1
+        for run_id in ids:
+            registry.request_cancel(client, run_id, "the benchmark")
+        _wait(lambda: all(_ended(client, i) for i in ids), 120)
+        observer.close()
+    return {
+        "usage_cpu_s_per_session_min": round(cpu / live / minutes, 5) if live else None,
+        "usage_sessions": live,
+        "usage_sessions_counting": counted,
+    }
+
+
 def _real_how(binary: Path, home: Path, api: MessagesAPI) -> str:
     env = ", ".join(f'{k} = "{v}"' for k, v in cli_env(home, api.url).items())
     return f'command = "{binary} {BYPASS}"\ndriver = "claude-code"\nenv = {{ {env} }}\n'
 
 
 def _cli_ready_ms(
-    binary: Path, home: Path, api: MessagesAPI, socket: str, runs: int
+    binary: Path, home: Path, api: MessagesAPI, socket: str, runs: int, root: Path
 ) -> list[float]:
-    """The CLI alone: tmux new-session → its input box drawn (no formulabeat)."""
-    project = home / "ready-project"
-    project.mkdir(exist_ok=True)
+    """The CLI alone: tmux new-session → its input box drawn (no formulabeat).
+
+    As in a run, each CLI starts in a git worktree it has never seen, under
+    a trusted root.
+    """
+    repo = root / "ready-repo"
+    commit_all(repo, {"README.md": "# ready\n"}, "ready")
+    trusted = root / "ready-worktrees"
+    trusted.mkdir()
     env = {**cli_env(home, api.url), "PATH": os.environ["PATH"]}
-    edit_json(home / ".claude.json", lambda data: trust(data, project))
+    edit_json(home / ".claude.json", lambda data: trust(data, trusted))
     words = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), str(binary), BYPASS]
     tmux = ["tmux", "-L", socket]
-    new = [*tmux, "new-session", "-d", "-x", "200", "-y", "50", "-c", str(project)]
+    new = [*tmux, "new-session", "-d", "-x", "200", "-y", "50"]
     # The server lives on between the CLIs (one whose last session ended exits).
     subprocess.run([*new, "-s", "keep", "sleep", "3600"], check=True, timeout=30)
     times = []
     for index in range(runs):
         name = f"ready{index}"
+        worktree = trusted / name
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "add", "--detach", str(worktree), "HEAD"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         started = time.time()
-        subprocess.run([*new, "-s", name, *words], check=True, timeout=30)
+        subprocess.run([*new, "-s", name, "-c", str(worktree), *words], check=True, timeout=30)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             screen = subprocess.run(
@@ -404,7 +450,7 @@ def bench_real(root: Path, sessions: int, runs: int, idle: float, spread: float)
         socket = f"fbbench-real-{os.getpid()}"
         try:
             run_by_hand_once(binary, home, api.url, socket)
-            ready = _cli_ready_ms(binary, home, api, socket, runs)
+            ready = _cli_ready_ms(binary, home, api, socket, runs, root)
         finally:
             subprocess.run(["tmux", "-L", socket, "kill-server"], timeout=30, check=False)
         how = _real_how(binary, home, api)
@@ -497,6 +543,9 @@ def _real_phases(root: Path, how: str, sessions: int, spread: float) -> dict[str
     stamps = root / "stamps.log"
     go = root / "go"
     offsets = [spread * (i * 7919 % sessions) / sessions for i in range(sessions)]
+    # The CLIs wait for the signal in a tool call polling once a second (a
+    # faster poll would load the machine as no agent at work does), then
+    # each writes its phase at its own moment.
     agents = {
         f"p{i:02d}": f"stamp={stamps} phase=awaiting_ci waitfor={go} sleep={offset:.2f} "
         f"phase=working sleep={spread - offset + 5:.2f} phase=done"
@@ -524,6 +573,7 @@ def _real_phases(root: Path, how: str, sessions: int, spread: float) -> dict[str
         if phase == "working" and run_id and (run_id, "WORKING") in observer.seen:
             latencies.append((observer.seen[(run_id, "WORKING")] - float(at)) * 1000)
     return {
+        "real_phase_latencies_ms": sorted(round(x, 1) for x in latencies),
         "real_sessions": live,
         "real_phase_latency_ms_p50": round(statistics.median(latencies), 1) if latencies else None,
         "real_phase_latency_ms_p99": round(_pct(latencies, 0.99), 1) if latencies else None,
@@ -540,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-runs", type=int, default=30)
     parser.add_argument("--throughput-agents", type=int, default=16)
     parser.add_argument("--throughput-seconds", type=float, default=60.0)
+    parser.add_argument("--usage-sessions", type=int, default=100)
     parser.add_argument("--real-sessions", type=int, default=20)
     parser.add_argument("--real-runs", type=int, default=15)
     parser.add_argument("--real-idle", type=float, default=60.0)
@@ -565,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             bench_throughput(root / "throughput", args.throughput_agents, args.throughput_seconds)
         )
         results.update(bench_fleet(root / "fleet", args.sessions, args.idle, args.spread))
+        results.update(bench_usage(root / "usage", args.usage_sessions, args.idle))
         if not args.no_real:
             results.update(
                 bench_real(
@@ -609,6 +661,11 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("concurrent sessions", str(results["max_concurrent_sessions"]), "one bash loop each"),
         ("runs per minute (agent done at once)", str(results["runs_per_min"]), "-"),
+        (
+            "watcher CPU-s / session / min, transcripts growing 1 line/s",
+            f"{results['usage_cpu_s_per_session_min']} ({results['usage_sessions']} sessions)",
+            "-",
+        ),
     ]
     if results.get("real_cli_version"):
         rows += [

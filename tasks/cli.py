@@ -178,6 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show recent runs, or one run in detail."""
     from tasks.app import redis_client
     from workers import registry
+    from workers.usage import total_tokens
 
     cfg = _config(args)
     client = redis_client(cfg)
@@ -189,10 +190,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(snapshot))
         else:
             for key, value in snapshot.items():
-                if key != "phases":
+                if key not in ("phases", "usage"):
                     print(f"{key:>18}: {value}")
             for phase in snapshot.get("phases", []):
                 print(f"{'phase':>18}: {phase['at']}  {phase['phase']}")
+            for model, kinds in (snapshot.get("usage") or {}).items():
+                counts = "  ".join(f"{kind} {count}" for kind, count in kinds.items())
+                print(f"{'tokens':>18}: {model}  {counts}")
         return 0
     runs = registry.recent(client, args.limit)
     if args.json:
@@ -200,19 +204,73 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'run':<8} {'project':<12} {'agent':<12} {'host':<12} {'phase':<20} "
-        f"{'age':>7} {'outcome':<12} reason"
+        f"{'age':>7} {'tokens':>7} {'outcome':<12} reason"
     )
     now = time.time()
     for snap in runs:
         started = _epoch(snap.get("started_at"))
         age = _age(now - started) if started else "-"
         phase = snap.get("final_phase") or snap.get("state") or "-"
+        tokens = total_tokens(snap.get("usage") or {})
         print(
             f"{snap['run_id'][:8]:<8} {snap['project']:<12} {snap['agent']:<12} "
             f"{snap.get('host') or '-':<12} {phase:<20} "
-            f"{age:>7} {snap.get('outcome') or 'live':<12} {snap.get('reason') or ''}"
+            f"{age:>7} {_count(tokens) if tokens else '-':>7} "
+            f"{snap.get('outcome') or 'live':<12} {snap.get('reason') or ''}"
         )
     return 0
+
+
+def _count(number: float) -> str:
+    """A token count, short: 950, 12.3k, 4.1M."""
+    for limit, suffix in ((1e6, "M"), (1e3, "k")):
+        if number >= limit:
+            return f"{number / limit:.1f}{suffix}"
+    return f"{number:.0f}"
+
+
+USAGE_BY = ("project", "agent", "model", "day")
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Tokens and cost from the history in Redis, grouped as asked."""
+    from tasks.app import redis_client
+    from workers import spending
+
+    cfg = _config(args)
+    days = _days(args.since)
+    if days > cfg.history_keep_days:
+        print(
+            f"warning: the history keeps {cfg.history_keep_days} days ([history] keep_days)",
+            file=sys.stderr,
+        )
+    totals: dict[str, dict[str, float]] = {}
+    for row in spending.rows(redis_client(cfg), days):
+        key = f"{row.project}/{row.agent}" if args.by == "agent" else str(getattr(row, args.by))
+        into = totals.setdefault(key, {"tokens": 0.0, "cost_usd": 0.0})
+        into.setdefault(row.kind, 0.0)
+        into[row.kind] += row.value
+        if row.kind != spending.COST:
+            into["tokens"] += row.value
+    if args.json:
+        print(json.dumps({key: totals[key] for key in sorted(totals)}))
+        return 0
+    kinds = ("input", "output", "cache_read", "cache_creation")
+    header = f"{args.by:<24} " + " ".join(f"{k:>14}" for k in (*kinds, "tokens")) + "  cost_usd"
+    print(header)
+    for key in sorted(totals):
+        group = totals[key]
+        counts = " ".join(f"{int(group.get(k, 0)):>14}" for k in (*kinds, "tokens"))
+        print(f"{key:<24} {counts}  {group['cost_usd']:.4f}")
+    return 0
+
+
+def _days(since: str) -> int:
+    """``7d`` (or ``7``) as a number of days, today included."""
+    text = since.strip().lower().removesuffix("d")
+    if not text.isdigit() or int(text) < 1:
+        raise FormulabeatError(f"--since {since!r}: give a number of days, like 7d")
+    return int(text)
 
 
 def _epoch(stamp: object) -> float | None:
@@ -437,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
         flag.add_argument("project")
         flag.add_argument("agent")
         flag.set_defaults(func=cmd_enable)
+
+    usage = sub.add_parser("usage", help="tokens and cost of the runs, from the history")
+    usage.add_argument("--since", default="7d", help="this many days back, today included (7d)")
+    usage.add_argument("--by", choices=USAGE_BY, default="agent", help="group by (agent)")
+    usage.add_argument("--json", action="store_true", help="print one JSON object")
+    usage.set_defaults(func=cmd_usage)
 
     doctor = sub.add_parser("doctor", help="check this host: tmux, git, agents, Redis, clock")
     doctor.add_argument(

@@ -1,7 +1,8 @@
 """Prometheus metrics from each worker (prometheus-client), on ``[metrics]`` address:port.
 
 Counted here, where runs are reported: runs by outcome, phase transitions,
-skips by kind, live sessions, and how long a phase write took to be seen.
+skips by kind, live sessions, tokens by model and kind, and how long a phase
+write took to be seen.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from celery.signals import worker_ready
@@ -25,6 +27,11 @@ PHASES = Counter(
 )
 SKIPS = Counter("formulabeat_skips_total", "Runs skipped, by kind", ["project", "agent", "kind"])
 LIVE = Gauge("formulabeat_live_sessions", "Runs being monitored on this worker")
+TOKENS = Counter(
+    "formulabeat_tokens_total",
+    "Tokens the agents used, from their transcripts",
+    ["project", "agent", "model", "kind"],
+)
 DETECTION = Histogram(
     "formulabeat_phase_detection_seconds",
     "From the phase file's write to the phase being reported",
@@ -46,6 +53,14 @@ def phase_seen(run: Run) -> None:
     if run.phase_file:
         with contextlib.suppress(OSError):
             DETECTION.observe(max(0.0, time.time() - os.stat(run.phase_file).st_mtime))
+
+
+def tokens_counted(run: Run, fresh: Mapping[str, Mapping[str, int]]) -> None:
+    """Count tokens a run just used."""
+    for model, kinds in fresh.items():
+        for kind, tokens in kinds.items():
+            if tokens:
+                TOKENS.labels(run.project, run.agent, model, kind).inc(tokens)
 
 
 def run_ended(run: Run) -> None:

@@ -47,6 +47,14 @@ class Reporter:
         self._event(run, state.lower())
         self._record(run, meta)
 
+    def refresh(self, run_id: str, state: str, meta: dict[str, Any]) -> None:
+        """Publish a run's snapshot again in its current state (new token counts).
+
+        No event: Flower would show it as a change of state.
+        """
+        self.app.backend.store_result(run_id, meta, state)
+        registry.record(redis_client(self.cfg), meta)
+
     def conclude(self, run: Run) -> dict[str, Any]:
         """Clean the run up on this host and publish its end; return the result dict."""
         cfg = config()

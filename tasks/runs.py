@@ -120,6 +120,8 @@ def session(self: Task, data: dict[str, Any]) -> None:
             _guarded(current, "oneshot", lifecycle.monitor_oneshot, current, cfg, client, on_phase)
         finally:
             metrics.LIVE.dec()
+        if current.usage:
+            watching.count_usage(current, current.usage)
     else:
         _guarded(current, "session", lifecycle.start, current, cfg, sink)
         if not current.ended:

@@ -18,13 +18,13 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tasks import metrics
 from tasks.app import app, config, redis_client
 from tasks.reporting import Reporter, worker_name
-from workers import lifecycle, registry
+from workers import lifecycle, registry, spending, usage
 from workers import run as outcomes
 from workers.errors import FormulabeatError
 from workers.lanes import RETRYABLE, Lanes
@@ -32,6 +32,7 @@ from workers.monitor import MonitorExit, SessionWatch
 from workers.phases import state_name
 from workers.run import Run
 from workers.tmux import TmuxServer
+from workers.usage import Usage
 from workers.watcher import HostWatcher
 
 log = logging.getLogger("formulabeat.watching")
@@ -42,6 +43,8 @@ T = TypeVar("T")
 WATCHER_REDIS_TIMEOUT = 3.0
 # How long a step waits for Redis to come back (a restart) before it gives up.
 REDIS_PATIENCE = 120.0
+# How often a run's tokens go to Redis (the day's counters, its live state).
+USAGE_REPORT_SECONDS = 30.0
 # States in which the run's session was being started when its worker died.
 STARTING_STATES = ("STARTING", "RECOVERING")
 
@@ -52,6 +55,10 @@ class _Host:
     lanes: Lanes
     recoveries: ThreadPoolExecutor
     reporter: Reporter
+    # Tokens counted and not yet reported, and when each run's were last reported.
+    usage_lock: threading.Lock = field(default_factory=threading.Lock)
+    pending_usage: dict[str, Usage] = field(default_factory=dict)
+    usage_reported: dict[str, float] = field(default_factory=dict)
 
 
 _host: _Host | None = None
@@ -122,10 +129,46 @@ def follow(run: Run) -> None:
         metrics.phase_seen(changed)
         sink.progress(changed, state_name(changed.final_phase))
 
-    watch = lifecycle.session_watch(run, cfg, redis_client(cfg, WATCHER_REDIS_TIMEOUT), on_phase)
+    watch = lifecycle.session_watch(
+        run, cfg, redis_client(cfg, WATCHER_REDIS_TIMEOUT), on_phase, count_usage
+    )
     # Handed over twice (adoption racing a late hand-off), it is followed once.
     if host.watcher.add(watch):
         metrics.LIVE.inc()
+
+
+def count_usage(run: Run, fresh: Usage) -> None:
+    """New tokens of a run: metrics at once; the day's counters and the live state in Redis
+    at most every USAGE_REPORT_SECONDS per run (tokens come with every response: one
+    report each would queue phase reports behind them)."""
+    host = _this_host()
+    metrics.tokens_counted(run, fresh)
+    now = time.monotonic()
+    with host.usage_lock:
+        pending = host.pending_usage.setdefault(run.id, {})
+        for model, kinds in fresh.items():
+            usage.add(pending, model, kinds)
+        if now - host.usage_reported.get(run.id, 0.0) < USAGE_REPORT_SECONDS:
+            return
+        host.usage_reported[run.id] = now
+    _report_usage(host, run)
+    meta, state = run.progress(), run.state
+    host.lanes.submit(run.id, lambda: host.reporter.refresh(run.id, state, meta))
+
+
+def _report_usage(host: _Host, run: Run) -> None:
+    """Add the run's tokens not yet reported to the day's counters, in its lane."""
+    with host.usage_lock:
+        batch = host.pending_usage.pop(run.id, None)
+    if not batch:
+        return
+    cfg = config()
+    agent = cfg.agent(run.project, run.agent)
+    # A lane step of its own: a retry after Redis came back adds the tokens once.
+    host.lanes.submit(
+        run.id,
+        lambda: spending.record(redis_client(cfg), agent, batch, cfg.prices, cfg.history_keep_days),
+    )
 
 
 def claimant() -> str:
@@ -181,6 +224,9 @@ def _session_step_takes(run: Run) -> bool:
 def conclude(run: Run) -> None:
     """Clean the ended run up and store its result, in its lane."""
     host = _this_host()
+    _report_usage(host, run)
+    with host.usage_lock:
+        host.usage_reported.pop(run.id, None)
     host.lanes.submit(run.id, lambda: _store_end(host, run))
 
 

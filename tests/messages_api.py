@@ -24,9 +24,8 @@ Tokens (underscores in arguments become spaces):
   first time only (a flag file beside the phase file remembers it);
 - ``crash``: the same, every time;
 - ``apifail=STATUS``: answer with that HTTP error (401, 429, 500, 529, …);
-- ``tokens=IN,OUT``: the usage this response reports (default below);
-- ``stamp=PATH`` (anywhere in the line): each phase write first appends
-  ``<phase file> <phase> <epoch seconds>`` to PATH (a benchmark's clock);
+- ``stamp=PATH`` (anywhere in the line): each phase write then appends
+  ``<phase file> <phase> <its mtime>`` to PATH (a benchmark's clock);
 - ``waitfor=PATH``: a Bash call that waits until PATH exists.
 
 Side requests the CLI makes without tools (titles, topics) get a short text.
@@ -47,14 +46,19 @@ from typing import Any
 _SCENARIO_RE = re.compile(r"^\s*SCENARIO:\s*(.+?)\s*$", re.MULTILINE)
 # The phase protocol's line, else (a one-shot prompt) the environment block's.
 _PHASE_FILE_RE = re.compile(r"echo 'PHASE:done' > '([^']+)'|^PHASE_FILE=(\S+)$", re.MULTILINE)
-# What a response reports unless its token says otherwise: distinct numbers,
-# so a sum over a run tells which responses it counted.
-DEFAULT_USAGE = {
-    "input_tokens": 1000,
-    "output_tokens": 50,
-    "cache_read_input_tokens": 300,
-    "cache_creation_input_tokens": 20,
-}
+
+
+def usage_for(cursor: int) -> dict[str, int]:
+    """What the response at ``cursor`` reports: different for each, so that a
+    sum over a run tells which responses it counted."""
+    return {
+        "input_tokens": 1000 + cursor,
+        "output_tokens": 50 + 7 * cursor,
+        "cache_read_input_tokens": 300 + 11 * cursor,
+        "cache_creation_input_tokens": 20 + 13 * cursor,
+    }
+
+
 _ERRORS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -206,12 +210,12 @@ class MessagesAPI:
         phase_file = (phase_match.group(1) or phase_match.group(2)) if phase_match else None
         cursor = sum(1 for m in messages if m.get("role") == "assistant")
         action = "side" if not main else self._action(conversation, cursor)
-        usage = dict(DEFAULT_USAGE) if main else {"input_tokens": 10, "output_tokens": 2}
+        usage = usage_for(cursor) if main else {"input_tokens": 10, "output_tokens": 2}
         stamp = next(
             (t.partition("=")[2] for t in self._tokens(conversation) if t.startswith("stamp=")),
             None,
         )
-        blocks, status = self._respond(action, phase_file, usage, stamp)
+        blocks, status = self._respond(action, phase_file, stamp)
         exchange = Exchange(
             at=time.time(),
             main=main,
@@ -244,37 +248,34 @@ class MessagesAPI:
         return tokens[cursor] if cursor < len(tokens) else "end"
 
     def _respond(
-        self, action: str, phase_file: str | None, usage: dict[str, int], stamp: str | None = None
+        self, action: str, phase_file: str | None, stamp: str | None = None
     ) -> tuple[list[dict[str, Any]], int]:
         """The content blocks (or an HTTP error status) for one action."""
         name, _, arg = action.partition("=")
         target = _sh_quote(phase_file or "/dev/null")
 
         def stamped(phase: str) -> str:
+            # The write's time is the phase file's own mtime, read after it.
             if not stamp:
                 return ""
-            return (
-                f"printf '%s %s %s\\n' {target} {phase} \"$(date +%s.%N)\" >> {_sh_quote(stamp)}; "
-            )
+            mtime = f'"$(stat -c %.9Y {target})"'
+            return f"; printf '%s %s %s\\n' {target} {phase} {mtime} >> {_sh_quote(stamp)}"
 
-        if name == "tokens":
-            given, _, out = arg.partition(",")
-            usage.update(input_tokens=int(given), output_tokens=int(out or 0))
-            return [{"type": "text", "text": "Counting."}], 200
         if name == "apifail":
             return [], int(arg)
         command: str | None = None
         if name == "phase":
             phase, _, reason = arg.partition(":")
-            command = stamped(phase) + (
+            command = (
                 f"printf 'PHASE:{phase}\\nReason: %s\\n' {_sh_quote(_spaced(reason))} > {target}"
                 if reason
                 else f"echo 'PHASE:{phase}' > {target}"
-            )
+            ) + stamped(phase)
         elif name == "phases":
-            command = "; ".join(f"{stamped(p)}echo 'PHASE:{p}' > {target}" for p in arg.split(","))
+            command = "; ".join(f"echo 'PHASE:{p}' > {target}{stamped(p)}" for p in arg.split(","))
         elif name == "waitfor":
-            command = f"while [ ! -e {_sh_quote(arg)} ]; do sleep 0.2; done"
+            # inotifywait would need a package; a 1 s poll costs next to nothing.
+            command = f"while [ ! -e {_sh_quote(arg)} ]; do sleep 1; done"
         elif name == "bash":
             command = _spaced(arg)
         elif name == "sleep":
@@ -382,3 +383,14 @@ class MessagesAPI:
         request.send_header("request-id", f"req_standin_{time.time_ns()}")
         request.end_headers()
         request.wfile.write(data)
+
+
+def charged(exchanges: list[Exchange]) -> dict[str, int]:
+    """What the stand-in charged for ``exchanges``, by formulabeat's kinds of token."""
+    kinds = {
+        "input": "input_tokens",
+        "output": "output_tokens",
+        "cache_read": "cache_read_input_tokens",
+        "cache_creation": "cache_creation_input_tokens",
+    }
+    return {kind: sum(e.usage.get(field, 0) for e in exchanges) for kind, field in kinds.items()}

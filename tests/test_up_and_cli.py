@@ -167,9 +167,18 @@ def test_status_logs_and_attach_from_another_host(fleet: Fleet) -> None:
     table = run("status")
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()[:2]
-    assert header.split()[:7] == ["run", "project", "agent", "host", "phase", "age", "outcome"]
+    assert header.split()[:8] == [
+        "run",
+        "project",
+        "agent",
+        "host",
+        "phase",
+        "age",
+        "tokens",
+        "outcome",
+    ]
     assert row.split()[:5] == [sent.id[:8], "proj", "watcher", "host-a", "PHASE:awaiting_ci"]
-    assert row.split()[6] == "live"
+    assert row.split()[7] == "live"
     logs = run("logs", sent.id)
     assert logs.returncode == 0, logs.stderr
     assert "scripted agent" in logs.stdout and "wrote PHASE:awaiting_ci" in logs.stdout

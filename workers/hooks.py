@@ -49,6 +49,7 @@ from workers.rundir import (
     PHASE_CHANGED,
     PROMPT,
     PROMPT_SUBMITTED,
+    RESUME,
 )
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
@@ -306,17 +307,31 @@ def _write_marker(path: str, text: str) -> None:
 
 
 def on_user_prompt_submit(run_dir: str, payload: dict[str, object]) -> int:
-    """Record that the CLI took this run's prompt (a nudge or a typed line does not count)."""
-    try:
-        expected = _read(os.path.join(run_dir, PROMPT))
-    except OSError:
-        return 0
+    """Record that the CLI took this run's prompt (a nudge or a typed line does not count).
+
+    The record also says where the CLI keeps this conversation's transcript,
+    which is where the run's tokens are counted.
+    """
     prompt = payload.get("prompt")
-    # Compared word by word: a terminal turns the paste's newlines into CRs,
-    # and a CLI may trim or re-wrap white space; the words are the prompt.
-    if isinstance(prompt, str) and prompt.split() == expected.split():
-        record = {"at": time.time(), "bytes": len(prompt.encode("utf-8"))}
-        _write_marker(os.path.join(run_dir, PROMPT_SUBMITTED), json.dumps(record))
+    if not isinstance(prompt, str):
+        return 0
+    for name in (PROMPT, RESUME):
+        try:
+            expected = _read(os.path.join(run_dir, name))
+        except OSError:
+            continue
+        # Compared word by word: a terminal turns the paste's newlines into CRs,
+        # and a CLI may trim or re-wrap white space; the words are the prompt.
+        if prompt.split() == expected.split():
+            record = {
+                "at": time.time(),
+                "bytes": len(prompt.encode("utf-8")),
+                "prompt": name,
+                "session_id": payload.get("session_id"),
+                "transcript_path": payload.get("transcript_path"),
+            }
+            _write_marker(os.path.join(run_dir, PROMPT_SUBMITTED), json.dumps(record))
+            break
     return 0
 
 

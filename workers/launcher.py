@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         command = [str(word) for word in spec["argv"]]
         env = agent_environment(spec.get("env", {}), dict(os.environ))
         os.chdir(spec["cwd"])
+        # Below the worker's priority: an agent at work must not starve the
+        # process that reports its phases and renews its lease.
+        os.nice(int(spec.get("nice", 0)))
         exit_file = spec.get("exit_file")
         if exit_file:
             # tmux 3.3 sometimes marks a pane dead without its exit status: a

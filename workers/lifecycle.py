@@ -14,13 +14,14 @@ import logging
 import os
 import shutil
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import redis
 
-from workers import guards, registry, rundir, worktrees
+from workers import guards, registry, rundir, spending, worktrees
 from workers import launcher as launcher_module
 from workers import run as outcomes
 from workers.agents import Launch, driver_for
@@ -40,9 +41,12 @@ from workers.run import Run, now_iso
 from workers.slots import Slots
 from workers.statedir import new_run_dir, private_dir, runs_dir, write_private
 from workers.tmux import AgentSession, TmuxServer, session_name
+from workers.usage import Meter, Usage, cost_usd
 
 log = logging.getLogger("formulabeat.lifecycle")
 MAX_PROMPT_BYTES = 1024 * 1024
+# Of a one-shot CLI's answer, what the result keeps.
+TAIL_CHARS = 2000
 # A crashed session is started again once in the same worktree; a second
 # crash ends the run (as the original's phase callback did).
 MAX_RECOVERIES = 1
@@ -76,7 +80,7 @@ def admit(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> boo
     if who:
         run.end(outcomes.CANCELLED, f"cancelled by {who} before it started")
         return False
-    reason = guards.skip_reason(client, agent)
+    reason = guards.skip_reason(client, agent) or spending.budget_reason(client, cfg, agent)
     if reason:
         run.end(outcomes.SKIPPED, reason)
         return False
@@ -155,19 +159,30 @@ def make_run_dir(run: Run, cfg: Config, formula: Formula) -> None:
     worktrees.add_worktree(project.repo_root, worktree, ref)
     run.worktree = str(worktree)
     driver = driver_for(agent.driver)
-    launch = launch_of(run, cfg)
-    driver.install(agent, launch)
-    argv = driver.command(agent, launch, oneshot)
+    if driver.resumes:
+        run.session_uuid = str(uuid.uuid4())
+    driver.install(agent, launch_of(run, cfg))
+    if oneshot:
+        write_launch(run, cfg)
+
+
+def write_launch(run: Run, cfg: Config, resume: bool = False) -> Launch:
+    """The launch file of the run's next session: its argv, its whole environment, its cwd."""
+    assert run.run_dir and run.worktree
+    agent = cfg.agent(run.project, run.agent)
+    launch = launch_of(run, cfg, resume)
     spec = {
-        "argv": argv,
+        "argv": driver_for(agent.driver).command(agent, launch, agent.mode == "oneshot"),
         "env": dict(launch.env),
         "cwd": run.worktree,
-        "exit_file": str(run_dir / rundir.EXIT_STATUS),
+        "exit_file": str(Path(run.run_dir) / rundir.EXIT_STATUS),
+        "nice": agent.nice,
     }
-    write_private(run_dir / rundir.LAUNCH, json.dumps(spec))
+    write_private(Path(run.run_dir) / rundir.LAUNCH, json.dumps(spec))
+    return launch
 
 
-def launch_of(run: Run, cfg: Config) -> Launch:
+def launch_of(run: Run, cfg: Config, resume: bool = False) -> Launch:
     """What the agent's driver knows of the run (its environment included)."""
     assert run.run_dir and run.worktree and run.phase_file
     agent = cfg.agent(run.project, run.agent)
@@ -189,6 +204,8 @@ def launch_of(run: Run, cfg: Config) -> Launch:
         primary_branch=cfg.project(run.project).primary_branch,
         hook_command=tuple(hook_command()),
         env=env,
+        session_uuid=run.session_uuid,
+        resume=resume,
     )
 
 
@@ -255,8 +272,12 @@ def _session(run: Run, cfg: Config) -> AgentSession:
     )
 
 
-def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
-    """Start the agent in tmux, wait until it is ready, deliver the prompt and see it taken."""
+def start(run: Run, cfg: Config, sink: ProgressSink, resume: bool = False) -> None:
+    """Start the agent in tmux, wait until it is ready, deliver the prompt and see it taken.
+
+    ``resume``: the CLI goes on with the run's conversation and is told to
+    finish, instead of being given the whole prompt again.
+    """
     agent = cfg.agent(run.project, run.agent)
     assert run.run_dir and run.worktree and run.prompt_file
     if agent.mode == "oneshot":
@@ -265,6 +286,7 @@ def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
     run_dir = Path(run.run_dir)
     for stale in rundir.SESSION_MARKERS:
         (run_dir / stale).unlink(missing_ok=True)
+    launch = write_launch(run, cfg, resume)
     launcher = [sys.executable, "-I", "-S", str(Path(launcher_module.__file__).resolve())]
     session = AgentSession.start(
         TmuxServer(cfg.tmux_socket),
@@ -276,7 +298,6 @@ def start(run: Run, cfg: Config, sink: ProgressSink) -> None:
     run.session, run.session_id, run.pane_id = session.name, session.session_id, session.pane_id
     sink.progress(run, "STARTING")
     driver = driver_for(agent.driver)
-    launch = launch_of(run, cfg)
     driver.wait_ready(session, agent, launch, cfg.monitor)
     driver.deliver(session, agent, launch, cfg.monitor)
     (run_dir / rundir.PROMPT_DELIVERED).touch()
@@ -331,20 +352,43 @@ def monitor_oneshot(
     renew = renewer(run, cfg, client)
     ended = run_oneshot(run, agent, cfg.monitor, on_phase, renew, cancelled)
     run.end(ended.outcome, ended.reason)
+    assert run.run_dir
+    try:
+        output = (Path(run.run_dir) / rundir.OUTPUT).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        output = ""
+    report = driver_for(agent.driver).oneshot_report(output)
+    if report is not None:
+        run.usage, run.cli_cost_usd = report.usage, report.cost_usd
+        run.cost_usd = cost_usd(report.usage, cfg.prices)
+        run.output_tail = report.text[-TAIL_CHARS:]
 
 
 def session_watch(
-    run: Run, cfg: Config, client: redis.Redis, on_phase: Callable[[Run], None]
+    run: Run,
+    cfg: Config,
+    client: redis.Redis,
+    on_phase: Callable[[Run], None],
+    on_usage: Callable[[Run, Usage], None],
 ) -> SessionWatch:
-    """What the host's watcher needs to follow the run's session."""
+    """What the host's watcher needs to follow the run's session (and count its tokens)."""
     agent = cfg.agent(run.project, run.agent)
     driver = driver_for(agent.driver)
 
     def explain(how: str, screen: str) -> str:
         return driver.ended(how, screen, agent, launch_of(run, cfg))
 
+    meter = Meter(run, cfg.prices) if driver.transcripts else None
     return SessionWatch(
-        run, _session(run, cfg), agent, cfg.monitor, on_phase, renewer(run, cfg, client), explain
+        run,
+        _session(run, cfg),
+        agent,
+        cfg.monitor,
+        on_phase,
+        renewer(run, cfg, client),
+        explain,
+        meter,
+        on_usage,
     )
 
 
@@ -364,12 +408,32 @@ def may_recover(run: Run, ended: MonitorExit) -> bool:
     return ended.outcome == outcomes.CRASHED and run.recoveries < MAX_RECOVERIES
 
 
+RESUME_MESSAGE = (
+    "Your session of run {run_id} ended unexpectedly and was restarted; the "
+    "conversation above is intact. Carry on with the formula where you left off, "
+    "and finish by writing the phase: echo 'PHASE:done' > '{phase}' "
+    "(or PHASE:failed with a Reason: line)."
+)
+
+
 def recover(run: Run, cfg: Config, sink: ProgressSink) -> None:
-    """Start the crashed session again in the same worktree (raises SessionError)."""
-    assert run.run_dir
+    """Start the crashed session again in the same worktree (raises SessionError).
+
+    A CLI that keeps its conversation and has a transcript of it is resumed
+    and told to finish; otherwise a new conversation gets the whole prompt.
+    """
+    assert run.run_dir and run.phase_file
     run.recoveries += 1
+    driver = driver_for(cfg.agent(run.project, run.agent).driver)
+    resume = driver.resumes and run.transcript is not None and Path(run.transcript).exists()
+    if resume:
+        message = RESUME_MESSAGE.format(run_id=run.id, phase=run.phase_file)
+        write_private(Path(run.run_dir) / rundir.RESUME, message + "\n")
+    elif driver.resumes:
+        run.session_uuid = str(uuid.uuid4())
+    run.recovered_by.append("resumed" if resume else "reinjected")
     sink.progress(run, "RECOVERING")
-    start(run, cfg, sink)
+    start(run, cfg, sink, resume)
 
 
 def finish(run: Run, cfg: Config, client: redis.Redis) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +27,13 @@ from workers.phases import TERMINAL, read_phase
 from workers.run import Run
 from workers.rundir import EXITED, HOOKS_LIVE, IDLE, JOURNAL
 from workers.tmux import AgentSession
+from workers.usage import Meter, Usage, over_budget
 
 # Checks (at the liveness interval) with an idle agent and no phase before
 # the run is given up as idle_prompt, as the original did with its polls.
 IDLE_PROMPT_CHECKS = 3
 JOURNAL_DRAIN_SECONDS = 1.0
+TRANSCRIPT_QUIET_SECONDS = 0.5
 
 _WAKE_MASK = (
     inotify_flags.CLOSE_WRITE | inotify_flags.MODIFY | inotify_flags.MOVED_TO | inotify_flags.CREATE
@@ -133,9 +136,15 @@ class SessionWatch:
         on_phase: Callable[[Run], None],
         renew: Callable[[], bool | None],
         explain: Callable[[str, str], str],
+        meter: Meter | None = None,
+        on_usage: Callable[[Run, Usage], None] = lambda run, fresh: None,
     ) -> None:
         assert run.phase_file is not None and run.run_dir is not None
         self.run = run
+        self.agent = agent
+        # Counts the run's tokens from its CLI's transcript (None: no transcript).
+        self.meter = meter
+        self.on_usage = on_usage
         # (how it ended, its last screen) -> the reason, from the agent's driver.
         self.explain = explain
         self.session = session
@@ -144,7 +153,11 @@ class SessionWatch:
         self.limits = Limits(run, agent, timing, renew)
         self.idle_checks = 0
         self.terminal: MonitorExit | None = None
-        self.drain_until = 0.0
+        self.timing = timing
+        self.drain_until = self.turn_until = self.terminal_at = 0.0
+        self.transcript_stamp: tuple[int, int] | None = None
+        self.transcript_since = 0.0
+        self.next_count = 0.0
         self.wd: int | None = None  # the watcher's inotify watch on run_dir
 
     def scan(self) -> MonitorExit | None:
@@ -166,12 +179,40 @@ class SessionWatch:
             reading = read_phase(run.phase_file)
             self.terminal = MonitorExit(outcome, reading.reason if reading else None)
             hooks = run.journal_offset > 0 or (self.run_dir / HOOKS_LIVE).exists()
+            now = time.monotonic()
             # The hooks' journal may trail the phase file by a moment: give it
             # up to a second to confirm what happened before the terminal phase.
-            self.drain_until = time.monotonic() + JOURNAL_DRAIN_SECONDS if hooks else 0.0
-        if run.journal_confirmed >= len(run.phases) or time.monotonic() >= self.drain_until:
+            self.drain_until = now + JOURNAL_DRAIN_SECONDS if hooks else 0.0
+            # A CLI with a transcript is let finish its turn (its Stop hook
+            # says when), so that its last response is counted, not cut off.
+            self.terminal_at = time.time()
+            self.turn_until = now + self.timing.finish_grace if self.meter else 0.0
+        now = time.monotonic()
+        drained = run.journal_confirmed >= len(run.phases) or now >= self.drain_until
+        finished = now >= self.turn_until or (self._turn_ended() and self._transcript_quiet(now))
+        if drained and finished:
             return self.terminal
         return None
+
+    def _transcript_quiet(self, now: float) -> bool:
+        """Whether the transcript stopped growing: the CLI writes its last lines after
+        its Stop hook now and then (measured with 2.1.197)."""
+        if not self.run.transcript:
+            return True
+        try:
+            info = os.stat(self.run.transcript)
+        except OSError:
+            return True
+        stamp = (info.st_size, info.st_mtime_ns)
+        if stamp != self.transcript_stamp:
+            self.transcript_stamp, self.transcript_since = stamp, now
+        return now - self.transcript_since >= TRANSCRIPT_QUIET_SECONDS
+
+    def _turn_ended(self) -> bool:
+        try:
+            return (self.run_dir / IDLE).stat().st_mtime >= self.terminal_at - 1.0
+        except OSError:
+            return False
 
     def exited(self) -> bool:
         """Whether the run directory says the agent's process has ended."""
@@ -187,8 +228,24 @@ class SessionWatch:
                 screen = self.session.capture()
         return self.explain(f"the agent's session ended ({how})", screen)
 
+    def count(self, now: bool = False) -> None:
+        """Count what the transcript gained since the last look (and report it).
+
+        A look every ``usage_interval`` seconds (``now``: at once): a line a
+        second costs about as much to read as five lines every five seconds.
+        """
+        if self.meter is None:
+            return
+        at = time.monotonic()
+        if not now and at < self.next_count:
+            return
+        self.next_count = at + self.timing.usage_interval
+        fresh = self.meter.update()
+        if fresh:
+            self.on_usage(self.run, fresh)
+
     def check(self, alive: bool, how: str | None, cancelled_by: str | None) -> MonitorExit | None:
-        """The periodic check: liveness, a cancel request, the idle prompt, the limits."""
+        """The periodic check: liveness, a cancel request, the idle prompt, budget, limits."""
         if not alive:
             ended = self.scan()  # it may have written its phase on the way out
             if ended is not None or self.terminal is not None:
@@ -203,6 +260,11 @@ class SessionWatch:
                 outcomes.FAILED,
                 "idle_prompt: the agent returned to its prompt without writing a phase",
             )
+        spent = over_budget(
+            self.run.usage, self.run.cost_usd, self.agent.max_tokens, self.agent.max_cost_usd
+        )
+        if spent:
+            return MonitorExit(outcomes.OVER_BUDGET, spent)
         return self.limits.check()
 
 

@@ -46,8 +46,10 @@ def run_oneshot(
     output = run_dir / OUTPUT
     with open(run.prompt_file, "rb") as stdin, open(output, "wb") as out:
         try:
+            # Below the worker's priority, as in a session (workers.launcher);
+            # nice(1) rather than a preexec_fn, which is unsafe in a threaded worker.
             proc = subprocess.Popen(
-                spec["argv"],
+                ["nice", "-n", str(spec.get("nice", 0)), *spec["argv"]],
                 stdin=stdin,
                 stdout=out,
                 stderr=subprocess.STDOUT,

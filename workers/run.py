@@ -22,6 +22,7 @@ SKIPPED = "skipped"
 LOST_LEASE = "lost_lease"
 CANCELLED = "cancelled"
 LOST = "lost"
+OVER_BUDGET = "over_budget"
 OUTCOMES = (
     DONE,
     MERGED,
@@ -33,6 +34,7 @@ OUTCOMES = (
     LOST_LEASE,
     CANCELLED,
     LOST,
+    OVER_BUDGET,
 )
 
 
@@ -80,6 +82,17 @@ class Run:
     # phases it has confirmed (the rest were seen only in the phase file).
     journal_offset: int = 0
     journal_confirmed: int = 0
+    # The agent CLI's conversation: the id formulabeat gave it, and its transcript.
+    session_uuid: str | None = None
+    transcript: str | None = None
+    # How each recovery restarted the agent: "resumed" (its conversation kept)
+    # or "reinjected" (a new conversation, the prompt again).
+    recovered_by: list[str] = field(default_factory=list)
+    # Tokens by model and kind, and their cost from the config's prices (None:
+    # a model without a price); a one-shot CLI's own figure beside it.
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)
+    cost_usd: float | None = 0.0
+    cli_cost_usd: float | None = None
 
     @property
     def ended(self) -> bool:
@@ -119,6 +132,9 @@ class Run:
             "started_at": self.started_at,
             "phases": list(self.phases),
             "final_phase": self.final_phase,
+            "session_uuid": self.session_uuid,
+            "usage": self.usage,
+            "cost_usd": self.cost_usd,
         }
 
     def result(self) -> dict[str, Any]:
@@ -132,6 +148,9 @@ class Run:
             "prompt_sha256": self.prompt_sha256,
             "worktree_preserved": self.worktree_preserved,
             "recoveries": self.recoveries,
+            "recovered_by": self.recovered_by,
+            "transcript": self.transcript,
+            "cli_cost_usd": self.cli_cost_usd,
             "nudges": self.nudges,
             "mode": self.mode,
             "output_tail": self.output_tail,

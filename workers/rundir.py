@@ -10,6 +10,8 @@ from __future__ import annotations
 # Written by formulabeat before the agent starts.
 PHASE = "phase"
 PROMPT = "prompt.md"
+# What a resumed session is told instead of the whole prompt again.
+RESUME = "resume.md"
 CONTEXT = "context.md"
 LAUNCH = "launch.json"
 # The agent CLI's hook settings, given to it on its command line (--settings),
@@ -35,6 +37,14 @@ NUDGES = "nudges"
 # follows the session instead of pasting a second copy of the prompt.
 PROMPT_DELIVERED = "prompt-delivered"
 PRESERVED = "PRESERVED.json"
+# The transcript reader's place and counts (workers.usage), for an adopter.
+USAGE = "usage.json"
+
+# What the watcher wakes for: a write of any other file in a run directory
+# (the prompt, the reader's state, a temporary file) tells it nothing.
+WAKE_NAMES = frozenset(
+    {PHASE, JOURNAL, PHASE_CHANGED, HOOKS_LIVE, IDLE, EXITED, EXIT_STATUS, PROMPT_SUBMITTED}
+)
 
 # Stale after a session ends: a recovered session must earn them again.
 SESSION_MARKERS = (EXIT_STATUS, PROMPT_DELIVERED, PROMPT_SUBMITTED, EXITED, IDLE)

@@ -23,6 +23,9 @@ Scenario tokens, run in order (underscores in arguments become spaces):
   hook, exit 0); ``idle`` (end the turn here); ``apifail=KIND`` (StopFailure
   hook, end the turn); ``bash=COMMAND`` (a Bash tool call that runs nothing);
 - ``wait=PATH`` waits until PATH exists (a benchmark's starting signal);
+- ``chatter=SECONDS`` writes an assistant line with usage to its transcript
+  (``transcripts/<session>.jsonl`` beside the phase file, named in its hook
+  payloads) every second;
 - ``log=PATH`` also appends every event, the earlier ones of this process
   included, to PATH (which outlives the run directory), each with the run id.
 
@@ -113,7 +116,12 @@ class Agent:
 
     @property
     def transcript_path(self) -> str:
-        return f"{self.phase_file}.transcript.jsonl" if self.phase_file else os.devnull
+        # In a directory of its own, as Claude Code keeps its transcripts apart.
+        if not self.phase_file:
+            return os.devnull
+        folder = os.path.join(os.path.dirname(self.phase_file), "transcripts")
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        return os.path.join(folder, f"{self.session_id}.jsonl")
 
     # -- hooks ------------------------------------------------------------
     def _settings_hooks(self) -> dict[str, list[Any]]:
@@ -303,6 +311,8 @@ class Agent:
                 self.write_phases([name for name in value.split(",") if name])
             elif key == "sleep":
                 time.sleep(float(value or 0))
+            elif key == "chatter":
+                self.chatter(float(value or 0))
             elif key == "crash" or (key == "crash_once" and self._first_crash()):
                 self.log("crash")
                 os._exit(1)
@@ -329,6 +339,20 @@ class Agent:
             else:
                 self.say(f"[warning: unknown scenario token {token!r}]")
         return True
+
+    def chatter(self, seconds: float) -> None:
+        """One assistant line a second in the transcript, as a CLI at work writes them."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            usage = {
+                "input_tokens": 1000,
+                "output_tokens": 50,
+                "cache_read_input_tokens": 300,
+                "cache_creation_input_tokens": 20,
+            }
+            message = {"id": f"msg_{uuid.uuid4().hex}", "model": "scripted", "usage": usage}
+            self._append(self.transcript_path, [{"type": "assistant", "message": message}])
+            time.sleep(1.0)
 
     def _first_crash(self) -> bool:
         if self.phase_file is None:

@@ -232,9 +232,15 @@ class AgentSession:
         """(alive, how it ended): dead when the pane's process exited or the session is gone."""
         return self.status_from(None)
 
-    def status_from(self, state: PaneState | None, known: bool = False) -> tuple[bool, str | None]:
-        """Like :meth:`status`, starting from a state already read (``known``: None is gone)."""
-        recorded = self._recorded_exit()
+    def status_from(
+        self, state: PaneState | None, known: bool = False, exit_file: bool = True
+    ) -> tuple[bool, str | None]:
+        """Like :meth:`status`, starting from a state already read (``known``: None is gone).
+
+        ``exit_file`` False: the caller knows the launcher wrote no exit status
+        (inotify would have said), so a live pane is alive without reading it.
+        """
+        recorded = self._recorded_exit() if exit_file else None
         if recorded is not None:
             # The launcher's shell wrote the agent's status and lingers a
             # moment so tmux reads the agent's last output: it has ended.
@@ -268,7 +274,9 @@ class AgentSession:
         if self.exit_file is None:
             return None
         try:
-            code = self.exit_file.read_text().strip()
+            # Read for every session at every sweep: plain open, not pathlib.
+            with open(self.exit_file, encoding="ascii", errors="replace") as handle:
+                code = handle.read().strip()
         except OSError:
             return None
         if not code.isdigit():

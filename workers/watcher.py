@@ -33,6 +33,7 @@ from workers import registry
 from workers.config import MonitorConfig
 from workers.errors import SessionError
 from workers.monitor import MonitorExit, SessionWatch
+from workers.rundir import WAKE_NAMES
 from workers.tmux import TmuxServer
 
 log = logging.getLogger("formulabeat.watcher")
@@ -65,6 +66,7 @@ class HostWatcher:
         self._followed: set[str] = set()
         self._followed_lock = threading.Lock()
         self._stop = threading.Event()
+        self._overflowed = False
         self._inotify = INotify(nonblocking=True)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._loop, name="formulabeat-watcher", daemon=True)
@@ -130,8 +132,10 @@ class HostWatcher:
             self._watches[watch.run.id] = watch
             dirty[watch.run.id] = watch
         for event in self._inotify.read(timeout=0):
+            if event.mask & inotify_flags.Q_OVERFLOW:
+                self._overflowed = True
             touched = self._by_wd.get(event.wd)
-            if touched is not None:
+            if touched is not None and event.name in WAKE_NAMES:
                 dirty[touched.run.id] = touched
         pending = [w for w in self._watches.values() if w.terminal is not None]
         for watch in [*dirty.values(), *pending]:
@@ -158,12 +162,16 @@ class HostWatcher:
             stops, wanted = registry.requests(self.client, ids)
         except redis.exceptions.RedisError:
             stops, wanted = {}, set()  # Redis away: sessions go on; leases say when to stop
+        # Writes inotify could not report (its queue overflowed): read every
+        # session's files. Else the events said it all, and the sweep reads none.
+        missed, self._overflowed = self._overflowed, False
         for run_id in ids:
             watch = self._watches[run_id]
-            ended = watch.scan()  # a write inotify could not report (a full event queue)
+            ended = watch.scan() if missed else None
+            watch.count()
             if ended is None:
                 state = panes.get(watch.session.pane_id) if panes is not None else None
-                alive, how = watch.session.status_from(state, known=True)
+                alive, how = watch.session.status_from(state, known=True, exit_file=missed)
                 if alive and run_id in wanted:
                     self._publish_pane(watch)
                 ended = watch.check(alive, how, stops.get(run_id))
@@ -175,6 +183,10 @@ class HostWatcher:
             registry.publish_pane(self.client, watch.run.id, watch.session.capture())
 
     def _end(self, watch: SessionWatch, ended: MonitorExit) -> None:
+        try:
+            watch.count(now=True)  # the tokens written since the last look
+        except Exception:
+            log.exception("run %s: counting its last tokens failed", watch.run.id)
         self._watches.pop(watch.run.id, None)
         with self._followed_lock:
             self._followed.discard(watch.run.id)

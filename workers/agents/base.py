@@ -21,7 +21,7 @@ from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import SessionError
 from workers.hooks import settings
-from workers.rundir import AGENT_SETTINGS, PROMPT, PROMPT_SUBMITTED
+from workers.rundir import AGENT_SETTINGS, PROMPT, PROMPT_SUBMITTED, RESUME
 from workers.statedir import write_private
 from workers.tmux import AgentSession, screen_tail
 
@@ -47,6 +47,15 @@ class Launch:
     hook_command: tuple[str, ...]
     # The agent's whole environment, as the launch file gives it.
     env: Mapping[str, str]
+    # The conversation id formulabeat gives the CLI, and whether this session
+    # resumes it (told to go on, not given the whole prompt again).
+    session_uuid: str | None = None
+    resume: bool = False
+
+    @property
+    def prompt_file(self) -> Path:
+        """What this session is given: the prompt, or the resume message."""
+        return self.run_dir / (RESUME if self.resume else PROMPT)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,17 @@ class Refuse:
 
 Verdict = Ready | Wait | Answer | Refuse
 
+
+@dataclass(frozen=True)
+class OneshotReport:
+    """A one-shot CLI's own account of its run."""
+
+    usage: dict[str, dict[str, int]]
+    cost_usd: float | None
+    # The answer's text, for the result's output tail.
+    text: str
+
+
 # What an agent's input holds (PromptDriver.input_state).
 EMPTY = "empty"
 PROMPT_HELD = "prompt"
@@ -87,9 +107,14 @@ class AgentDriver(Protocol):
 
     name: str
     hooks: bool
+    # Whether a crashed session can be resumed with its conversation (else the
+    # prompt is given to a new one), and whether the CLI writes a transcript
+    # whose assistant lines carry the tokens used (workers.usage).
+    resumes: bool
+    transcripts: bool
 
     def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
-        """The agent's argument vector for this run."""
+        """The agent's argument vector for this session."""
 
     def install(self, agent: AgentConfig, launch: Launch) -> None:
         """Put what the CLI needs for this run in place (hooks, trust); raises SessionError."""
@@ -115,6 +140,9 @@ class AgentDriver(Protocol):
     def fix(self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path) -> list[str]:
         """Apply the setup fixes a user may delegate; what was changed, a line each."""
 
+    def oneshot_report(self, output: str) -> OneshotReport | None:
+        """What a one-shot run's output says it used and cost (None: it says nothing)."""
+
 
 class PromptDriver:
     """Any CLI that shows a prompt character when it waits for input (driver ``plain``).
@@ -127,6 +155,8 @@ class PromptDriver:
 
     name = "plain"
     hooks = False
+    resumes = False
+    transcripts = False
 
     # -- command line and files ----------------------------------------------
     def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
@@ -211,7 +241,7 @@ class PromptDriver:
                 self.clear_input(session)
             before = session.capture()
             if not enter_only:
-                session.paste_file(launch.run_dir / PROMPT, f"formulabeat-{launch.run_id}")
+                session.paste_file(launch.prompt_file, f"formulabeat-{launch.run_id}")
                 time.sleep(PASTE_SETTLE)
             session.press("Enter")
             if self._await_confirmation(session, agent, launch, before, timing.confirm_timeout):
@@ -280,6 +310,10 @@ class PromptDriver:
     def fix(self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path) -> list[str]:
         """Nothing to fix."""
         return []
+
+    def oneshot_report(self, output: str) -> OneshotReport | None:
+        """A plain CLI's output is text."""
+        return None
 
 
 class HookedDriver(PromptDriver):

@@ -37,6 +37,7 @@ from workers.agents.base import (
     Answer,
     HookedDriver,
     Launch,
+    OneshotReport,
     Ready,
     Refuse,
     Verdict,
@@ -45,8 +46,8 @@ from workers.agents.base import (
 from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import SessionError
-from workers.rundir import PROMPT
 from workers.tmux import AgentSession, screen_tail
+from workers.usage import from_result
 
 BYPASS_FLAG = "--dangerously-skip-permissions"
 # proper-lockfile's default: a lock directory older than this was abandoned.
@@ -78,8 +79,36 @@ class ClaudeCode(HookedDriver):
     """Claude Code's CLI (driver ``claude-code``, the default for a ``claude`` command)."""
 
     name = "claude-code"
+    resumes = True
+    transcripts = True
 
-    # -- files -------------------------------------------------------------
+    # -- command line and files ---------------------------------------------
+    def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
+        """Hooks, the conversation id (or the one to resume), JSON output for one-shot."""
+        argv = super().command(agent, launch, oneshot)
+        if launch.session_uuid:
+            flag = "--resume" if launch.resume else "--session-id"
+            argv += [flag, launch.session_uuid]
+        if oneshot and "--output-format" not in argv:
+            argv += ["--output-format", "json"]
+        return argv
+
+    def oneshot_report(self, output: str) -> OneshotReport | None:
+        """The ``result`` object ``--output-format json`` ends with: usage, cost, answer."""
+        for line in reversed(output.strip().splitlines()):
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(result, dict) and result.get("type") == "result":
+                cost = result.get("total_cost_usd")
+                return OneshotReport(
+                    usage=from_result(result),
+                    cost_usd=float(cost) if isinstance(cost, int | float) else None,
+                    text=str(result.get("result") or ""),
+                )
+        return None
+
     def install(self, agent: AgentConfig, launch: Launch) -> None:
         """The run's hook settings, and trust of the worktree root (before any dialog)."""
         super().install(agent, launch)
@@ -141,7 +170,7 @@ class ClaudeCode(HookedDriver):
         if not held:
             return EMPTY
         shown = _PASTED.fullmatch(held)
-        prompt_lines = (launch.run_dir / PROMPT).read_text(encoding="utf-8").strip().count("\n")
+        prompt_lines = launch.prompt_file.read_text(encoding="utf-8").strip().count("\n")
         return PROMPT_HELD if shown and int(shown.group(1)) == prompt_lines else OTHER_HELD
 
     def clear_input(self, session: AgentSession) -> None:

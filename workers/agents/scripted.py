@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 
 from workers.agents.base import EMPTY, OTHER_HELD, PROMPT_HELD, HookedDriver, Launch
-from workers.rundir import PROMPT
 
 _PASTED = re.compile(r"\[pasted (\d+) bytes\]")
 
@@ -20,6 +19,10 @@ class Scripted(HookedDriver):
     """The scripted stand-in for Claude Code (driver ``scripted``)."""
 
     name = "scripted"
+    # It keeps no conversation: a crashed one starts again with the prompt. It
+    # writes a transcript (scenario token chatter=S) as Claude Code does.
+    resumes = False
+    transcripts = True
 
     def input_state(self, screen: str, launch: Launch) -> str:
         """It prints ``[pasted N bytes]`` once a paste arrived (on its prompt's line)."""
@@ -27,5 +30,5 @@ class Scripted(HookedDriver):
         shown = _PASTED.search(lines[-1]) if lines else None
         if shown is None:
             return EMPTY
-        size = len((launch.run_dir / PROMPT).read_bytes())
+        size = len(launch.prompt_file.read_bytes())
         return PROMPT_HELD if int(shown.group(1)) == size else OTHER_HELD
