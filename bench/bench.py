@@ -57,6 +57,7 @@ from workers.tmux import screen_tail
 
 RESULTS = Path(__file__).with_name("results.json")
 START_TIMEOUT = 900.0
+FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
 SCRIPTED = f'command = "{AGENT}"\ndriver = "scripted"\n'
 
@@ -163,7 +164,11 @@ def _send(app: Any, agent: str) -> str:
 
 def _ended(client: redis.Redis, run_id: str) -> bool:
     raw = client.get(f"celery-task-meta-{run_id}")
-    return bool(raw) and json.loads(raw).get("status") == "SUCCESS"
+    return bool(raw) and json.loads(raw).get("status") in FINAL
+
+
+def _over(observer: Observer, run_id: str) -> bool:
+    return any((run_id, state) in observer.seen for state in FINAL)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -264,7 +269,7 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
         worker_cpu = _cpu([worker]) - worker_before
         elapsed = time.monotonic() - t0
         go.touch()
-        _wait(lambda: all((i, "SUCCESS") in observer.seen for i in ids), spread + 120)
+        _wait(lambda: all(_over(observer, i) for i in ids), spread + 120)
         observer.close()
         outcomes: dict[str, int] = {}
         for run_id in ids:
@@ -556,7 +561,7 @@ def _real_phases(root: Path, how: str, sessions: int, spread: float) -> dict[str
         ids, observer = _start_all(stack, server, agents, "AWAITING_CI")
         live = sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
         go.touch()
-        _wait(lambda: all((i, "SUCCESS") in observer.seen for i in ids), spread + 180)
+        _wait(lambda: all(_over(observer, i) for i in ids), spread + 180)
         observer.close()
         client = server.client()
         by_phase_file = {}

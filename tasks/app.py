@@ -14,11 +14,12 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.app.amqp import AMQP
 from celery.result import AsyncResult
 from celery.utils import uuid
 from kombu.entity import Queue
 
-from beat_schedule import DEFAULT_QUEUE, RUN_TASK, build_schedule
+from beat_schedule import CLEANUP_TASK, DEFAULT_QUEUE, REAP_TASK, RUN_TASK, build_schedule
 from workers import embedded, registry
 from workers.config import Config, load_config
 from workers.errors import BrokerError
@@ -140,6 +141,25 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
     }
 
 
+# Upkeep every host runs often (the reaper every 15 s): no task events, so
+# Flower's task list is the runs', not the upkeep's.
+QUIET_TASKS = frozenset({REAP_TASK, CLEANUP_TASK})
+
+
+class QuietAMQP(AMQP):
+    """Celery's AMQP, sending no ``task-sent`` event for the quiet upkeep tasks."""
+
+    def _create_task_sender(self) -> Callable[..., Any]:
+        send = super()._create_task_sender()
+
+        def send_task_message(producer: Any, name: str, message: Any, **options: Any) -> Any:
+            if name in QUIET_TASKS:
+                message = message._replace(sent_event=None)
+            return send(producer, name, message, **options)
+
+        return send_task_message
+
+
 class FormulabeatCelery(Celery):
     """Celery that writes each run step it sends into the ledger of sent steps.
 
@@ -148,6 +168,8 @@ class FormulabeatCelery(Celery):
     sends again a step that stays in the ledger, unclaimed, with no message
     left in the broker.
     """
+
+    amqp_cls = QuietAMQP
 
     def send_task(
         self, name: str, args: Any = None, kwargs: Any = None, **options: Any

@@ -115,6 +115,7 @@ def wait_for(
 ) -> dict[str, Any]:
     """Follow a run's states until it has a result; return the result dict."""
     from tasks.app import client_app
+    from tasks.reporting import result_of
 
     app = client_app(cfg)
     result = app.AsyncResult(run_id)
@@ -124,9 +125,10 @@ def wait_for(
         while True:
             state = result.state
             info = result.info
-            if state == "SUCCESS" and isinstance(info, dict):
-                return info
-            if state == "FAILURE":
+            ended = result_of(result)
+            if ended is not None:
+                return ended
+            if state in ("FAILURE", "REVOKED"):
                 raise FormulabeatError(f"run {run_id} failed inside formulabeat: {info!r}")
             if isinstance(info, dict) and "phases" in info:
                 key = (state, info.get("final_phase"))

@@ -138,7 +138,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     threading.Thread(target=adopt, name="formulabeat-adopt", daemon=True).start()
 
 
-@app.task(name=REAP_TASK, bind=True)
+@app.task(name=REAP_TASK, bind=True, send_events=False)
 def reap(self: Task) -> dict[str, Any]:
     """End the runs of hosts whose heartbeat stopped as ``lost``; free their leases."""
     cfg = config()
@@ -161,9 +161,8 @@ def reap(self: Task) -> dict[str, Any]:
             run.state = "LOST"
             release_claims(run, client, cfg)
             result = run.result()
-            self.app.backend.store_result(run.id, result, "SUCCESS")
             reporter.record(run, result)
-            reporter.event(run, "lost")
+            reporter.finished(run, result)
             log.warning("run %s on host %s: lost", run.id, host)
             lost.append(run.id)
     return {"lost": lost, "resent": resend_lost(self.app, client)}

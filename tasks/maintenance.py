@@ -50,7 +50,7 @@ def cleanup_command(state: Any) -> dict[str, str]:
     return {"ok": f"cleanup started on {config().host}"}
 
 
-@app.task(name=CLEANUP_TASK, bind=True)
+@app.task(name=CLEANUP_TASK, bind=True, send_events=False)
 def cleanup(self: Task) -> dict[str, Any]:
     """Ask every worker to clean its host's stale run directories."""
     self.app.control.broadcast(CLEANUP_COMMAND, reply=False)

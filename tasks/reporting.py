@@ -18,7 +18,18 @@ from tasks import metrics
 from tasks.app import config, redis_client
 from workers import lifecycle, registry
 from workers.config import Config
-from workers.run import Run
+from workers.run import Run, RunEnded, final_state
+
+
+def result_of(async_result: Any) -> dict[str, Any] | None:
+    """A finished run's result dict from its AsyncResult, whatever its state; else None."""
+    if async_result.state not in ("SUCCESS", "FAILURE", "REVOKED"):
+        return None
+    value = async_result.result
+    if isinstance(value, RunEnded):
+        return value.result
+    return value if isinstance(value, dict) else None
+
 
 log = logging.getLogger("formulabeat.report")
 
@@ -69,11 +80,23 @@ class Reporter:
         log.info("run %s: %s (%s)", run.id, run.outcome, run.reason or "no reason")
         return result
 
-    def succeeded(self, run: Run, result: dict[str, Any]) -> None:
-        """Store the result under the run id and say so as Celery does (``task-succeeded``)."""
-        self.app.backend.store_result(run.id, result, "SUCCESS")
+    def finished(self, run: Run, result: dict[str, Any]) -> None:
+        """Store the result under the run id in the state its outcome calls for, and say so
+        as Celery does (``task-succeeded``, ``task-failed``, ``task-revoked``)."""
+        state = final_state(run.outcome)
         with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
-            dispatcher.send("task-succeeded", uuid=run.id, result=repr(result), runtime=0.0)
+            if state == "SUCCESS":
+                self.app.backend.store_result(run.id, result, state)
+                dispatcher.send("task-succeeded", uuid=run.id, result=repr(result), runtime=0.0)
+                return
+            ended = RunEnded(result)
+            self.app.backend.store_result(run.id, ended, state)
+            if state == "REVOKED":
+                dispatcher.send("task-revoked", uuid=run.id, terminated=False, expired=False)
+            else:
+                dispatcher.send(
+                    "task-failed", uuid=run.id, exception=f"RunEnded({str(ended)!r})", traceback=""
+                )
 
     def event(self, run: Run, name: str) -> None:
         """Send the task event ``task-<name>`` for the run (Flower shows ``<NAME>``)."""

@@ -243,7 +243,7 @@ def _store_end(host: _Host, run: Run) -> None:
         lifecycle.finish(run, config(), client)
         registry.forget(client, run.id, run.host)
         return
-    host.reporter.succeeded(run, host.reporter.conclude(run))
+    host.reporter.finished(run, host.reporter.conclude(run))
 
 
 def _ended(watch: SessionWatch, ended: MonitorExit) -> None:

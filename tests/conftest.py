@@ -26,12 +26,14 @@ import redis
 
 from tasks.app import client_app
 from tasks.demo import commit_all
+from tasks.reporting import result_of
 from tasks.stack import Stack
 from tests.messages_api import MessagesAPI
 from tests.real_cli import claude_binary, run_by_hand_once
 from workers import launcher as launcher_module
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+from workers.run import final_state
 from workers.tmux import AgentSession, TmuxServer
 
 AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
@@ -255,13 +257,18 @@ def _toml(value: Any) -> str:
 
 
 def wait_result(result: Any, timeout: float = 60.0) -> dict[str, Any]:
-    """Poll an AsyncResult until SUCCESS; return its result dict."""
+    """Poll an AsyncResult until the run has ended; return its result dict.
+
+    Its final state must be the one its outcome calls for (SUCCESS only for
+    done and merged).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if result.state == "SUCCESS":
-            value: dict[str, Any] = result.result
+        value = result_of(result)
+        if value is not None:
+            assert result.state == final_state(value["outcome"]), (result.state, value)
             return value
-        assert result.state != "FAILURE", result.traceback
+        assert result.state not in ("FAILURE", "REVOKED"), result.traceback
         time.sleep(0.1)
     raise AssertionError(f"run {result.id} did not end within {timeout} s (state {result.state})")
 

@@ -15,6 +15,7 @@ import redis
 from beat_schedule import REAP_TASK, RUN_TASK
 from tasks.app import SESSION_TASK, client_app, host_queue
 from tasks.hosts import RESEND_AFTER, resend_lost
+from tasks.reporting import result_of
 from tests.conftest import Fleet, held_claims, tmux_sessions, wait_result, wait_until
 from workers import lifecycle, registry
 from workers.config import load_config
@@ -163,14 +164,14 @@ def test_the_runs_of_a_vanished_host_are_reaped_as_lost(
 
     def reaped() -> bool:
         reaped_ids.extend(app.send_task(REAP_TASK, queue="formulabeat").get(timeout=30)["lost"])
-        return sent.state == "SUCCESS"
+        return sent.state == "FAILURE"
 
     wait_until(reaped, 60, "the reaper to mark the run lost")
     assert reaped_ids == [sent.id]
     assert (registry.get(redis_client, ended.id) or {})["outcome"] == "done"
     assert registry.live_states(redis_client, host) == []
-    result = sent.result
-    assert result["outcome"] == "lost"
+    result = result_of(sent)
+    assert result is not None and result["outcome"] == "lost"
     assert result["reason"] == f"host {host} stopped sending heartbeats"
     assert redis_client.get(agent_lock_key("proj", "planner")) is None
     record = json.loads(redis_client.get(f"formulabeat:run:{sent.id}") or b"{}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import redis
 
+from tasks.reporting import result_of
 from tests.conftest import Fleet, tmux_sessions, wait_result, wait_until
 from workers import registry
 from workers.locks import Lease, agent_lock_key
@@ -35,7 +36,7 @@ def test_done_run_reports_each_phase_and_cleans_up(fleet: Fleet, redis_client: r
     assert str(meta["session"]).startswith("proj-planner-")
     assert [p["phase"] for p in meta["phases"]] == ["PHASE:awaiting_ci"]
 
-    result = wait_until(lambda: sent.result if sent.state == "SUCCESS" else None, 60, "result")
+    result = wait_until(lambda: result_of(sent), 60, "result")
     assert result["outcome"] == "done"
     assert result["final_phase"] == "PHASE:done"
     assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]

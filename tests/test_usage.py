@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from tasks.reporting import result_of
 from tests.conftest import Fleet, held_claims, tmux_sessions, wait_until
 from tests.messages_api import MessagesAPI, charged
 from tests.real_cli import agent_options
@@ -202,7 +203,7 @@ def test_a_runs_tokens_are_the_stand_ins_figures_everywhere_they_show(
         lambda: sent.info.get("usage") if isinstance(sent.info, dict) else None, 30, "live usage"
     )
     assert total_tokens(live) > 0
-    result = wait_until(lambda: sent.result if sent.state == "SUCCESS" else None, 120, "the end")
+    result = wait_until(lambda: result_of(sent), 120, "the end")
     assert result["outcome"] == "done", result
     exchanges = messages_api.for_run(result["run_id"])
     assert len(exchanges) == 4  # awaiting_ci, sleep, done, and the closing words

@@ -38,6 +38,36 @@ OUTCOMES = (
 )
 
 
+# The Celery state a finished run is stored in: only a run that did its work
+# looks like a success (Flower, AsyncResult); one that did not run is REVOKED.
+SUCCEEDED = (DONE, MERGED)
+NOT_RUN = (SKIPPED, CANCELLED)
+
+
+def final_state(outcome: str | None) -> str:
+    """SUCCESS (done, merged), REVOKED (skipped, cancelled) or FAILURE (any other)."""
+    if outcome in SUCCEEDED:
+        return "SUCCESS"
+    return "REVOKED" if outcome in NOT_RUN else "FAILURE"
+
+
+class RunEnded(Exception):
+    """How a run that did not succeed is stored: its result dict is the one argument.
+
+    ``AsyncResult(run_id).result`` is then this exception (``.get()`` raises
+    it), and ``.result.result`` the dict, as for a successful run.
+    """
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The run's result dict."""
+        value = self.args[0] if self.args else {}
+        return value if isinstance(value, dict) else {}
+
+    def __str__(self) -> str:
+        return f"{self.result.get('outcome')}: {self.result.get('reason') or ''}".rstrip(": ")
+
+
 def now_iso() -> str:
     """The current time as an ISO 8601 UTC timestamp with microseconds."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
