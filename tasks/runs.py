@@ -48,6 +48,11 @@ def _guarded(
         func(*args, **kwargs)
     except FormulabeatError as exc:
         run.end(outcomes.FAILED, str(exc))
+    except OSError as exc:
+        # The path is what the operator needs; repr() of the error hides it.
+        log.exception("run %s: %s failed", run.id, step)
+        where = f" {exc.filename}" if exc.filename else ""
+        run.end(outcomes.FAILED, f"{step}:{where}: {exc.strerror or exc}")
     except Exception as exc:
         log.exception("run %s: %s failed", run.id, step)
         run.end(outcomes.FAILED, f"internal error in {step}: {exc!r}")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import commit_files, formula_text
 from tests.real_cli import cli_env
+from tests.test_service_user import NOLOGIN, as_root, read_only
 from workers.embedded import EmbeddedRedis
 from workers.statedir import new_run_dir
 
@@ -29,6 +31,9 @@ def doctor(
 
 
 def write_config(tmp_path: Path, url: str, command: str = "sh") -> Path:
+    """A healthy config: its repository and formula exist, the agent is ``command``."""
+    commit_files(tmp_path / "repo", {"README.md": "# p\n"})
+    (tmp_path / "f.toml").write_text(formula_text("f", "phase=done"))
     config = tmp_path / "formulabeat.toml"
     config.write_text(
         f'state_dir = "state"\n[broker]\nurl = "{url}"\n'
@@ -44,7 +49,7 @@ def test_a_healthy_host_is_all_ok(tmp_path: Path, redis_server: EmbeddedRedis) -
     assert proc.returncode == 0, proc.stdout
     lines = proc.stdout.splitlines()
     names = [line.split()[1] for line in lines]
-    for name in ("tmux", "git", "agent", "redis", "clock", "memory", "state"):
+    for name in ("tmux", "git", "shell", "repo", "agent", "redis", "clock", "memory", "state"):
         assert name in names, name
     assert all(line.startswith("ok") for line in lines)
     redis_line = next(line for line in lines if line.split()[1] == "redis")
@@ -132,3 +137,58 @@ def test_doctor_says_root_needs_a_sandbox_setting(
     )
     proc = doctor(config)
     assert "FIX  claude p/a root" in proc.stdout and 'IS_SANDBOX = "1"' in proc.stdout
+
+
+def test_a_nologin_shell_is_named_and_agents_get_a_usable_one(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    proc = doctor(write_config(tmp_path, redis_server.url), env={"SHELL": NOLOGIN})
+    line = next(line for line in proc.stdout.splitlines() if line.split()[1] == "shell")
+    assert line.startswith("ok") and f"{NOLOGIN} runs no commands: agents get " in line, line
+
+
+def test_each_repository_and_formula_problem_names_its_fix(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    config = write_config(tmp_path, redis_server.url)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "bad.toml").write_text('name = "bad"\n[[steps]]\nid = 1\n')
+    config.write_text(
+        config.read_text()
+        + '[[projects]]\nname = "gone"\nrepo_root = "nowhere"\n'
+        + '[[projects]]\nname = "plain"\nrepo_root = "plain"\n'
+        + '[[agents]]\nname = "b"\nproject = "p"\nformula = "bad.toml"\n'
+        + 'schedule = "* * * * *"\ncommand = "sh"\nmin_memory_mb = 0\n'
+        + '[[agents]]\nname = "c"\nproject = "p"\nformula = "missing.toml"\n'
+        + 'schedule = "* * * * *"\ncommand = "sh"\nmin_memory_mb = 0\n'
+    )
+    proc = doctor(config)
+    assert proc.returncode == 1
+    out = proc.stdout
+    assert "FIX  repo gone" in out and f"repository {tmp_path}/nowhere does not exist" in out
+    assert "FIX  repo plain" in out and f"{tmp_path}/plain is not a git repository" in out
+    assert "FIX  agent p/b formula" in out and "bad.toml" in out
+    assert "FIX  agent p/c formula" in out and f"formula {tmp_path}/missing.toml not found" in out
+    assert next(line for line in out.splitlines() if " repo p " in line).startswith("ok")
+
+
+@as_root
+def test_a_repository_of_another_owner_or_read_only_names_the_fix(
+    tmp_path: Path, redis_server: EmbeddedRedis
+) -> None:
+    config = write_config(tmp_path, redis_server.url)
+    repo = tmp_path / "repo"
+    proc = subprocess.run(
+        [*read_only(repo), sys.executable, "-m", "tasks.cli", "--config", str(config), "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    line = next(line for line in proc.stdout.splitlines() if " repo p " in line)
+    assert line.startswith("FIX") and f"{repo}/.git is not writable by root" in line, proc
+    assert f"chown -R root {repo}" in line
+    subprocess.run(["chown", "-R", "12345:12345", str(repo)], check=True, timeout=30)
+    line = next(line for line in doctor(config).stdout.splitlines() if " repo p " in line)
+    assert line.startswith("FIX") and "dubious ownership" in line, line
+    assert f"git config --global --add safe.directory {repo}" in line

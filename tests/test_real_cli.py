@@ -9,12 +9,14 @@ the CLI, and formulabeat's hooks are really called by it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
+import git
 import pytest
 
-from tests.conftest import Fleet, held_claims, tmux_sessions
+from tests.conftest import Fleet, commit_files, held_claims, tmux_sessions
 from tests.messages_api import MessagesAPI
 from tests.real_cli import agent_options
 
@@ -151,3 +153,26 @@ def test_oneshot_runs_the_real_cli_with_p_to_its_phase(
     assert result["outcome"] == "escalate", result
     assert result["mode"] == "oneshot"
     assert [p["phase"] for p in result["phases"]] == ["PHASE:escalate"]
+
+
+def test_what_the_agent_commits_holds_none_of_formulabeats_files(
+    fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI
+) -> None:
+    # The repository has its own Claude Code settings, whose hook must still
+    # run beside formulabeat's; the agent then commits everything it sees.
+    marker = fleet.root / "repo-hook-ran"
+    hook = {"type": "command", "command": f"touch {marker}"}
+    settings = {"hooks": {"UserPromptSubmit": [{"hooks": [hook]}]}}
+    commit_files(fleet.repo, {".claude/settings.json": json.dumps(settings)})
+    commit = (
+        "echo_work_>_work.txt_&&_git_add_-A_&&_git_-c_user.name=agent_-c_user.email=a@b"
+        "_commit_-qm_work_&&_git_branch_agent-work"
+    )
+    real_agent(fleet, "committer", f"bash={commit} phase=done", claude, claude_home, messages_api)
+    fleet.write_config()
+    fleet.start_worker()
+    result = fleet.run("committer", timeout=120)
+    assert result["outcome"] == "done", result
+    repo = git.Repo(fleet.repo)
+    assert repo.git.show("--name-only", "--format=", "agent-work").split() == ["work.txt"]
+    assert marker.exists(), "the repository's own hook did not run"

@@ -19,8 +19,11 @@ import redis
 from workers.agents import driver_for
 from workers.checks import Check
 from workers.config import Config, redact_url
-from workers.environment import agent_env, missing_pass_env
+from workers.environment import agent_env, login_shell, missing_pass_env, usable_shell
+from workers.errors import FormulaError
+from workers.formula import load_formula
 from workers.statedir import runs_dir, runs_path
+from workers.worktrees import repo_problem
 
 # Beyond this, lease TTLs and timestamps from different hosts disagree.
 MAX_CLOCK_SKEW_SECONDS = 2.0
@@ -58,6 +61,10 @@ def check_agents(cfg: Config) -> list[Check]:
                 else f"{program!r} not found on PATH (agents.command)",
             )
         )
+        try:
+            load_formula(agent.formula)
+        except FormulaError as exc:
+            checks.append(Check(f"agent {agent.key} formula", False, f"{exc} (agents.formula)"))
         missing = missing_pass_env(agent)
         if missing:
             checks.append(
@@ -71,6 +78,28 @@ def check_agents(cfg: Config) -> list[Check]:
         if found:
             checks += driver_for(agent.driver).checks(agent, env, root)
     return checks
+
+
+def check_repos(cfg: Config) -> list[Check]:
+    """Each project's repository exists, is git, is writable, and git does not refuse it."""
+    checks = []
+    for project in cfg.projects:
+        problem = repo_problem(project.repo_root)
+        checks.append(
+            Check(f"repo {project.name}", problem is None, problem or str(project.repo_root))
+        )
+    return checks
+
+
+def check_shell() -> Check:
+    """Agents start whatever this user's login shell; their tools need a shell that runs."""
+    given = os.environ.get("SHELL") or login_shell()
+    shell = usable_shell(given)
+    if not os.access(shell, os.X_OK):
+        return Check("shell", False, f"no shell to give agents ({shell}): install bash")
+    if shell != given:
+        return Check("shell", True, f"{given or 'no shell'} runs no commands: agents get {shell}")
+    return Check("shell", True, shell)
 
 
 def fix_agents(cfg: Config) -> list[str]:
@@ -149,6 +178,8 @@ def run_checks(
     checks = [
         check_tool("tmux", ["tmux", "-V"], "tmux"),
         check_tool("git", ["git", "--version"], "git"),
+        check_shell(),
+        *check_repos(cfg),
         *check_agents(cfg),
     ]
     if url is None:

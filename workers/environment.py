@@ -10,6 +10,7 @@ worker's user, the agent's credentials, and what the agent's config adds:
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +32,7 @@ def agent_env(agent: AgentConfig, source: Mapping[str, str] | None = None) -> di
     env.update({name: value for name, value in source.items() if name.startswith("LC_")})
     env.setdefault("LANG", "C.UTF-8")
     env.setdefault("HOME", str(Path.home()))
-    env["SHELL"] = usable_shell(source.get("SHELL"))
+    env["SHELL"] = usable_shell(source.get("SHELL") or login_shell())
     env.update({name: source[name] for name in CREDENTIALS if name in source})
     if agent.forge_token_env in source:
         env["FORGE_TOKEN"] = source[agent.forge_token_env]
@@ -44,6 +45,14 @@ def missing_pass_env(agent: AgentConfig, source: Mapping[str, str] | None = None
     """The agent's ``pass_env`` names the worker's environment does not have."""
     source = os.environ if source is None else source
     return [name for name in agent.pass_env if name not in source]
+
+
+def login_shell() -> str | None:
+    """This user's login shell from the password database."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_shell or None
+    except KeyError:
+        return None
 
 
 def usable_shell(shell: str | None) -> str:

@@ -7,8 +7,11 @@ git cannot hold a worker slot forever.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import os
+import pwd
 import shutil
 import time
 from collections.abc import Iterator
@@ -43,6 +46,54 @@ def open_repo(repo_root: Path) -> git.Repo:
         raise RepoError(f"repository {repo_root} does not exist") from None
 
 
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def refused(repo_root: Path) -> RepoError:
+    """git's "dubious ownership" refusal of ``repo_root``, with both ways out."""
+    try:
+        owner = _user(repo_root.stat().st_uid)
+    except OSError:
+        owner = "another user"
+    me = _user(os.geteuid())
+    return RepoError(
+        f"git refuses {repo_root}: it is owned by {owner}, not by {me} who runs the worker "
+        f"(git's 'dubious ownership'): chown -R {me} {repo_root}, or "
+        f"git config --global --add safe.directory {repo_root} as {me}"
+    )
+
+
+def unwritable(repo_root: Path, path: Path) -> RepoError:
+    """``path`` in the repository cannot be written, and each run adds a worktree there."""
+    me = _user(os.geteuid())
+    return RepoError(
+        f"{path} is not writable by {me}, who runs the worker: each run adds a git worktree "
+        f"there, so {me} needs write access to {repo_root} (chown -R {me} {repo_root})"
+    )
+
+
+def repo_problem(repo_root: Path) -> str | None:
+    """What would stop a run from adding a worktree to ``repo_root``, with the fix; else None."""
+    try:
+        repo = open_repo(repo_root)
+        repo.git.rev_parse("--git-common-dir", kill_after_timeout=GIT_TIMEOUT)
+    except RepoError as exc:
+        return str(exc)
+    except git.GitCommandError as exc:
+        if "dubious ownership" in str(exc.stderr):
+            return str(refused(repo_root))
+        return f"git rev-parse in {repo_root} failed: {_stderr(exc)}"
+    common = Path(repo.common_dir)
+    for path in (common, common / "objects", common / "refs"):
+        if path.exists() and not os.access(path, os.W_OK):
+            return str(unwritable(repo_root, path))
+    return None
+
+
 def worktree_path(run_dir: Path, run_id: str) -> Path:
     """Where a run's worktree goes: named for the run, so that git's record of
     it (``.git/worktrees/<name>``) says which run it belongs to."""
@@ -59,7 +110,13 @@ def worktree_lock(repo: git.Repo, timeout: float = GIT_TIMEOUT) -> Iterator[None
     the repository) take turns here instead.
     """
     path = Path(repo.common_dir) / "formulabeat-worktrees.lock"
-    with open(path, "a") as handle:
+    try:
+        handle = open(path, "a")  # noqa: SIM115 (the with below closes it)
+    except OSError as exc:
+        if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+            raise unwritable(Path(repo.working_dir), path) from None
+        raise RepoError(f"cannot open {path}: {exc.strerror}") from None
+    with handle:
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -86,6 +143,8 @@ def add_worktree(repo_root: Path, path: Path, ref: str = "HEAD") -> Path:
         with worktree_lock(repo):
             repo.git.worktree("add", "--detach", str(path), ref, kill_after_timeout=GIT_TIMEOUT)
     except git.GitCommandError as exc:
+        if "dubious ownership" in str(exc.stderr):
+            raise refused(repo_root) from None
         raise RepoError(f"git worktree add in {repo_root} failed: {_stderr(exc)}") from None
     return path
 
