@@ -48,6 +48,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     stack = Stack(cfg, flower=not args.no_flower)
+    stack.check()  # before anything starts: a bad setting leaves nothing to stop
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -68,8 +69,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        print("formulabeat up: stopping", file=sys.stderr)
-        stack.stop()
+        print("formulabeat up: stopping (live runs end as cancelled)", file=sys.stderr)
+        ended = stack.stop(end_runs=True)
+        if ended:
+            print(f"formulabeat up: cancelled {', '.join(ended)}", file=sys.stderr)
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Each Celery part is Celery's own command (``celery -A tasks.app …``) in its
 own process group, so a Ctrl-C reaches ``up`` alone, which then stops the
-parts in order: Flower and beat first (no new runs), the worker next, Redis
-last (so no run loses its broker before its worker is down).
+parts in order: Flower and beat first (no new runs), then this host's live
+runs (cancelled, their sessions killed), the worker next, Redis last (so no
+run loses its broker before its worker is down).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import IO
 import redis
 from kombu.exceptions import OperationalError
 
-from tasks.app import client_app
-from workers import embedded
+from tasks.app import client_app, redis_client
+from workers import embedded, registry
 from workers.config import CONFIG_ENV, HOST_ENV, Config
 from workers.errors import BrokerError, FormulabeatError
 from workers.statedir import private_dir
@@ -107,8 +108,23 @@ class Stack:
         """Where Flower answers."""
         return f"http://{self.cfg.flower_address}:{self.cfg.flower_port}/"
 
+    def check(self) -> None:
+        """Refuse settings that would stop a part, before any part starts."""
+        if not self.with_flower:
+            return
+        child_env(self.cfg, flower=True)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((self.cfg.flower_address, self.cfg.flower_port))
+            except OSError as exc:
+                raise FormulabeatError(
+                    f"{self.cfg.path}: flower.port {self.cfg.flower_port} on "
+                    f"{self.cfg.flower_address}: {exc.strerror}: choose another port"
+                ) from None
+
     def start(self, ready_timeout: float = 60.0) -> None:
-        """Start every part and wait until the worker answers a ping."""
+        """Check the settings, start every part and wait until the worker answers a ping."""
+        self.check()
         private_dir(self.cfg.state_dir)
         try:
             if self.cfg.broker_url is None:
@@ -190,10 +206,21 @@ class Stack:
         """Names of parts that have exited (empty while all run)."""
         return [name for name, proc in self.procs if proc.poll() is not None]
 
-    def stop(self, grace: float = 15.0) -> None:
-        """Stop every part: Flower and beat, then the worker, then Redis."""
+    def stop(self, grace: float = 15.0, end_runs: bool = False) -> list[str]:
+        """Stop every part: Flower and beat, then the worker, then Redis.
+
+        With ``end_runs``, this host's live runs are cancelled in between, once
+        no beat can start more, and their sessions end with them: without it
+        (a worker restart) they live on for the next worker to adopt. Returns
+        the ids of the runs it ended.
+        """
         order = {"flower": 0, "beat": 1, "worker": 2}
+        ended: list[str] = []
         for name, proc in sorted(self.procs, key=lambda item: order.get(item[0], 3)):
+            if name == "worker" and end_runs and proc.poll() is None:
+                # A second Ctrl-C, or no broker: stop without waiting.
+                with contextlib.suppress(KeyboardInterrupt, redis.exceptions.RedisError):
+                    ended = self._end_live_runs(grace * 4)
             _terminate(proc, grace if name == "worker" else 10.0)
         self.procs.clear()
         if self.redis is not None:
@@ -203,6 +230,22 @@ class Stack:
         for log in self._logs:
             log.close()
         self._logs.clear()
+        return ended
+
+    def _end_live_runs(self, timeout: float) -> list[str]:
+        client = redis_client(self.cfg)
+        who = f"formulabeat up stopping on host {self.cfg.host}"
+        ended: set[str] = set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = [state["id"] for state in registry.live_states(client, self.cfg.host)]
+            if not live:
+                break
+            for run_id in set(live) - ended:
+                registry.request_cancel(client, run_id, who)
+            ended.update(live)
+            time.sleep(0.2)
+        return sorted(ended)
 
 
 def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
