@@ -7,9 +7,13 @@ only when Celery first needs a setting.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -22,7 +26,9 @@ from kombu.entity import Queue
 from beat_schedule import CLEANUP_TASK, DEFAULT_QUEUE, REAP_TASK, RUN_TASK, build_schedule
 from workers import embedded, registry
 from workers.config import Config, load_config
-from workers.errors import BrokerError
+from workers.errors import BrokerError, ConfigError
+
+log = logging.getLogger("formulabeat.app")
 
 RESULT_EXPIRES_SECONDS = 7 * 24 * 3600
 VISIBILITY_TIMEOUT = 60
@@ -35,10 +41,81 @@ LEDGER_STEPS: dict[str, Callable[[str], str]] = {
 }
 
 
-@functools.cache
+# What a running process cannot change: its broker, its host's name, where its
+# runs and sessions live. A changed value waits for the process's restart.
+_FIXED = ("state_dir", "broker_url", "result_backend", "host", "tmux_socket", "concurrency")
+
+
+@dataclass
+class _Loaded:
+    cfg: Config
+    stamp: tuple[int, int] | None
+    at: float
+    # Why the file as it is now is not the one in use (it does not load).
+    stale: str | None = None
+
+
+_loaded: _Loaded | None = None
+_config_lock = threading.Lock()
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
 def config() -> Config:
-    """This process's configuration (read once)."""
-    return load_config()
+    """This process's configuration, read again once its file has changed.
+
+    So a running worker or beat takes an agent added to the file. A change
+    that does not load keeps the configuration in use (logged once, and named
+    by :func:`stale_config`); the settings in ``_FIXED`` keep their values
+    until the process restarts.
+    """
+    global _loaded
+    with _config_lock:
+        if _loaded is None:
+            cfg = load_config()
+            _loaded = _Loaded(cfg, _stamp(cfg.path), time.time())
+            return cfg
+        stamp = _stamp(_loaded.cfg.path)
+        if stamp == _loaded.stamp:
+            return _loaded.cfg
+        old = _loaded.cfg
+        try:
+            fresh = load_config(old.path)
+        except ConfigError as exc:
+            log.error(
+                "%s changed but does not load, still using it as read before: %s", old.path, exc
+            )
+            _loaded.stamp, _loaded.stale = stamp, str(exc)
+            return old
+        changed = [name for name in _FIXED if getattr(fresh, name) != getattr(old, name)]
+        if changed:
+            log.warning(
+                "%s: %s changed; restart this process for that to take effect",
+                old.path,
+                ", ".join(changed),
+            )
+            fresh = dataclasses.replace(fresh, **{name: getattr(old, name) for name in changed})
+        log.info("%s changed: configuration read again", old.path)
+        _loaded = _Loaded(fresh, stamp, time.time())
+        return fresh
+
+
+def stale_config() -> str | None:
+    """Why this process runs an older configuration than its file's, if it does."""
+    with _config_lock:
+        if _loaded is None or _loaded.stale is None:
+            return None
+        read = time.strftime("%H:%M:%S", time.gmtime(_loaded.at))
+        return (
+            f"this process runs {_loaded.cfg.path} as read at {read} UTC: "
+            f"the file changed since and does not load ({_loaded.stale})"
+        )
 
 
 def host_queue(host: str) -> str:
@@ -131,7 +208,7 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         # redbeat keeps the schedule and a lock in Redis: two beats may run,
         # one schedules, and the other takes over within the lock timeout
         # (+ one loop) when it dies. Its default (25 min) is far too long.
-        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "beat_scheduler": "tasks.beat:Scheduler",
         "redbeat_redis_url": url,
         "redbeat_key_prefix": "formulabeat:redbeat",
         "redbeat_lock_timeout": int(cfg.beat_lock_timeout),

@@ -29,10 +29,10 @@ from kombu.exceptions import OperationalError
 # libtmux must be imported before Celery swaps sys.stdout (see STACK notes).
 import workers.tmux  # noqa: F401
 from tasks import metrics, watching
-from tasks.app import SESSION_TASK, app, config, host_queue, redis_client
+from tasks.app import SESSION_TASK, app, config, host_queue, redis_client, stale_config
 from workers import lifecycle, registry
 from workers import run as outcomes
-from workers.errors import FormulabeatError
+from workers.errors import ConfigError, FormulabeatError
 from workers.phases import state_name
 from workers.run import Run
 
@@ -46,6 +46,9 @@ def _guarded(
     """Run one step; an error ends the run as failed with a readable reason."""
     try:
         func(*args, **kwargs)
+    except ConfigError as exc:
+        stale = stale_config()
+        run.end(outcomes.FAILED, f"{exc}; {stale}" if stale else str(exc))
     except FormulabeatError as exc:
         run.end(outcomes.FAILED, str(exc))
     except OSError as exc:
