@@ -1,7 +1,8 @@
 """The ``formulabeat`` command line.
 
 Errors formulabeat can explain are printed as one line naming what is wrong
-(exit status 4); run outcomes map to exit statuses with ``run --wait``.
+(exit status 4); run outcomes map to exit statuses with ``run --wait``. The
+README's exit status table lists every status below.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from workers.errors import FormulabeatError
 
@@ -23,11 +24,16 @@ if TYPE_CHECKING:
 # Hooks run through this module on every tool call of every agent: it imports
 # only what argument parsing needs, each command the rest.
 
+# Exit statuses. An error formulabeat explains, a usage error included: 2,
+# argparse's usual status, is escalate's here.
 EXIT_ERROR = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports git or cat ended by `| head`
+# `run --wait` exit statuses, by outcome; any other outcome (failed, crashed, …) is 1.
+EXIT_BY_OUTCOME = {"done": 0, "merged": 0, "escalate": 2, "skipped": 3}
+EXIT_RUN_FAILED = 1
 # The broker URL of the config this command read, for error messages (redacted there).
 _broker_shown: list[str] = []
-# `run --wait` exit statuses, by outcome.
-EXIT_BY_OUTCOME = {"done": 0, "merged": 0, "escalate": 2, "skipped": 3}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -176,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         reason = f" ({result['reason']})" if result.get("reason") else ""
         print(f"{outcome}{reason}")
-    return EXIT_BY_OUTCOME.get(outcome, 1)
+    return EXIT_BY_OUTCOME.get(outcome, EXIT_RUN_FAILED)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -449,11 +455,20 @@ def _broker_problem(exc: BaseException) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors exit with EXIT_ERROR, not 2 (escalate's)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and the problem; exit with EXIT_ERROR."""
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+    """The argument parser of every subcommand (theirs are made of the same class)."""
     from workers.config import CONFIG_ENV
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="formulabeat", description="Run scheduled AI coding agents on Celery, tmux and git."
     )
     parser.add_argument(
@@ -541,6 +556,22 @@ def main(argv: list[str] | None = None) -> int:
         from workers.hooks import main as hook_main
 
         return hook_main(argv[1:])
+    try:
+        try:
+            return _command(argv)
+        finally:
+            # Here, not at the interpreter's exit, so that a closed pipe is caught below.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout went away (`formulabeat status | head`): stop
+        # quietly, as git does. What is still buffered goes nowhere: else
+        # Python's own flush at exit would complain about the pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _command(argv: list[str]) -> int:
+    """Parse ``argv`` and run its command; errors formulabeat explains give EXIT_ERROR."""
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
@@ -554,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"formulabeat: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return code
 
 
