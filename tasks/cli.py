@@ -168,6 +168,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     finally:
         app.close()
+    if args.json and not args.wait:
+        # What `status RUN_ID --json` shows of a run no worker has taken yet.
+        queued = {"run_id": sent.id, "project": args.project, "agent": args.agent, "state": "SENT"}
+        print(json.dumps(queued), flush=True)
+        return 0
+    # With --json, stdout is kept for the result's one line.
     print(sent.id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if not args.wait:
         return 0
@@ -493,7 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("project")
     run.add_argument("agent")
     run.add_argument("--wait", action="store_true", help="follow the run until it ends")
-    run.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print the run (with --wait: its result) as one JSON line",
+    )
     run.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
     run.set_defaults(func=cmd_run)
 

@@ -8,6 +8,7 @@ on another host name than the worker's.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -19,8 +20,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import Fleet, commit_files, wait_until
+from tasks.app import client_app
+from tests.conftest import Fleet, commit_files, wait_result, wait_until
 from workers import registry
+from workers.config import load_config
 from workers.embedded import EmbeddedRedis
 
 FORMULABEAT = [sys.executable, "-m", "tasks.cli"]
@@ -91,6 +94,18 @@ def popen(fleet: Fleet, *args: str) -> subprocess.Popen[str]:
 
 def state(client: redis.Redis, run_id: str) -> str | None:
     return (registry.get(client, run_id) or {}).get("state")
+
+
+def test_run_json_without_wait_prints_the_run_as_json(fleet: Fleet) -> None:
+    proc = cli(fleet, "run", "proj", "done", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1
+    sent = json.loads(lines[0])
+    assert sent == {"run_id": sent["run_id"], "project": "proj", "agent": "done", "state": "SENT"}
+    assert proc.stderr == ""
+    app = client_app(load_config(fleet.config_path))
+    assert wait_result(app.AsyncResult(sent["run_id"]))["outcome"] == "done"
 
 
 def test_a_reader_that_goes_away_ends_every_command_quietly(fleet: Fleet) -> None:
