@@ -200,9 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     client = redis_client(cfg)
     if args.run_id:
-        snapshot = registry.get(client, args.run_id) or registry.sent(client, args.run_id)
-        if snapshot is None:
-            raise FormulabeatError(f"no run {args.run_id} is known (runs are kept 7 days)")
+        snapshot = _snapshot(cfg, resolve_run_id(cfg, args.run_id))
         if args.json:
             print(json.dumps(snapshot))
         else:
@@ -314,20 +312,21 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     client = redis_client(cfg)
-    snap = _snapshot(cfg, args.run_id)
+    run_id = resolve_run_id(cfg, args.run_id)
+    snap = _snapshot(cfg, run_id)
     if snap.get("outcome"):
-        print(f"run {args.run_id} already ended: {snap['outcome']}")
+        print(f"run {run_id} already ended: {snap['outcome']}")
         return 0
-    registry.request_cancel(client, args.run_id, f"formulabeat cancel on host {cfg.host}")
-    print(f"cancel requested for run {args.run_id} (on host {snap.get('host')})", file=sys.stderr)
+    registry.request_cancel(client, run_id, f"formulabeat cancel on host {cfg.host}")
+    print(f"cancel requested for run {run_id} (on host {snap.get('host')})", file=sys.stderr)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        snap = _snapshot(cfg, args.run_id)
+        snap = _snapshot(cfg, run_id)
         if snap.get("outcome"):
             print(f"{snap['outcome']} ({snap.get('reason') or ''})")
             return 0
         time.sleep(0.3)
-    raise FormulabeatError(f"run {args.run_id} has not stopped within {args.timeout:g} s")
+    raise FormulabeatError(f"run {run_id} has not stopped within {args.timeout:g} s")
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
@@ -362,11 +361,51 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if all(check.ok for check in checks) else 1
 
 
-def _snapshot(cfg: Config, run_id: str) -> dict[str, Any]:
+# The shortest run id prefix taken: `status` shows 8 characters, and 3 or
+# fewer would name a good share of a busy week's runs.
+MIN_RUN_PREFIX = 4
+# An ambiguous prefix names at most this many of the runs it fits.
+_CANDIDATES_SHOWN = 10
+
+
+def resolve_run_id(cfg: Config, given: str) -> str:
+    """The run id ``given`` names: a whole run id, or a prefix that fits one known run only.
+
+    Every command taking a run id resolves it here; an ambiguous prefix, a
+    short one or one no run fits is a :class:`FormulabeatError` saying so.
+    """
     from tasks.app import redis_client
     from workers import registry
 
-    snapshot = registry.get(redis_client(cfg), run_id)
+    client = redis_client(cfg)
+    # A whole id is itself, even if it were the prefix of a longer one.
+    if client.exists(registry.run_key(given)) or registry.awaits_claim(client, given):
+        return given
+    if len(given) < MIN_RUN_PREFIX:
+        raise FormulabeatError(
+            f"run id {given!r} is too short: give at least {MIN_RUN_PREFIX} characters"
+        )
+    found = registry.runs_starting(client, given)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        shown = ", ".join(found[:_CANDIDATES_SHOWN])
+        more = (
+            f" and {len(found) - _CANDIDATES_SHOWN} more" if len(found) > _CANDIDATES_SHOWN else ""
+        )
+        raise FormulabeatError(
+            f"run id {given!r} is ambiguous: it fits {shown}{more}; give more characters"
+        )
+    raise FormulabeatError(f"no run {given} is known (runs are kept 7 days)")
+
+
+def _snapshot(cfg: Config, run_id: str) -> dict[str, Any]:
+    """The latest snapshot of a resolved run id (a run sent and not yet taken: its ``SENT`` one)."""
+    from tasks.app import redis_client
+    from workers import registry
+
+    client = redis_client(cfg)
+    snapshot = registry.get(client, run_id) or registry.sent(client, run_id)
     if snapshot is None:
         raise FormulabeatError(f"no run {run_id} is known (runs are kept 7 days)")
     return snapshot
@@ -384,12 +423,13 @@ def cmd_attach(args: argparse.Namespace) -> int:
     import shlex
 
     cfg = _config(args)
-    snap = _snapshot(cfg, args.run_id)
+    run_id = resolve_run_id(cfg, args.run_id)
+    snap = _snapshot(cfg, run_id)
     if not snap.get("session") or snap.get("outcome"):
-        raise FormulabeatError(f"run {args.run_id} has no live session ({snap.get('outcome')})")
+        raise FormulabeatError(f"run {run_id} has no live session ({snap.get('outcome')})")
     argv = [*_tmux_argv(cfg), "attach-session", "-t", f"={snap['session']}"]
     if snap.get("host") != cfg.host:
-        print(f"run {args.run_id} lives on host {snap['host']}; there, run: {shlex.join(argv)}")
+        print(f"run {run_id} lives on host {snap['host']}; there, run: {shlex.join(argv)}")
         return 0
     os.execvp(argv[0], argv)
     return 0  # not reached
@@ -402,26 +442,27 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     client = redis_client(cfg)
+    run_id = resolve_run_id(cfg, args.run_id)
     shown = None
     while True:
-        snap = _snapshot(cfg, args.run_id)
+        snap = _snapshot(cfg, run_id)
         if snap.get("outcome"):
-            print(f"run {args.run_id} ended: {snap['outcome']} ({snap.get('reason') or ''})")
+            print(f"run {run_id} ended: {snap['outcome']} ({snap.get('reason') or ''})")
             return 0
         # The session's host publishes its pane while someone asks for it.
-        registry.request_pane(client, args.run_id)
+        registry.request_pane(client, run_id)
         deadline = time.monotonic() + 10
         text = None
         while time.monotonic() < deadline:
-            text = registry.published_pane(client, args.run_id)
+            text = registry.published_pane(client, run_id)
             if text is not None and (text != shown or not args.follow):
                 break
-            if _snapshot(cfg, args.run_id).get("outcome"):
+            if _snapshot(cfg, run_id).get("outcome"):
                 break
             time.sleep(0.3)
         if text is None:
             raise FormulabeatError(
-                f"run {args.run_id}: its host {snap.get('host')} did not publish the pane; "
+                f"run {run_id}: its host {snap.get('host')} did not publish the pane; "
                 "is its worker running?"
             )
         if text != shown:

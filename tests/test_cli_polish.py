@@ -14,8 +14,10 @@ import secrets
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -92,8 +94,61 @@ def popen(fleet: Fleet, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def send(fleet: Fleet, agent: str, run_id: str) -> Any:
+    """Send a run of ``agent`` under a run id of our choosing; return its AsyncResult."""
+    app = client_app(load_config(fleet.config_path))
+    return app.send_task(
+        "formulabeat.run", args=["proj", agent], queue="formulabeat", task_id=run_id
+    )
+
+
 def state(client: redis.Redis, run_id: str) -> str | None:
     return (registry.get(client, run_id) or {}).get("state")
+
+
+def test_a_unique_prefix_names_a_run_an_ambiguous_or_unknown_one_is_an_error(
+    fleet: Fleet,
+) -> None:
+    tail = str(uuid.uuid4())[5:]
+    first, second = f"feed1{tail}", f"feed2{tail}"
+    for run_id in (first, second):
+        wait_result(send(fleet, "done", run_id))
+    found = cli(fleet, "status", "feed1", "--json")
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["run_id"] == first
+    ambiguous = cli(fleet, "status", "feed")
+    assert ambiguous.returncode == 4
+    assert ambiguous.stderr == (
+        f"formulabeat: run id 'feed' is ambiguous: it fits {first}, {second}; "
+        "give more characters\n"
+    )
+    for command in ("status", "cancel", "logs", "attach"):
+        unknown = cli(fleet, command, "beefcafe")
+        assert (command, unknown.returncode) == (command, 4)
+        assert unknown.stderr == "formulabeat: no run beefcafe is known (runs are kept 7 days)\n"
+    short = cli(fleet, "status", "fee")
+    assert short.returncode == 4
+    assert "too short: give at least 4 characters" in short.stderr
+    # Ended runs: each command takes the prefix and names the whole id.
+    assert cli(fleet, "cancel", second[:8]).stdout == f"run {second} already ended: done\n"
+    assert cli(fleet, "logs", second[:8]).stdout.startswith(f"run {second} ended: done")
+    attach = cli(fleet, "attach", second[:8])
+    assert attach.stderr == f"formulabeat: run {second} has no live session (done)\n"
+
+
+def test_a_run_sent_and_not_yet_taken_is_found_by_its_prefix(fleet: Fleet) -> None:
+    # No worker serves this queue: the run stays in the ledger of sent runs.
+    app = client_app(load_config(fleet.config_path))
+    run_id = f"5e17{uuid.uuid4().hex[4:]}"
+    app.send_task("formulabeat.run", args=["proj", "done"], queue="nobody", task_id=run_id)
+    found = cli(fleet, "status", run_id[:6], "--json")
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout) == {
+        "run_id": run_id,
+        "project": "proj",
+        "agent": "done",
+        "state": "SENT",
+    }
 
 
 def test_run_json_without_wait_prints_the_run_as_json(fleet: Fleet) -> None:
@@ -178,16 +233,16 @@ def test_a_live_run_by_prefix_interrupted_cancelled_and_timed_out(
     assert waiter.stdout is not None
     run_id = waiter.stdout.readline().strip()
     wait_until(lambda: state(client, run_id) == "AWAITING_CI", 60, "the run to be live")
-    attach = cli(fleet, "attach", run_id)
+    attach = cli(fleet, "attach", run_id[:8])
     assert attach.returncode == 0, attach.stderr
     assert attach.stdout.startswith(f"run {run_id} lives on host host-a; there, run: tmux -L ")
-    follower = popen(fleet, "logs", run_id, "--follow")
+    follower = popen(fleet, "logs", run_id[:8], "--follow")
     assert follower.stdout is not None
     while "wrote PHASE:awaiting_ci" not in follower.stdout.readline():
         pass
     follower.send_signal(signal.SIGINT)
     assert follower.wait(timeout=30) == 130
-    cancel = cli(fleet, "cancel", run_id)
+    cancel = cli(fleet, "cancel", run_id[:6])
     assert cancel.returncode == 0, cancel.stderr
     assert cancel.stdout.startswith("cancelled (cancelled by formulabeat cancel on host host-b")
     # A cancelled run is not a success.
