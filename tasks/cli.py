@@ -206,7 +206,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             for key, value in snapshot.items():
                 if key not in ("phases", "usage"):
-                    print(f"{key:>18}: {value}")
+                    print(f"{key:>18}: {_shown(value)}")
             for phase in snapshot.get("phases", []):
                 print(f"{'phase':>18}: {phase['at']}  {phase['phase']}")
             for model, kinds in (snapshot.get("usage") or {}).items():
@@ -228,12 +228,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         phase = snap.get("final_phase") or snap.get("state") or "-"
         tokens = total_tokens(snap.get("usage") or {})
         print(
-            f"{snap['run_id'][:8]:<8} {snap['project']:<12} {snap['agent']:<12} "
-            f"{snap.get('host') or '-':<12} {phase:<20} "
+            f"{snap['run_id'][:8]:<8} {_shown(snap.get('project')):<12} "
+            f"{_shown(snap.get('agent')):<12} {_shown(snap.get('host')):<12} {phase:<20} "
             f"{age:>7} {_count(tokens) if tokens else '-':>7} "
-            f"{snap.get('outcome') or 'live':<12} {snap.get('reason') or ''}"
+            f"{snap.get('outcome') or 'live':<12} {_shown(snap.get('reason'))}"
         )
     return 0
+
+
+def _shown(value: object) -> str:
+    """A snapshot's value as printed: ``-`` where it has none (not Python's ``None``)."""
+    return "-" if value is None or value == "" else str(value)
 
 
 def _count(number: float) -> str:
@@ -318,12 +323,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"run {run_id} already ended: {snap['outcome']}")
         return 0
     registry.request_cancel(client, run_id, f"formulabeat cancel on host {cfg.host}")
-    print(f"cancel requested for run {run_id} (on host {snap.get('host')})", file=sys.stderr)
+    print(
+        f"cancel requested for run {run_id} (on host {_shown(snap.get('host'))})", file=sys.stderr
+    )
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         snap = _snapshot(cfg, run_id)
         if snap.get("outcome"):
-            print(f"{snap['outcome']} ({snap.get('reason') or ''})")
+            print(f"{snap['outcome']} ({_shown(snap.get('reason'))})")
             return 0
         time.sleep(0.3)
     raise FormulabeatError(f"run {run_id} has not stopped within {args.timeout:g} s")
@@ -426,7 +433,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
     run_id = resolve_run_id(cfg, args.run_id)
     snap = _snapshot(cfg, run_id)
     if not snap.get("session") or snap.get("outcome"):
-        raise FormulabeatError(f"run {run_id} has no live session ({snap.get('outcome')})")
+        state = snap.get("outcome") or snap.get("state")
+        raise FormulabeatError(f"run {run_id} has no live session ({_shown(state)})")
     argv = [*_tmux_argv(cfg), "attach-session", "-t", f"={snap['session']}"]
     if snap.get("host") != cfg.host:
         print(f"run {run_id} lives on host {snap['host']}; there, run: {shlex.join(argv)}")
@@ -447,7 +455,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     while True:
         snap = _snapshot(cfg, run_id)
         if snap.get("outcome"):
-            print(f"run {run_id} ended: {snap['outcome']} ({snap.get('reason') or ''})")
+            print(f"run {run_id} ended: {snap['outcome']} ({_shown(snap.get('reason'))})")
             return 0
         # The session's host publishes its pane while someone asks for it.
         registry.request_pane(client, run_id)
@@ -462,7 +470,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             time.sleep(0.3)
         if text is None:
             raise FormulabeatError(
-                f"run {run_id}: its host {snap.get('host')} did not publish the pane; "
+                f"run {run_id}: its host {_shown(snap.get('host'))} did not publish the pane; "
                 "is its worker running?"
             )
         if text != shown:

@@ -259,6 +259,20 @@ def test_a_live_run_by_prefix_interrupted_cancelled_and_timed_out(
     assert cli(fleet, "cancel", timed_id).returncode == 0
 
 
+def test_status_shows_a_dash_where_a_run_has_no_value(fleet: Fleet, client: redis.Redis) -> None:
+    run_id = fleet.send("done").id
+    app = client_app(load_config(fleet.config_path))
+    assert wait_result(app.AsyncResult(run_id))["reason"] is None
+    detail = cli(fleet, "status", run_id)
+    assert detail.returncode == 0, detail.stderr
+    assert "None" not in detail.stdout
+    assert "            reason: -\n" in detail.stdout
+    table = cli(fleet, "status")
+    assert "None" not in table.stdout
+    row = next(line for line in table.stdout.splitlines() if line.startswith(run_id[:8]))
+    assert row.split()[-2:] == ["done", "-"]
+
+
 def test_readme_documents_every_exit_status() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     table = readme.split("### Exit statuses", 1)[1].split("\n\n")[1]
