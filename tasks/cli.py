@@ -444,41 +444,86 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    """Print the agent's pane, from any host; --follow repeats until the run ends."""
+    """Print the agent's pane, from any host; --follow prints its new lines until the run ends."""
     from tasks.app import redis_client
     from workers import registry
 
     cfg = _config(args)
     client = redis_client(cfg)
     run_id = resolve_run_id(cfg, args.run_id)
-    shown = None
+    seen: str | None = None  # the pane as last printed
     while True:
         snap = _snapshot(cfg, run_id)
         if snap.get("outcome"):
+            if args.follow:
+                # Its host published the screen once more as the session ended.
+                _print_new_lines(seen, registry.published_pane(client, run_id))
             print(f"run {run_id} ended: {snap['outcome']} ({_shown(snap.get('reason'))})")
             return 0
         # The session's host publishes its pane while someone asks for it.
         registry.request_pane(client, run_id)
-        deadline = time.monotonic() + 10
-        text = None
-        while time.monotonic() < deadline:
-            text = registry.published_pane(client, run_id)
-            if text is not None and (text != shown or not args.follow):
-                break
-            if _snapshot(cfg, run_id).get("outcome"):
-                break
-            time.sleep(0.3)
-        if text is None:
+        text = _next_pane(cfg, run_id, seen if args.follow else None)
+        if text is not None:
+            _print_new_lines(seen, text)
+            seen = text
+        elif seen is None and not _snapshot(cfg, run_id).get("outcome"):
             raise FormulabeatError(
                 f"run {run_id}: its host {_shown(snap.get('host'))} did not publish the pane; "
                 "is its worker running?"
             )
-        if text != shown:
-            print(text.rstrip("\n"), flush=True)
-            shown = text
         if not args.follow:
             return 0
         time.sleep(1)
+
+
+def _next_pane(cfg: Config, run_id: str, unlike: str | None, seconds: float = 10) -> str | None:
+    """The pane the run's host publishes next, other than ``unlike``; None if none came
+    within ``seconds`` or the run ended."""
+    from tasks.app import redis_client
+    from workers import registry
+
+    client = redis_client(cfg)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = registry.published_pane(client, run_id)
+        if text is not None and text != unlike:
+            return text
+        if _snapshot(cfg, run_id).get("outcome"):
+            return None
+        time.sleep(0.3)
+    return None
+
+
+def _screen_lines(text: str | None) -> list[str]:
+    lines = [line.rstrip() for line in (text or "").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()  # the screen's empty rows below the text
+    return lines
+
+
+def new_lines(before: str | None, after: str | None) -> list[str]:
+    """The lines of screen ``after`` that screen ``before`` did not show.
+
+    A screen scrolls and redraws parts of itself (a TUI's input box): lines
+    the two screens share in order were printed already; lines inserted or
+    changed are new.
+    """
+    import difflib
+
+    old, new = _screen_lines(before), _screen_lines(after)
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    return [
+        line
+        for tag, _, _, start, end in matcher.get_opcodes()
+        if tag in ("insert", "replace")
+        for line in new[start:end]
+    ]
+
+
+def _print_new_lines(before: str | None, after: str | None) -> None:
+    for line in new_lines(before, after):
+        print(line)
+    sys.stdout.flush()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -597,7 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
         part = sub.add_parser(name, help=what)
         part.add_argument("run_id")
         if name == "logs":
-            part.add_argument("--follow", "-f", action="store_true", help="repeat until it ends")
+            part.add_argument(
+                "--follow", "-f", action="store_true", help="print new lines until it ends"
+            )
         part.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="run a throwaway demo project end to end")

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import pytest
 import redis
 
 from tasks.app import client_app
+from tasks.cli import new_lines
 from tests.conftest import Fleet, commit_files, wait_result, wait_until
 from workers import registry
 from workers.config import load_config
@@ -193,6 +195,31 @@ def _closed(fleet: Fleet, args: list[str], stdout: int) -> subprocess.CompletedP
         timeout=120,
         check=False,
     )
+
+
+def test_logs_follow_prints_each_line_once_and_the_final_screen(fleet: Fleet) -> None:
+    sent = fleet.send_live("chatty")
+    proc = cli(fleet, "logs", sent.id, "--follow")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    counts = Counter(line for line in lines if line.strip())
+    assert [line for line, n in counts.items() if n > 1] == []
+    assert counts["scripted agent (formulabeat) — ready"] == 1
+    assert counts["wrote PHASE:awaiting_ci"] == 1
+    assert [line for line in lines if "README.md" in line and "formulas" in line] != []
+    # Written a moment before the run ended: only the final screen shows it.
+    assert counts["wrote PHASE:done"] == 1
+    assert lines.index("wrote PHASE:awaiting_ci") < lines.index("wrote PHASE:done")
+    assert lines[-1] == f"run {sent.id} ended: done (-)"
+
+
+def test_new_lines_of_a_screen_that_scrolls_and_redraws() -> None:
+    assert new_lines(None, "a\nb\n\n\n") == ["a", "b"]
+    assert new_lines("a\nb", "a\nb") == []
+    assert new_lines("a\nb\nc", "b\nc\nd\ne") == ["d", "e"]  # scrolled by one
+    # A box redrawn at the bottom of a TUI stays put; the text above it grows.
+    assert new_lines("a\nb\n--\n> \n--", "b\nc\n--\n> \n--") == ["c"]
+    assert new_lines("x\n> ", "x\n> typed") == ["> typed"]
 
 
 def test_exit_statuses_by_outcome_and_error(fleet: Fleet) -> None:
