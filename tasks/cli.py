@@ -1,7 +1,8 @@
 """The ``formulabeat`` command line.
 
 Errors formulabeat can explain are printed as one line naming what is wrong
-(exit status 4); run outcomes map to exit statuses with ``run --wait``.
+(exit status 4); run outcomes map to exit statuses with ``run --wait``. The
+README's exit status table lists every status below.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from workers.errors import FormulabeatError
 
@@ -23,11 +24,16 @@ if TYPE_CHECKING:
 # Hooks run through this module on every tool call of every agent: it imports
 # only what argument parsing needs, each command the rest.
 
+# Exit statuses. An error formulabeat explains, a usage error included: 2,
+# argparse's usual status, is escalate's here.
 EXIT_ERROR = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports git or cat ended by `| head`
+# `run --wait` exit statuses, by outcome; any other outcome (failed, crashed, …) is 1.
+EXIT_BY_OUTCOME = {"done": 0, "merged": 0, "escalate": 2, "skipped": 3}
+EXIT_RUN_FAILED = 1
 # The broker URL of the config this command read, for error messages (redacted there).
 _broker_shown: list[str] = []
-# `run --wait` exit statuses, by outcome.
-EXIT_BY_OUTCOME = {"done": 0, "merged": 0, "escalate": 2, "skipped": 3}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -162,6 +168,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     finally:
         app.close()
+    if args.json and not args.wait:
+        # What `status RUN_ID --json` shows of a run no worker has taken yet.
+        queued = {"run_id": sent.id, "project": args.project, "agent": args.agent, "state": "SENT"}
+        print(json.dumps(queued), flush=True)
+        return 0
+    # With --json, stdout is kept for the result's one line.
     print(sent.id, file=sys.stderr if args.json else sys.stdout, flush=True)
     if not args.wait:
         return 0
@@ -176,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         reason = f" ({result['reason']})" if result.get("reason") else ""
         print(f"{outcome}{reason}")
-    return EXIT_BY_OUTCOME.get(outcome, 1)
+    return EXIT_BY_OUTCOME.get(outcome, EXIT_RUN_FAILED)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -188,15 +200,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args)
     client = redis_client(cfg)
     if args.run_id:
-        snapshot = registry.get(client, args.run_id) or registry.sent(client, args.run_id)
-        if snapshot is None:
-            raise FormulabeatError(f"no run {args.run_id} is known (runs are kept 7 days)")
+        snapshot = _snapshot(cfg, resolve_run_id(cfg, args.run_id))
         if args.json:
             print(json.dumps(snapshot))
         else:
             for key, value in snapshot.items():
                 if key not in ("phases", "usage"):
-                    print(f"{key:>18}: {value}")
+                    print(f"{key:>18}: {_shown(value)}")
             for phase in snapshot.get("phases", []):
                 print(f"{'phase':>18}: {phase['at']}  {phase['phase']}")
             for model, kinds in (snapshot.get("usage") or {}).items():
@@ -218,12 +228,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         phase = snap.get("final_phase") or snap.get("state") or "-"
         tokens = total_tokens(snap.get("usage") or {})
         print(
-            f"{snap['run_id'][:8]:<8} {snap['project']:<12} {snap['agent']:<12} "
-            f"{snap.get('host') or '-':<12} {phase:<20} "
+            f"{snap['run_id'][:8]:<8} {_shown(snap.get('project')):<12} "
+            f"{_shown(snap.get('agent')):<12} {_shown(snap.get('host')):<12} {phase:<20} "
             f"{age:>7} {_count(tokens) if tokens else '-':>7} "
-            f"{snap.get('outcome') or 'live':<12} {snap.get('reason') or ''}"
+            f"{snap.get('outcome') or 'live':<12} {_shown(snap.get('reason'))}"
         )
     return 0
+
+
+def _shown(value: object) -> str:
+    """A snapshot's value as printed: ``-`` where it has none (not Python's ``None``)."""
+    return "-" if value is None or value == "" else str(value)
 
 
 def _count(number: float) -> str:
@@ -302,20 +317,23 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     client = redis_client(cfg)
-    snap = _snapshot(cfg, args.run_id)
+    run_id = resolve_run_id(cfg, args.run_id)
+    snap = _snapshot(cfg, run_id)
     if snap.get("outcome"):
-        print(f"run {args.run_id} already ended: {snap['outcome']}")
+        print(f"run {run_id} already ended: {snap['outcome']}")
         return 0
-    registry.request_cancel(client, args.run_id, f"formulabeat cancel on host {cfg.host}")
-    print(f"cancel requested for run {args.run_id} (on host {snap.get('host')})", file=sys.stderr)
+    registry.request_cancel(client, run_id, f"formulabeat cancel on host {cfg.host}")
+    print(
+        f"cancel requested for run {run_id} (on host {_shown(snap.get('host'))})", file=sys.stderr
+    )
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        snap = _snapshot(cfg, args.run_id)
+        snap = _snapshot(cfg, run_id)
         if snap.get("outcome"):
-            print(f"{snap['outcome']} ({snap.get('reason') or ''})")
+            print(f"{snap['outcome']} ({_shown(snap.get('reason'))})")
             return 0
         time.sleep(0.3)
-    raise FormulabeatError(f"run {args.run_id} has not stopped within {args.timeout:g} s")
+    raise FormulabeatError(f"run {run_id} has not stopped within {args.timeout:g} s")
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
@@ -350,11 +368,51 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if all(check.ok for check in checks) else 1
 
 
-def _snapshot(cfg: Config, run_id: str) -> dict[str, Any]:
+# The shortest run id prefix taken: `status` shows 8 characters, and 3 or
+# fewer would name a good share of a busy week's runs.
+MIN_RUN_PREFIX = 4
+# An ambiguous prefix names at most this many of the runs it fits.
+_CANDIDATES_SHOWN = 10
+
+
+def resolve_run_id(cfg: Config, given: str) -> str:
+    """The run id ``given`` names: a whole run id, or a prefix that fits one known run only.
+
+    Every command taking a run id resolves it here; an ambiguous prefix, a
+    short one or one no run fits is a :class:`FormulabeatError` saying so.
+    """
     from tasks.app import redis_client
     from workers import registry
 
-    snapshot = registry.get(redis_client(cfg), run_id)
+    client = redis_client(cfg)
+    # A whole id is itself, even if it were the prefix of a longer one.
+    if client.exists(registry.run_key(given)) or registry.awaits_claim(client, given):
+        return given
+    if len(given) < MIN_RUN_PREFIX:
+        raise FormulabeatError(
+            f"run id {given!r} is too short: give at least {MIN_RUN_PREFIX} characters"
+        )
+    found = registry.runs_starting(client, given)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        shown = ", ".join(found[:_CANDIDATES_SHOWN])
+        more = (
+            f" and {len(found) - _CANDIDATES_SHOWN} more" if len(found) > _CANDIDATES_SHOWN else ""
+        )
+        raise FormulabeatError(
+            f"run id {given!r} is ambiguous: it fits {shown}{more}; give more characters"
+        )
+    raise FormulabeatError(f"no run {given} is known (runs are kept 7 days)")
+
+
+def _snapshot(cfg: Config, run_id: str) -> dict[str, Any]:
+    """The latest snapshot of a resolved run id (a run sent and not yet taken: its ``SENT`` one)."""
+    from tasks.app import redis_client
+    from workers import registry
+
+    client = redis_client(cfg)
+    snapshot = registry.get(client, run_id) or registry.sent(client, run_id)
     if snapshot is None:
         raise FormulabeatError(f"no run {run_id} is known (runs are kept 7 days)")
     return snapshot
@@ -372,52 +430,100 @@ def cmd_attach(args: argparse.Namespace) -> int:
     import shlex
 
     cfg = _config(args)
-    snap = _snapshot(cfg, args.run_id)
+    run_id = resolve_run_id(cfg, args.run_id)
+    snap = _snapshot(cfg, run_id)
     if not snap.get("session") or snap.get("outcome"):
-        raise FormulabeatError(f"run {args.run_id} has no live session ({snap.get('outcome')})")
+        state = snap.get("outcome") or snap.get("state")
+        raise FormulabeatError(f"run {run_id} has no live session ({_shown(state)})")
     argv = [*_tmux_argv(cfg), "attach-session", "-t", f"={snap['session']}"]
     if snap.get("host") != cfg.host:
-        print(f"run {args.run_id} lives on host {snap['host']}; there, run: {shlex.join(argv)}")
+        print(f"run {run_id} lives on host {snap['host']}; there, run: {shlex.join(argv)}")
         return 0
     os.execvp(argv[0], argv)
     return 0  # not reached
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    """Print the agent's pane, from any host; --follow repeats until the run ends."""
+    """Print the agent's pane, from any host; --follow prints its new lines until the run ends."""
     from tasks.app import redis_client
     from workers import registry
 
     cfg = _config(args)
     client = redis_client(cfg)
-    shown = None
+    run_id = resolve_run_id(cfg, args.run_id)
+    seen: str | None = None  # the pane as last printed
     while True:
-        snap = _snapshot(cfg, args.run_id)
+        snap = _snapshot(cfg, run_id)
         if snap.get("outcome"):
-            print(f"run {args.run_id} ended: {snap['outcome']} ({snap.get('reason') or ''})")
+            if args.follow:
+                # Its host published the screen once more as the session ended.
+                _print_new_lines(seen, registry.published_pane(client, run_id))
+            print(f"run {run_id} ended: {snap['outcome']} ({_shown(snap.get('reason'))})")
             return 0
         # The session's host publishes its pane while someone asks for it.
-        registry.request_pane(client, args.run_id)
-        deadline = time.monotonic() + 10
-        text = None
-        while time.monotonic() < deadline:
-            text = registry.published_pane(client, args.run_id)
-            if text is not None and (text != shown or not args.follow):
-                break
-            if _snapshot(cfg, args.run_id).get("outcome"):
-                break
-            time.sleep(0.3)
-        if text is None:
+        registry.request_pane(client, run_id)
+        text = _next_pane(cfg, run_id, seen if args.follow else None)
+        if text is not None:
+            _print_new_lines(seen, text)
+            seen = text
+        elif seen is None and not _snapshot(cfg, run_id).get("outcome"):
             raise FormulabeatError(
-                f"run {args.run_id}: its host {snap.get('host')} did not publish the pane; "
+                f"run {run_id}: its host {_shown(snap.get('host'))} did not publish the pane; "
                 "is its worker running?"
             )
-        if text != shown:
-            print(text.rstrip("\n"), flush=True)
-            shown = text
         if not args.follow:
             return 0
         time.sleep(1)
+
+
+def _next_pane(cfg: Config, run_id: str, unlike: str | None, seconds: float = 10) -> str | None:
+    """The pane the run's host publishes next, other than ``unlike``; None if none came
+    within ``seconds`` or the run ended."""
+    from tasks.app import redis_client
+    from workers import registry
+
+    client = redis_client(cfg)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = registry.published_pane(client, run_id)
+        if text is not None and text != unlike:
+            return text
+        if _snapshot(cfg, run_id).get("outcome"):
+            return None
+        time.sleep(0.3)
+    return None
+
+
+def _screen_lines(text: str | None) -> list[str]:
+    lines = [line.rstrip() for line in (text or "").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()  # the screen's empty rows below the text
+    return lines
+
+
+def new_lines(before: str | None, after: str | None) -> list[str]:
+    """The lines of screen ``after`` that screen ``before`` did not show.
+
+    A screen scrolls and redraws parts of itself (a TUI's input box): lines
+    the two screens share in order were printed already; lines inserted or
+    changed are new.
+    """
+    import difflib
+
+    old, new = _screen_lines(before), _screen_lines(after)
+    matcher = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    return [
+        line
+        for tag, _, _, start, end in matcher.get_opcodes()
+        if tag in ("insert", "replace")
+        for line in new[start:end]
+    ]
+
+
+def _print_new_lines(before: str | None, after: str | None) -> None:
+    for line in new_lines(before, after):
+        print(line)
+    sys.stdout.flush()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -449,11 +555,20 @@ def _broker_problem(exc: BaseException) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors exit with EXIT_ERROR, not 2 (escalate's)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and the problem; exit with EXIT_ERROR."""
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+    """The argument parser of every subcommand (theirs are made of the same class)."""
     from workers.config import CONFIG_ENV
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="formulabeat", description="Run scheduled AI coding agents on Celery, tmux and git."
     )
     parser.add_argument(
@@ -478,7 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("project")
     run.add_argument("agent")
     run.add_argument("--wait", action="store_true", help="follow the run until it ends")
-    run.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print the run (with --wait: its result) as one JSON line",
+    )
     run.add_argument("--timeout", type=float, default=None, help="give up waiting after S s")
     run.set_defaults(func=cmd_run)
 
@@ -523,7 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
         part = sub.add_parser(name, help=what)
         part.add_argument("run_id")
         if name == "logs":
-            part.add_argument("--follow", "-f", action="store_true", help="repeat until it ends")
+            part.add_argument(
+                "--follow", "-f", action="store_true", help="print new lines until it ends"
+            )
         part.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="run a throwaway demo project end to end")
@@ -541,6 +662,22 @@ def main(argv: list[str] | None = None) -> int:
         from workers.hooks import main as hook_main
 
         return hook_main(argv[1:])
+    try:
+        try:
+            return _command(argv)
+        finally:
+            # Here, not at the interpreter's exit, so that a closed pipe is caught below.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of stdout went away (`formulabeat status | head`): stop
+        # quietly, as git does. What is still buffered goes nowhere: else
+        # Python's own flush at exit would complain about the pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _command(argv: list[str]) -> int:
+    """Parse ``argv`` and run its command; errors formulabeat explains give EXIT_ERROR."""
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
@@ -554,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"formulabeat: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     return code
 
 

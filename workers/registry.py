@@ -7,6 +7,7 @@ result handle, the way rq keeps registries of jobs by state.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -44,6 +45,18 @@ def recent(client: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
         return []
     raws = client.mget([run_key(i) for i in ids])
     return [json.loads(raw) for raw in raws if raw]
+
+
+def runs_starting(client: redis.Redis, prefix: str) -> list[str]:
+    """The ids of the known runs (recorded, or sent and not yet taken) starting with ``prefix``."""
+    # Redis globs treat these as patterns; a typed id must match only itself.
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+    found = set()
+    for key in (RUNS_KEY, SENT_KEY):
+        for member, _ in client.zscan_iter(key, match=pattern):
+            # The ledger also names a run's session step, ``<run id>/session``.
+            found.add(_text(member).partition("/")[0])
+    return sorted(found)
 
 
 def _text(value: object) -> str:

@@ -67,6 +67,8 @@ class HostWatcher:
         self._followed_lock = threading.Lock()
         self._stop = threading.Event()
         self._overflowed = False
+        # Runs whose pane someone followed at the last sweep (`formulabeat logs`).
+        self._pane_wanted: set[str] = set()
         self._inotify = INotify(nonblocking=True)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._loop, name="formulabeat-watcher", daemon=True)
@@ -162,6 +164,7 @@ class HostWatcher:
             stops, wanted = registry.requests(self.client, ids)
         except redis.exceptions.RedisError:
             stops, wanted = {}, set()  # Redis away: sessions go on; leases say when to stop
+        self._pane_wanted = wanted
         # Writes inotify could not report (its queue overflowed): read every
         # session's files. Else the events said it all, and the sweep reads none.
         missed, self._overflowed = self._overflowed, False
@@ -187,6 +190,9 @@ class HostWatcher:
             watch.count(now=True)  # the tokens written since the last look
         except Exception:
             log.exception("run %s: counting its last tokens failed", watch.run.id)
+        if watch.run.id in self._pane_wanted:
+            # A follower's last sight of the screen, before the session is killed.
+            self._publish_pane(watch)
         self._watches.pop(watch.run.id, None)
         with self._followed_lock:
             self._followed.discard(watch.run.id)
