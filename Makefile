@@ -10,7 +10,7 @@ CLAUDE_CODE_VERSION := 2.1.197
 CLAUDE_DIR   := .claude-cli
 CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
 
-.PHONY: setup system-deps claude-cli demo test lint typecheck unit chaos bench clean
+.PHONY: setup system-deps claude-cli demo test lint typecheck unit chaos bench compose-check clean
 
 setup: system-deps $(STAMP)
 
@@ -69,6 +69,12 @@ chaos: setup
 # Latency, idle cost, concurrency and throughput; writes bench/results.json.
 bench: setup claude-cli
 	$(BIN)/python -m bench.bench
+
+# Builds deploy/Dockerfile and runs deploy/compose.yaml for real (a run to
+# done, Flower's login), then removes the stack; not part of `make test`.
+# Needs root or a Docker engine (see deploy/README.md). COLD=1: no cached images.
+compose-check: setup
+	$(BIN)/python deploy/compose_check.py --claude-code-version $(CLAUDE_CODE_VERSION) $(if $(COLD),--cold)
 
 clean:
 	rm -rf $(VENV) $(CLAUDE_DIR) .mypy_cache .ruff_cache .pytest_cache

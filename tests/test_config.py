@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from beat_schedule import build_schedule
-from workers.config import CONFIG_ENV, DEFAULT_COMMAND, load_config, parse_config
+from workers.config import (
+    BROKER_URL_ENV,
+    CONFIG_ENV,
+    DEFAULT_COMMAND,
+    STATE_DIR_ENV,
+    load_config,
+    parse_config,
+)
 from workers.errors import ConfigError
 
 GOOD = """
@@ -74,6 +81,30 @@ def test_config_is_found_by_flag_then_env_then_cwd(
     monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "env" / "formulabeat.toml"))
     assert load_config().projects[0].name == "env"
     assert load_config(tmp_path / "flag" / "formulabeat.toml").projects[0].name == "flag"
+
+
+def test_broker_url_and_state_dir_from_the_environment_win_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the compose stack does: one file for every container, the Redis
+    # password only in the environment, a state dir per worker.
+    text = GOOD.replace(
+        'state_dir = "state"', 'state_dir = "state"\n[broker]\nurl = "redis://file:6379/0"'
+    )
+    monkeypatch.delenv(BROKER_URL_ENV, raising=False)
+    monkeypatch.delenv(STATE_DIR_ENV, raising=False)
+    cfg = parse_config(text, tmp_path / "f.toml")
+    assert (cfg.broker_url, cfg.state_dir) == ("redis://file:6379/0", tmp_path / "state")
+    monkeypatch.setenv(BROKER_URL_ENV, "redis://:s3cret@redis:6379/0")
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "host-1"))
+    cfg = parse_config(text, tmp_path / "f.toml")
+    assert (cfg.broker_url, cfg.state_dir) == ("redis://:s3cret@redis:6379/0", tmp_path / "host-1")
+    # The result backend follows the broker unless the file names its own.
+    assert cfg.result_backend is None
+    monkeypatch.setenv(BROKER_URL_ENV, "http://:s3cret@redis/")
+    with pytest.raises(ConfigError, match=r"\$FORMULABEAT_BROKER_URL.*not a Redis URL") as caught:
+        parse_config(text, tmp_path / "f.toml")
+    assert "s3cret" not in str(caught.value)
 
 
 def test_missing_file_says_where_it_looked(tmp_path: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -62,13 +64,47 @@ def test_units_verify_without_warnings(unit: Path, tmp_path: Path) -> None:
     assert problems == []
 
 
-def test_compose_file_has_redis_worker_beat_and_flower() -> None:
+def test_compose_file_has_redis_beat_flower_and_two_workers() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "beat", "flower"}
-    for part in ("worker", "beat", "flower"):
-        assert services[part]["command"] == ["formulabeat", part]
-        assert services[part]["environment"]["FORMULABEAT_CONFIG"].endswith("formulabeat.toml")
+    assert set(services) == {"redis", "beat", "flower", "worker-1", "worker-2"}
+    # One image for all, Redis included: no registry needed.
+    assert {s["image"] for s in services.values()} == {"${FORMULABEAT_IMAGE:-formulabeat:latest}"}
+    for name in ("beat", "flower", "worker-1", "worker-2"):
+        part = name.split("-")[0]
+        assert services[name]["command"] == ["formulabeat", part]
+        env = services[name]["environment"]
+        assert env["FORMULABEAT_CONFIG"].endswith("formulabeat.toml")
+        assert env["FORMULABEAT_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
+    hosts = [services[w]["environment"]["FORMULABEAT_HOST"] for w in ("worker-1", "worker-2")]
+    assert hosts == ["worker-1", "worker-2"]
+    state_dirs = {services[w]["environment"]["FORMULABEAT_STATE_DIR"] for w in hosts}
+    assert len(state_dirs) == 2
     assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
-    assert services["flower"]["ports"] == ["127.0.0.1:5555:5555"]
-    assert "--requirepass" in services["redis"]["command"]
+    assert services["flower"]["ports"] == ["${FLOWER_PUBLISH:-127.0.0.1:5555}:5555"]
+    # AOF on; the password on stdin, not in the command line.
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis_command
+    assert "requirepass $$REDIS_PASSWORD" in redis_command
+    assert "--requirepass" not in redis_command
+
+
+def test_dockerfile_pins_the_makefiles_claude_code_version() -> None:
+    makefile = (DEPLOY.parent / "Makefile").read_text()
+    pinned = re.search(r"^CLAUDE_CODE_VERSION := (\S+)$", makefile, re.M)
+    assert pinned
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert f"ARG CLAUDE_CODE_VERSION={pinned.group(1)}\n" in dockerfile
+
+
+def test_every_package_is_installed() -> None:
+    # The image installs the checkout without -e: a package missing from
+    # pyproject's list is missing there (the editable install hides it).
+    pyproject = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(DEPLOY.parent).parts)
+        for top in ("tasks", "workers")
+        for init in (DEPLOY.parent / top).rglob("__init__.py")
+    }
+    assert found == listed

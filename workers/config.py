@@ -21,6 +21,12 @@ from workers.errors import ConfigError
 
 CONFIG_ENV = "FORMULABEAT_CONFIG"
 HOST_ENV = "FORMULABEAT_HOST"
+# Per-process overrides of two keys, for deployments that share one file
+# (containers): the broker URL carries the Redis password, which belongs in
+# the environment rather than in a file every part mounts; the state dir is
+# per host, and hosts that share a filesystem each need their own.
+BROKER_URL_ENV = "FORMULABEAT_BROKER_URL"
+STATE_DIR_ENV = "FORMULABEAT_STATE_DIR"
 CONFIG_NAME = "formulabeat.toml"
 DEFAULT_COMMAND = "claude --dangerously-skip-permissions"
 MODES = ("session", "oneshot")
@@ -340,15 +346,20 @@ class _Parser:
         top_known |= {"projects", "agents"}
         self.unknown("top level", self.data, top_known)
         state_dir = self.path_value(self.data, "", "state_dir") or _default_state_dir()
+        if os.environ.get(STATE_DIR_ENV):
+            state_dir = Path(os.environ[STATE_DIR_ENV]).expanduser().resolve()
 
         broker = self.table("broker")
         self.unknown("[broker]", broker, {"url", "result_backend"})
         broker_url = self.get(broker, "broker", "url", str)
+        url_where = "broker.url"
+        if os.environ.get(BROKER_URL_ENV):
+            broker_url, url_where = os.environ[BROKER_URL_ENV], f"${BROKER_URL_ENV}"
         result_backend = self.get(broker, "broker", "result_backend", str)
-        for key, url in (("url", broker_url), ("result_backend", result_backend)):
+        for where, url in ((url_where, broker_url), ("broker.result_backend", result_backend)):
             if url is not None:
                 self.check(
-                    f"broker.{key}",
+                    where,
                     url.startswith(("redis://", "rediss://", "unix://")),
                     f"{redact_url(url)!r} is not a Redis URL (redis://, rediss:// or unix://)",
                 )
