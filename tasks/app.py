@@ -102,6 +102,8 @@ def config() -> Config:
             )
             fresh = dataclasses.replace(fresh, **{name: getattr(old, name) for name in changed})
         log.info("%s changed: configuration read again", old.path)
+        for warning in fresh.warnings:
+            log.warning("%s", warning)
         _loaded = _Loaded(fresh, stamp, time.time())
         return fresh
 

@@ -82,7 +82,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec_celery(argv: list[str], env: dict[str, str]) -> int:
+def _celery_args(args: argparse.Namespace) -> list[str]:
+    """What follows the command, for Celery: a leading ``--`` only separates them."""
+    extra = list(args.celery_args)
+    return extra[1:] if extra[:1] == ["--"] else extra
+
+
+def _exec_celery(cfg: Config, argv: list[str], env: dict[str, str]) -> int:
+    from tasks.app import broker_url
+
+    # Without a broker Celery would fail deep in its start, with a traceback.
+    broker_url(cfg)
     os.execvpe(argv[0], argv, env)
     return 0  # not reached
 
@@ -92,7 +102,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from tasks.stack import child_env, worker_argv
 
     cfg = _config(args)
-    return _exec_celery(worker_argv(cfg, args.celery_args), child_env(cfg))
+    return _exec_celery(cfg, worker_argv(cfg, _celery_args(args)), child_env(cfg))
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
@@ -100,7 +110,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
     from tasks.stack import beat_argv, child_env
 
     cfg = _config(args)
-    return _exec_celery(beat_argv(cfg, args.celery_args), child_env(cfg))
+    return _exec_celery(cfg, beat_argv(cfg, _celery_args(args)), child_env(cfg))
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
@@ -108,7 +118,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     from tasks.stack import child_env, flower_argv
 
     cfg = _config(args)
-    return _exec_celery(flower_argv(cfg, args.celery_args), child_env(cfg, flower=True))
+    return _exec_celery(cfg, flower_argv(cfg, _celery_args(args)), child_env(cfg, flower=True))
 
 
 def _progress_line(started: float, meta: dict[str, Any], state: str) -> str:

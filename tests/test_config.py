@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,7 +67,52 @@ def test_model_adds_the_model_flag(tmp_path: Path) -> None:
 def test_unknown_keys_are_warnings_naming_them(tmp_path: Path) -> None:
     cfg = parse_config(GOOD + "colour = 'blue'\n", tmp_path / "f.toml")
     assert len(cfg.warnings) == 1
-    assert "agents[0]: unknown key(s) ignored: colour" in cfg.warnings[0]
+    assert "agents[0] (proj/planner): unknown key(s) ignored: colour" in cfg.warnings[0]
+
+
+def test_a_misspelt_key_is_named_where_it_is_required_and_where_it_is_ignored(
+    tmp_path: Path,
+) -> None:
+    bad = GOOD.replace("schedule =", "shedule =")
+    with pytest.raises(ConfigError) as raised:
+        parse_config(bad, tmp_path / "f.toml")
+    assert str(raised.value).endswith(
+        "agents[0] (proj/planner).schedule: is required (the table has 'shedule': misspelt?)"
+    )
+    cfg = parse_config(GOOD + "max_token = 5\n", tmp_path / "f.toml")
+    assert cfg.warnings == (
+        f"{tmp_path / 'f.toml'}: agents[0] (proj/planner): unknown key(s) ignored: "
+        "max_token (did you mean max_tokens?)",
+    )
+
+
+def test_the_unknown_key_warning_is_printed_once_above_celerys_banner(tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text(GOOD + "colour = 'blue'\n" + '[broker]\nurl = "redis://127.0.0.1:9/0"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "--config", str(config), "worker", "--", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("unknown key(s) ignored: colour") == 1, proc.stderr
+    assert proc.stderr.startswith("warning: ") and "(proj/planner)" in proc.stderr
+
+
+def test_worker_without_a_broker_says_so_before_celery_starts(tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text(GOOD)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "--config", str(config), "worker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 4
+    assert "[broker] url is not set" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_config_is_found_by_flag_then_env_then_cwd(

@@ -7,6 +7,7 @@ must not stop a fleet either).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
@@ -281,9 +282,20 @@ class _Parser:
     def unknown(self, where: str, table: Mapping[str, Any], known: set[str]) -> None:
         extra = sorted(set(table) - known)
         if extra:
+            named = []
+            for key in extra:
+                close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+                named.append(f"{key} (did you mean {close[0]}?)" if close else key)
             self.warnings.append(
-                f"{self.path}: {where}: unknown key(s) ignored: {', '.join(extra)}"
+                f"{self.path}: {where}: unknown key(s) ignored: {', '.join(named)}"
             )
+
+    def missing(self, table: Mapping[str, Any], where: str, key: str) -> ConfigError:
+        """``where.key`` is required, naming a key of the table it looks misspelt as."""
+        present = [name for name in table if isinstance(name, str)]
+        close = difflib.get_close_matches(key, present, n=1, cutoff=0.7)
+        hint = f" (the table has {close[0]!r}: misspelt?)" if close else ""
+        return self.fail(f"{where}.{key}" if where else key, f"is required{hint}")
 
     def get(
         self,
@@ -297,7 +309,7 @@ class _Parser:
         full = f"{where}.{key}" if where else key
         if key not in table:
             if required:
-                raise self.fail(full, "is required")
+                raise self.missing(table, where, key)
             return default  # type: ignore[return-value]
         value = table[key]
         # bool is an int subclass: `idle_timeout = true` must not pass as 1.
@@ -555,13 +567,12 @@ class _Parser:
 
     def _project(self, index: int, table: dict[str, Any]) -> ProjectConfig:
         where = f"projects[{index}]"
-        known = set(ProjectConfig.__dataclass_fields__)
-        self.unknown(where, table, known)
         name = self.name(table, where)
         where = f"projects[{index}] ({name})"
+        self.unknown(where, table, set(ProjectConfig.__dataclass_fields__))
         repo_root = self.path_value(table, where, "repo_root")
         if repo_root is None:
-            raise self.fail(f"{where}.repo_root", "is required")
+            raise self.missing(table, where, "repo_root")
         forge_url = self.get(table, where, "forge_url", str, "http://localhost:3000")
         self.check(
             f"{where}.forge_url",
@@ -582,11 +593,10 @@ class _Parser:
 
     def _agent(self, index: int, table: dict[str, Any], projects: set[str]) -> AgentConfig:
         where = f"agents[{index}]"
-        known = set(AgentConfig.__dataclass_fields__)
-        self.unknown(where, table, known)
         name = self.name(table, where)
         project = self.get(table, where, "project", str, required=True)
         where = f"agents[{index}] ({project}/{name})"
+        self.unknown(where, table, set(AgentConfig.__dataclass_fields__))
         self.check(
             f"{where}.project",
             project in projects,
@@ -594,7 +604,7 @@ class _Parser:
         )
         formula = self.path_value(table, where, "formula")
         if formula is None:
-            raise self.fail(f"{where}.formula", "is required")
+            raise self.missing(table, where, "formula")
         schedule = self.get(table, where, "schedule", str, required=True)
         _check_schedule(schedule, lambda problem: self.fail(f"{where}.schedule", problem))
         context = self._strings(table, where, "context")
