@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from workers.config import (
     parse_config,
 )
 from workers.errors import ConfigError
+from workers.formula import load_formula
 
 GOOD = """
 state_dir = "state"
@@ -278,3 +280,16 @@ def test_every_config_key_is_documented_in_the_readme() -> None:
     ]
     missing = [key for key in keys if key not in section]
     assert missing == []
+
+
+def test_the_readmes_own_project_example_is_a_valid_config_and_formula(tmp_path: Path) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Your own project", 1)[1].split("\n## ", 1)[0]
+    formula_text, config_text = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
+    formula = tmp_path / "planner.toml"
+    formula.write_text(formula_text)
+    assert [step.id for step in load_formula(formula).steps] == ["read", "plan"]
+    config_text = config_text.replace("/srv/repos/myproj/formulas/planner.toml", str(formula))
+    cfg = parse_config(config_text, tmp_path / "formulabeat.toml")
+    assert cfg.warnings == ()
+    assert cfg.agent("myproj", "planner").formula == formula

@@ -81,3 +81,16 @@ def test_a_repository_the_worker_cannot_write_fails_the_run_naming_path_and_fix(
     assert "internal error" not in reason
     assert held_claims(redis_client) == []
     assert list((fleet.root / "state" / "runs").iterdir()) == []
+
+
+def test_runs_leave_nothing_in_the_temp_dir(fleet: Fleet) -> None:
+    # The scripted agent once left an empty /tmp/scripted-agent-* per run.
+    tmp = fleet.root / "tmpdir"
+    tmp.mkdir()
+    fleet.add_agent("planner", "phase=awaiting_ci phase=done")
+    fleet.add_agent("fragile", "crash")
+    fleet.write_config()
+    worker(fleet, ["env", f"TMPDIR={tmp}"])
+    assert fleet.run("planner")["outcome"] == "done"
+    assert fleet.run("fragile")["outcome"] == "crashed"
+    assert list(tmp.iterdir()) == []
