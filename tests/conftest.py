@@ -264,11 +264,13 @@ def wait_result(result: Any, timeout: float = 60.0) -> dict[str, Any]:
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = result_of(result)
+        state = result.state  # read once: the run may end between two reads
+        value = result_of(result) if state in ("SUCCESS", "FAILURE", "REVOKED") else None
         if value is not None:
-            assert result.state == final_state(value["outcome"]), (result.state, value)
+            assert state == final_state(value["outcome"]), (state, value)
             return value
-        assert result.state not in ("FAILURE", "REVOKED"), result.traceback
+        # Ended, but not as a run does (a task's own exception).
+        assert state not in ("FAILURE", "REVOKED"), result.traceback
         time.sleep(0.1)
     raise AssertionError(f"run {result.id} did not end within {timeout} s (state {result.state})")
 

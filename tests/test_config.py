@@ -88,16 +88,20 @@ def test_a_misspelt_key_is_named_where_it_is_required_and_where_it_is_ignored(
     )
 
 
-def test_the_unknown_key_warning_is_printed_once_above_celerys_banner(tmp_path: Path) -> None:
-    config = tmp_path / "f.toml"
-    config.write_text(GOOD + "colour = 'blue'\n" + '[broker]\nurl = "redis://127.0.0.1:9/0"\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "--config", str(config), "worker", "--", "--help"],
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "--config", str(config), *args],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_the_unknown_key_warning_is_printed_once_above_celerys_banner(tmp_path: Path) -> None:
+    config = tmp_path / "f.toml"
+    config.write_text(GOOD + "colour = 'blue'\n" + '[broker]\nurl = "redis://127.0.0.1:9/0"\n')
+    proc = _cli(config, "worker", "--", "--help")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("unknown key(s) ignored: colour") == 1, proc.stderr
     assert proc.stderr.startswith("warning: ") and "(proj/planner)" in proc.stderr
@@ -106,13 +110,7 @@ def test_the_unknown_key_warning_is_printed_once_above_celerys_banner(tmp_path: 
 def test_worker_without_a_broker_says_so_before_celery_starts(tmp_path: Path) -> None:
     config = tmp_path / "f.toml"
     config.write_text(GOOD)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "--config", str(config), "worker"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _cli(config, "worker")
     assert proc.returncode == 4
     assert "[broker] url is not set" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -10,20 +10,14 @@ from beat_schedule import REAP_TASK
 from tasks.app import client_app
 from tasks.stack import Stack
 from tests.conftest import Fleet, wait_result, wait_until
-from workers.config import load_config
+from workers.config import Config, load_config
 from workers.embedded import free_port
 from workers.run import RunEnded
 
 
 def test_flower_api_shows_the_runs_current_phase(fleet: Fleet) -> None:
     fleet.add_agent("predictor", "phase=awaiting_ci sleep=4 phase=done")
-    fleet.write_config(f"\n[flower]\nport = {free_port()}\n")
-    cfg = dataclasses.replace(load_config(fleet.config_path), host="host-a")
-    stack = Stack(cfg, flower=True, beat=False, log_dir=fleet.root / "logs")
-    stack.start()
-    fleet.stacks.append(stack)
-    api = f"http://127.0.0.1:{cfg.flower_port}/api"
-    wait_until(lambda: _get(f"{api}/workers") is not None, 60, "Flower's API")
+    _, api = _with_flower(fleet)
     sent = fleet.send("predictor")
 
     def flower_state() -> str | None:
@@ -35,6 +29,18 @@ def test_flower_api_shows_the_runs_current_phase(fleet: Fleet) -> None:
     listed = _get(f"{api}/tasks?state=AWAITING_CI")
     assert isinstance(listed, dict) and sent.id in listed
     assert wait_result(sent)["outcome"] == "done"
+
+
+def _with_flower(fleet: Fleet) -> tuple[Config, str]:
+    """A worker and Flower for the fleet's agents; its config and Flower's API URL."""
+    fleet.write_config(f"\n[flower]\nport = {free_port()}\n")
+    cfg = dataclasses.replace(load_config(fleet.config_path), host="host-a")
+    stack = Stack(cfg, flower=True, beat=False, log_dir=fleet.root / "logs")
+    stack.start()
+    fleet.stacks.append(stack)
+    api = f"http://127.0.0.1:{cfg.flower_port}/api"
+    wait_until(lambda: _get(f"{api}/workers") is not None, 60, "Flower's API")
+    return cfg, api
 
 
 def _get(url: str) -> object | None:
@@ -51,13 +57,7 @@ def test_flower_shows_each_runs_outcome_and_not_the_upkeep(fleet: Fleet) -> None
     fleet.add_agent("fragile", "crash", idle_timeout=120)
     fleet.add_agent("off", enabled=False)
     fleet.add_agent("fine", "phase=done")
-    fleet.write_config(f"\n[flower]\nport = {free_port()}\n")
-    cfg = dataclasses.replace(load_config(fleet.config_path), host="host-a")
-    stack = Stack(cfg, flower=True, beat=False, log_dir=fleet.root / "logs")
-    stack.start()
-    fleet.stacks.append(stack)
-    api = f"http://127.0.0.1:{cfg.flower_port}/api"
-    wait_until(lambda: _get(f"{api}/workers") is not None, 60, "Flower's API")
+    cfg, api = _with_flower(fleet)
     app = client_app(cfg)
     for _ in range(3):
         app.send_task(REAP_TASK, queue="formulabeat").get(timeout=30)

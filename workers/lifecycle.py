@@ -433,7 +433,18 @@ def recover(run: Run, cfg: Config, sink: ProgressSink) -> None:
         run.session_uuid = str(uuid.uuid4())
     run.recovered_by.append("resumed" if resume else "reinjected")
     sink.progress(run, "RECOVERING")
-    start(run, cfg, sink, resume)
+    try:
+        start(run, cfg, sink, resume)
+    except SessionError as exc:
+        if not resume:
+            raise
+        # A CLI killed early may have a transcript it cannot resume ("No
+        # conversation found"): a new conversation gets the whole prompt.
+        log.warning("run %s: could not resume (%s); giving the prompt again", run.id, exc)
+        kill_session(run, cfg)
+        run.session_uuid = str(uuid.uuid4())
+        run.recovered_by[-1] = "reinjected"
+        start(run, cfg, sink)
 
 
 def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
