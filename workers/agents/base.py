@@ -27,6 +27,11 @@ from workers.tmux import AgentSession, screen_tail
 
 POLL_MIN = 0.02
 POLL_MAX = 0.25
+# A CLI's screen stays the same for most of its start (node loading), then
+# shows its prompt: for this long after the start the poll stays short, so
+# the prompt is seen within POLL_START, not a backed-off POLL_MAX, late.
+START_WINDOW = 2.0
+POLL_START = 0.04
 # A TUI may still be taking a paste in; an Enter inside it would be text.
 PASTE_SETTLE = 0.02
 # How often one dialog may be answered before it counts as stuck.
@@ -179,8 +184,9 @@ class PromptDriver:
         self, session: AgentSession, agent: AgentConfig, launch: Launch, timing: MonitorConfig
     ) -> None:
         """Watch the screen until :meth:`judge` says ready, answering what it answers."""
-        deadline = time.monotonic() + timing.ready_timeout
-        last, changed_at, poll = None, time.monotonic(), POLL_MIN
+        started = time.monotonic()
+        deadline = started + timing.ready_timeout
+        last, changed_at, poll = None, started, POLL_MIN
         answered: dict[str, int] = {}
         while True:
             self._alive_or_raise(session, agent, launch, "before it was ready")
@@ -192,7 +198,8 @@ class PromptDriver:
             if screen != last:
                 last, changed_at, poll = screen, now, POLL_MIN
             else:
-                poll = min(POLL_MAX, poll * 1.5)
+                ceiling = POLL_START if now - started < START_WINDOW else POLL_MAX
+                poll = min(ceiling, poll * 1.5)
             verdict = self.judge(screen, now - changed_at, agent, launch, timing)
             if isinstance(verdict, Ready):
                 return
