@@ -15,9 +15,13 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.conftest import Fleet
+    from tests.messages_api import MessagesAPI
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALLED = ROOT / ".claude-cli" / "node_modules" / ".bin" / "claude"
@@ -113,3 +117,20 @@ def run_by_hand_once(binary: Path, home: Path, api_url: str, tmux_socket: str) -
         raise AssertionError(f"claude did not reach its input box by hand; screen:\n{screen}")
     finally:
         subprocess.run([*tmux, "kill-session", "-t", "by-hand"], timeout=10, check=False)
+
+
+def real_agent(
+    fleet: Fleet,
+    name: str,
+    scenario: str,
+    claude: Path,
+    home: Path,
+    api: MessagesAPI,
+    **options: object,
+) -> None:
+    """Add an agent that runs the real CLI in ``home`` against the stand-in."""
+    settings = agent_options(claude, home, api.url)
+    settings["env"].update(options.pop("env", {}))  # type: ignore[union-attr]
+    for variable in options.pop("drop_env", ()):  # type: ignore[attr-defined]
+        settings["env"].pop(variable, None)
+    fleet.add_agent(name, scenario, **{**settings, **options})

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import Fleet, commit_files, held_claims, tmux_sessions
 from tests.messages_api import MessagesAPI
-from tests.real_cli import agent_options
+from tests.real_cli import agent_options, real_agent
 
 
 def test_a_formula_run_ends_done_with_every_phase_in_order_and_the_whole_prompt(
@@ -40,23 +40,6 @@ def test_a_formula_run_ends_done_with_every_phase_in_order_and_the_whole_prompt(
     assert hashlib.sha256(received.encode()).hexdigest() == result["prompt_sha256"]
     assert held_claims(redis_client) == []
     assert tmux_sessions(fleet.tmux_socket) == []
-
-
-def real_agent(
-    fleet: Fleet,
-    name: str,
-    scenario: str,
-    claude: Path,
-    home: Path,
-    api: MessagesAPI,
-    **options: object,
-) -> None:
-    """Add an agent that runs the real CLI in ``home`` against the stand-in."""
-    settings = agent_options(claude, home, api.url)
-    settings["env"].update(options.pop("env", {}))  # type: ignore[union-attr]
-    for variable in options.pop("drop_env", ()):  # type: ignore[attr-defined]
-        settings["env"].pop(variable, None)
-    fleet.add_agent(name, scenario, **{**settings, **options})
 
 
 def test_a_turn_without_a_phase_is_nudged_by_the_real_stop_hook_then_idle_prompt(

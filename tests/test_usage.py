@@ -13,7 +13,6 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -21,7 +20,7 @@ import redis
 from tasks.reporting import result_of
 from tests.conftest import Fleet, held_claims, tmux_sessions, wait_until
 from tests.messages_api import MessagesAPI, charged
-from tests.real_cli import agent_options
+from tests.real_cli import real_agent
 from workers import spending
 from workers.config import AgentConfig, Budget, load_config
 from workers.embedded import free_port, start_redis, stop_redis
@@ -172,18 +171,6 @@ def test_the_history_survives_a_redis_restart_with_aof(tmp_path: Path) -> None:
 # -- whole runs of the real CLI ------------------------------------------------------------
 
 
-def real(
-    fleet: Fleet,
-    name: str,
-    scenario: str,
-    claude: Path,
-    home: Path,
-    api: MessagesAPI,
-    **options: Any,
-) -> None:
-    fleet.add_agent(name, scenario, **{**agent_options(claude, home, api.url), **options})
-
-
 def metrics_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         return str(reply.read().decode())
@@ -192,7 +179,7 @@ def metrics_text(port: int) -> str:
 def test_a_runs_tokens_are_the_stand_ins_figures_everywhere_they_show(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI
 ) -> None:
-    real(
+    real_agent(
         fleet, "counted", "phase=awaiting_ci sleep=3 phase=done", claude, claude_home, messages_api
     )
     port = free_port()
@@ -250,7 +237,7 @@ def test_a_runs_tokens_are_the_stand_ins_figures_everywhere_they_show(
 def test_a_crash_is_resumed_with_its_conversation_and_counted_once(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI
 ) -> None:
-    real(
+    real_agent(
         fleet,
         "resumed",
         "phase=awaiting_ci crash_once phase=done",
@@ -290,7 +277,7 @@ def test_a_run_past_max_tokens_is_stopped_and_frees_its_lease(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI, redis_client
 ) -> None:
     # Each response here is about 1400 tokens; five sleeps would take 15 s.
-    real(
+    real_agent(
         fleet,
         "hungry",
         "sleep=3 sleep=3 sleep=3 sleep=3 sleep=3 phase=done",
@@ -311,7 +298,7 @@ def test_a_run_past_max_tokens_is_stopped_and_frees_its_lease(
 def test_a_spent_daily_budget_skips_the_next_run_on_another_host(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI
 ) -> None:
-    real(fleet, "planner", "phase=done", claude, claude_home, messages_api)
+    real_agent(fleet, "planner", "phase=done", claude, claude_home, messages_api)
     fleet.write_config("\n[budgets.projects.proj]\nmax_tokens = 1000\n")
     first_host = fleet.start_worker("host-a")
     first = fleet.run("planner", timeout=120)
@@ -328,7 +315,7 @@ def test_a_spent_daily_budget_skips_the_next_run_on_another_host(
 def test_a_oneshot_run_takes_its_usage_and_cost_from_the_clis_result(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI
 ) -> None:
-    real(fleet, "batch", "phase=done", claude, claude_home, messages_api, mode="oneshot")
+    real_agent(fleet, "batch", "phase=done", claude, claude_home, messages_api, mode="oneshot")
     fleet.write_config(PRICES)
     fleet.start_worker()
     result = fleet.run("batch", timeout=120)
