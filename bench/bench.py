@@ -53,11 +53,11 @@ from workers import registry
 from workers.agents.claude_code import edit_json, input_box, trust
 from workers.config import load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+from workers.run import FINAL_STATES
 from workers.tmux import screen_tail
 
 RESULTS = Path(__file__).with_name("results.json")
 START_TIMEOUT = 900.0
-FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
 SCRIPTED = f'command = "{AGENT}"\ndriver = "scripted"\n'
 
@@ -164,11 +164,11 @@ def _send(app: Any, agent: str) -> str:
 
 def _ended(client: redis.Redis, run_id: str) -> bool:
     raw = client.get(f"celery-task-meta-{run_id}")
-    return bool(raw) and json.loads(raw).get("status") in FINAL
+    return bool(raw) and json.loads(raw).get("status") in FINAL_STATES
 
 
 def _over(observer: Observer, run_id: str) -> bool:
-    return any((run_id, state) in observer.seen for state in FINAL)
+    return any((run_id, state) in observer.seen for state in FINAL_STATES)
 
 
 def _pct(values: list[float], q: float) -> float:

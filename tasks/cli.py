@@ -54,7 +54,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     stack = Stack(cfg, flower=not args.no_flower)
-    stack.check()  # before anything starts: a bad setting leaves nothing to stop
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -62,8 +61,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Checks the settings before anything starts, and stops what it started
+    # if it fails: nothing is live yet to stop below.
+    stack.start()
     try:
-        stack.start()
         parts = "worker, beat" + ("" if args.no_flower else f", Flower at {stack.flower_url}")
         print(f"formulabeat up: {parts} for {cfg.path} (Ctrl-C stops)", file=sys.stderr)
         while not stopping:

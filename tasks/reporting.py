@@ -18,12 +18,12 @@ from tasks import metrics
 from tasks.app import config, redis_client
 from workers import lifecycle, registry
 from workers.config import Config
-from workers.run import Run, RunEnded, final_state
+from workers.run import FINAL_STATES, Run, RunEnded, final_state
 
 
 def result_of(async_result: Any) -> dict[str, Any] | None:
     """A finished run's result dict from its AsyncResult, whatever its state; else None."""
-    if async_result.state not in ("SUCCESS", "FAILURE", "REVOKED"):
+    if async_result.state not in FINAL_STATES:
         return None
     value = async_result.result
     if isinstance(value, RunEnded):

@@ -33,7 +33,7 @@ from tests.real_cli import claude_binary, run_by_hand_once
 from workers import launcher as launcher_module
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
-from workers.run import final_state
+from workers.run import FINAL_STATES, final_state
 from workers.tmux import AgentSession, TmuxServer
 
 AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
@@ -265,7 +265,7 @@ def wait_result(result: Any, timeout: float = 60.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = result.state  # read once: the run may end between two reads
-        value = result_of(result) if state in ("SUCCESS", "FAILURE", "REVOKED") else None
+        value = result_of(result) if state in FINAL_STATES else None
         if value is not None:
             assert state == final_state(value["outcome"]), (state, value)
             return value

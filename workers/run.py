@@ -42,6 +42,8 @@ OUTCOMES = (
 # looks like a success (Flower, AsyncResult); one that did not run is REVOKED.
 SUCCEEDED = (DONE, MERGED)
 NOT_RUN = (SKIPPED, CANCELLED)
+# The Celery states of a finished run: any other is a live run's (or PENDING).
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 
 
 def final_state(outcome: str | None) -> str:

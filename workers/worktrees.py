@@ -67,6 +67,13 @@ def refused(repo_root: Path) -> RepoError:
     )
 
 
+def git_failure(what: str, repo_root: Path, exc: git.GitCommandError) -> RepoError:
+    """A failed git command in ``repo_root``: git's refusal of its owner said with the fix."""
+    if "dubious ownership" in str(exc.stderr):
+        return refused(repo_root)
+    return RepoError(f"{what} in {repo_root} failed: {_stderr(exc)}")
+
+
 def unwritable(repo_root: Path, path: Path) -> RepoError:
     """``path`` in the repository cannot be written, and each run adds a worktree there."""
     me = _user(os.geteuid())
@@ -84,9 +91,7 @@ def repo_problem(repo_root: Path) -> str | None:
     except RepoError as exc:
         return str(exc)
     except git.GitCommandError as exc:
-        if "dubious ownership" in str(exc.stderr):
-            return str(refused(repo_root))
-        return f"git rev-parse in {repo_root} failed: {_stderr(exc)}"
+        return str(git_failure("git rev-parse", repo_root, exc))
     common = Path(repo.common_dir)
     for path in (common, common / "objects", common / "refs"):
         if path.exists() and not os.access(path, os.W_OK):
@@ -143,9 +148,7 @@ def add_worktree(repo_root: Path, path: Path, ref: str = "HEAD") -> Path:
         with worktree_lock(repo):
             repo.git.worktree("add", "--detach", str(path), ref, kill_after_timeout=GIT_TIMEOUT)
     except git.GitCommandError as exc:
-        if "dubious ownership" in str(exc.stderr):
-            raise refused(repo_root) from None
-        raise RepoError(f"git worktree add in {repo_root} failed: {_stderr(exc)}") from None
+        raise git_failure("git worktree add", repo_root, exc) from None
     return path
 
 
@@ -157,9 +160,7 @@ def fresh_ref(repo_root: Path, primary_branch: str) -> str:
     try:
         repo.git.fetch("origin", primary_branch, kill_after_timeout=GIT_TIMEOUT)
     except git.GitCommandError as exc:
-        raise RepoError(
-            f"git fetch origin {primary_branch} in {repo_root} failed: {_stderr(exc)}"
-        ) from None
+        raise git_failure(f"git fetch origin {primary_branch}", repo_root, exc) from None
     return f"origin/{primary_branch}"
 
 
