@@ -125,7 +125,17 @@ def session(self: Task, data: dict[str, Any]) -> None:
 
         metrics.LIVE.inc()
         try:
-            _guarded(current, "oneshot", lifecycle.monitor_oneshot, current, cfg, client, on_phase)
+            _guarded(
+                current,
+                "oneshot",
+                lifecycle.monitor_oneshot,
+                current,
+                cfg,
+                client,
+                on_phase,
+                watching.begin_wait,
+                sink,
+            )
         finally:
             metrics.LIVE.dec()
         if current.usage:

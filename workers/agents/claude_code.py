@@ -43,6 +43,7 @@ from workers.agents.base import (
     Verdict,
     Wait,
 )
+from workers.apierrors import ApiFailure, classify
 from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import SessionError
@@ -71,6 +72,25 @@ _BYPASS = ("bypass permissions mode",)
 _ONBOARDING = ("choose the text style", "let's get started", "select login method")
 _UNREACHABLE = ("unable to connect to anthropic services",)
 _ROOT = ("cannot be used with root/sudo privileges",)
+# What to do about the StopFailure kinds that waiting does not cure.
+_FIXES = {
+    "authentication_failed": (
+        "the API refused the agent's credential: check the API key the agent is given "
+        "(ANTHROPIC_API_KEY, env/pass_env), or log in again as the worker's user (`claude`, "
+        "then /login)"
+    ),
+    "billing_error": (
+        "the account's credit balance is exhausted: add credits (Claude Console, Plans & "
+        "Billing) or give the agent another credential"
+    ),
+    "invalid_request": (
+        "the API refused the request as invalid (a prompt too long, a model the account "
+        "lacks): trying again will not change it"
+    ),
+    "max_output_tokens": (
+        "the response hit the model's output limit: trying again will not change it"
+    ),
+}
 # How the input box shows a multi-line paste.
 _PASTED = re.compile(r"\[Pasted text #\d+ \+(\d+) lines\]")
 
@@ -108,6 +128,23 @@ class ClaudeCode(HookedDriver):
                     text=str(result.get("result") or ""),
                 )
         return None
+
+    def environment_defaults(self) -> Mapping[str, str]:
+        """A short retry budget of the CLI's own: formulabeat waits out what lasts longer.
+
+        Measured with 2.1.197: its default 10 retries take 186 s, for a refused
+        key as for an overload, so a permanent error would take three minutes
+        to fail; with 2 a turn gives up after about 2 s, and formulabeat waits
+        minutes (``api_retry_delay``), keeping the conversation.
+        """
+        return {"CLAUDE_CODE_MAX_RETRIES": "2"}
+
+    def api_failure(self, kind: str, message: str, now: float) -> ApiFailure:
+        """StopFailure's kinds (measured with 2.1.197: an overload, a 500 and a refused
+        connection are ``server_error``; a 429 and a subscription's usage limit
+        ``rate_limit``, the latter with ``resets 4:58pm (UTC)`` in its text; a 401 or 403
+        ``authentication_failed``; an exhausted balance ``billing_error``)."""
+        return classify(kind, message, now, _FIXES)
 
     def install(self, agent: AgentConfig, launch: Launch) -> None:
         """The run's hook settings, and trust of the worktree root (before any dialog)."""
