@@ -89,6 +89,25 @@ def test_a_session_that_ended_while_waiting_resumes_its_conversation(
     assert held_claims(redis_client) == []
 
 
+def test_a_long_wait_ends_the_clis_process_and_resumes_its_conversation_after(
+    fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI, redis_client
+) -> None:
+    scenario = "phase=awaiting_ci outage=529:3 phase=done"
+    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=4)
+    fleet.write_config(monitor={"park_after": 2})
+    fleet.start_worker()
+    sent = fleet.send("planner")
+    wait_until(lambda: sent.state == "RETRY", 120, "the run to wait for the API")
+    # A wait of park_after or more holds no CLI: its session ends at once.
+    wait_until(lambda: tmux_sessions(fleet.tmux_socket) == [], 30, "the CLI to be ended")
+    result = wait_result(sent, 120)
+    assert result["outcome"] == "done", result
+    assert result["api_waits"][0]["went_on"] == "resumed"
+    served, _ = _served(messages_api, result["run_id"])
+    assert [e.action for e in served] == ["phase=awaiting_ci", "phase=done", "end"]
+    assert held_claims(redis_client) == []
+
+
 def test_a_usage_limit_waits_for_the_reset_the_cli_states_and_skips_the_credentials_runs(
     fleet: Fleet,
     claude: Path,

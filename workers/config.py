@@ -163,6 +163,9 @@ class MonitorConfig:
     # per-run budgets act on what was read).
     usage_interval: float = 5.0
     lease_seconds: float = 300.0
+    # A wait for the API at least this long ends the CLI's process (one that
+    # can resume its conversation): an idle Claude Code holds ~266 MiB.
+    park_after: float = 300.0
     host_timeout: float = 30.0
     stale_worktree_hours: float = 24.0
     preserved_worktree_hours: float = 168.0

@@ -24,16 +24,13 @@ from workers.statedir import write_private
 
 log = logging.getLogger("formulabeat.waiting")
 
-# A wait at least this long ends the CLI's process (a resumable one only):
-# an idle CLI holds hundreds of MiB and a little CPU (README, Performance).
-PARK_AFTER_SECONDS = 300.0
-
 
 def park(run: Run, cfg: Config) -> bool:
-    """End the CLI's process for a long wait, when its conversation can be resumed after."""
+    """End the CLI's process for a wait of ``[monitor] park_after`` or more, when its
+    conversation can be resumed after (an idle CLI holds hundreds of MiB)."""
     if run.mode == "oneshot" or run.waiting_until is None:
         return False
-    if run.waiting_until - time.time() < PARK_AFTER_SECONDS:
+    if run.waiting_until - time.time() < cfg.monitor.park_after:
         return False
     if not lifecycle.resumable(run, cfg):
         return False
