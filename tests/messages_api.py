@@ -36,6 +36,9 @@ Tokens (underscores in arguments become spaces):
 - ``badcredit`` (before a token): 400 "credit balance is too low", every time;
 - ``stamp=PATH`` (anywhere in the line): each phase write then appends
   ``<phase file> <phase> <its mtime>`` to PATH (a benchmark's clock);
+- ``trace=PATH`` (anywhere in the line): each tool call first appends
+  ``<phase file> <step> <the CLI's pid> <time>`` to PATH (which CLI process
+  did which step, for the chaos);
 - ``waitfor=PATH``: a Bash call that waits until PATH exists.
 
 An API error the CLI shows becomes an assistant message of its own in a
@@ -179,7 +182,7 @@ def _answered(message: dict[str, Any]) -> bool:
 class MessagesAPI:
     """The stand-in server: ``with MessagesAPI() as api: ... api.url``."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
         self._ids = 0
@@ -209,9 +212,9 @@ class MessagesAPI:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> MessagesAPI:
@@ -263,15 +266,18 @@ class MessagesAPI:
         cursor = sum(1 for m in messages if m.get("role") == "assistant" and _answered(m))
         action = "side" if not main else self._action(conversation, cursor)
         usage = usage_for(cursor) if main else {"input_tokens": 10, "output_tokens": 2}
-        stamp = next(
-            (t.partition("=")[2] for t in self._tokens(conversation) if t.startswith("stamp=")),
-            None,
+        stamp, trace = (
+            next(
+                (t.partition("=")[2] for t in self._tokens(conversation) if t.startswith(prefix)),
+                None,
+            )
+            for prefix in ("stamp=", "trace=")
         )
         fault = self._fault(conversation, phase_file, cursor) if main else None
         if fault is not None:
             blocks, status = [], fault[0]
         else:
-            blocks, status = self._respond(action, phase_file, stamp)
+            blocks, status = self._respond(action, phase_file, stamp, trace)
         exchange = Exchange(
             at=time.time(),
             main=main,
@@ -304,7 +310,7 @@ class MessagesAPI:
         actions: list[str] = []
         faults: dict[int, str] = {}
         for token in self._tokens(conversation):
-            if token.startswith("stamp="):
+            if token.startswith(("stamp=", "trace=")):
                 continue
             if token.partition("=")[0] in _FAULTS:
                 faults[len(actions)] = token
@@ -359,7 +365,11 @@ class MessagesAPI:
         return None
 
     def _respond(
-        self, action: str, phase_file: str | None, stamp: str | None = None
+        self,
+        action: str,
+        phase_file: str | None,
+        stamp: str | None = None,
+        trace: str | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
         """The content blocks (or an HTTP error status) for one action."""
         name, _, arg = action.partition("=")
@@ -399,6 +409,12 @@ class MessagesAPI:
         if command is None:
             text = "I stop here." if name == "idle" else "Done."
             return [{"type": "text", "text": text}], 200
+        if trace:
+            # The Bash tool's shell is a child of the CLI's process: $PPID is the CLI.
+            line = (
+                f'printf \'%s %s %s %s\\n\' {target} {_sh_quote(action)} "$PPID" "$(date +%s.%N)"'
+            )
+            command = f"{line} >> {_sh_quote(trace)}; {command}"
         tool = {
             "type": "tool_use",
             "id": f"toolu_{abs(hash((command, time.time_ns()))) % 10**12:012d}",

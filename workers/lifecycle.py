@@ -351,7 +351,7 @@ def renewer(run: Run, cfg: Config, client: redis.Redis) -> Callable[[], bool | N
 
     def renew() -> bool | None:
         try:
-            if not lease.extend(client):
+            if not lease.extend(client) and not _reassert(run, lease, client):
                 return False
             # A slot that expired (Redis lost it) is taken again while there is room.
             return slots is None or (
@@ -361,6 +361,16 @@ def renewer(run: Run, cfg: Config, client: redis.Redis) -> Callable[[], bool | N
             return None
 
     return renew
+
+
+def _reassert(run: Run, lease: Lease, client: redis.Redis) -> bool:
+    """Take back the run's lease if Redis lost it and no verdict ended the run meanwhile."""
+    if (registry.get(client, run.id) or {}).get("outcome"):
+        return False  # reaped while its host was silent: the verdict stands
+    if not lease.reassert(client):
+        return False
+    log.warning("run %s: its lease was gone from Redis (lost writes); taken back", run.id)
+    return True
 
 
 def monitor_oneshot(

@@ -200,15 +200,21 @@ class ClaudeCode(HookedDriver):
         return Wait()
 
     def input_state(self, screen: str, launch: Launch) -> str:
-        """Empty, this run's paste (shown as ``[Pasted text #N +M lines]``), or other text."""
+        """Empty, this run's text (a multi-line paste shows as ``[Pasted text #N +M lines]``),
+        or other text."""
         lines = screen.splitlines()
         box = input_box(lines)
-        held = lines[box].removeprefix("❯").strip() if box is not None else ""
+        held = box_text(lines, box) if box is not None else ""
         if not held:
             return EMPTY
+        text = launch.prompt_file.read_text(encoding="utf-8")
         shown = _PASTED.fullmatch(held)
-        prompt_lines = launch.prompt_file.read_text(encoding="utf-8").strip().count("\n")
-        return PROMPT_HELD if shown and int(shown.group(1)) == prompt_lines else OTHER_HELD
+        if shown:
+            same = int(shown.group(1)) == text.strip().count("\n")
+        else:
+            # A one-line text (the resume message) shows itself, wrapped.
+            same = held.split() == text.split()
+        return PROMPT_HELD if same else OTHER_HELD
 
     def clear_input(self, session: AgentSession) -> None:
         """Ctrl-U empties the input box (a paste or typed text)."""
@@ -402,17 +408,39 @@ def _is_rule(line: str) -> bool:
     return len(stripped) >= 10 and set(stripped) == {"─"}
 
 
+# The input box grows with the text it holds (a long line wraps): its text
+# lines after the ``❯`` one are indented; this many at most are looked at.
+MAX_BOX_LINES = 40
+
+
 def input_box(lines: list[str]) -> int | None:
-    """The index of the input box's ``❯`` line: at column 0, between two rules."""
+    """The index of the input box's ``❯`` line: at column 0, under a rule, its text (its
+    wrapped lines indented) above another rule."""
     for index in range(len(lines) - 1, 0, -1):
-        line = lines[index]
-        if not line.startswith("❯"):
+        if not lines[index].startswith("❯"):
             continue
         above = next((p for p in reversed(lines[:index]) if p.strip()), "")
-        below = next((n for n in lines[index + 1 :] if n.strip()), "")
-        if _is_rule(above) and _is_rule(below):
+        if _is_rule(above) and _box_end(lines, index) is not None:
             return index
     return None
+
+
+def _box_end(lines: list[str], index: int) -> int | None:
+    """The index of the rule that closes the box opened at ``index`` (None: no box)."""
+    for end in range(index + 1, min(len(lines), index + 1 + MAX_BOX_LINES)):
+        line = lines[end]
+        if _is_rule(line):
+            return end
+        if line.strip() and not line.startswith(" "):
+            return None
+    return None
+
+
+def box_text(lines: list[str], index: int) -> str:
+    """What the input box at ``index`` holds, its wrapped lines joined."""
+    end = _box_end(lines, index) or index + 1
+    held = [lines[index].removeprefix("❯"), *lines[index + 1 : end]]
+    return " ".join(" ".join(held).split())
 
 
 def workspace(lines: list[str]) -> str | None:
