@@ -295,10 +295,10 @@ def _duplicated(
             parts = line.split()
             if len(parts) != 4:
                 continue
-            run_id = by_phase_file.get(parts[0].strip("'"))
-            if run_id is None:
+            traced = by_phase_file.get(parts[0].strip("'"))
+            if traced is None:
                 continue
-            span = spans[run_id].setdefault(parts[2], [float(parts[3])] * 2)
+            span = spans[traced].setdefault(parts[2], [float(parts[3])] * 2)
             span[0], span[1] = min(span[0], float(parts[3])), max(span[1], float(parts[3]))
     for run_id, pids in spans.items():
         for (_, first_end), (second_start, _) in itertools.combinations(sorted(pids.values()), 2):
