@@ -140,6 +140,10 @@ def session(self: Task, data: dict[str, Any]) -> None:
             metrics.LIVE.dec()
         if current.usage:
             watching.count_usage(current, current.usage)
+    elif watching.with_redis(lifecycle.renewer(current, cfg, client)) is False:
+        # The queue held the step longer than the lease lasts, and another run
+        # took the agent meanwhile: this one must not start a second agent.
+        current.end(outcomes.LOST_LEASE, "the agent's lease is no longer ours")
     else:
         _guarded(current, "session", lifecycle.start, current, cfg, sink)
         if not current.ended:

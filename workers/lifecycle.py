@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -240,11 +241,22 @@ def _take_slot(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -
     slots = Slots(client, credential.name, cfg.monitor.lease_seconds)
     if not slots.try_acquire(run.id, credential.max_sessions):
         sink.progress(run, "WAITING_FOR_SLOT")
+        lease = Lease(run.lease_key or "", run.lease_token or "", slots.ttl_ms, run.lease_fence)
+        renewed = time.monotonic()
 
-        def cancelled() -> bool:
+        def give_up() -> bool:
+            # The wait may outlast the lease: it is kept meanwhile.
+            nonlocal renewed
+            if time.monotonic() - renewed >= cfg.monitor.lease_seconds / 3:
+                if not lease.extend(client) and not _reassert(run, lease, client):
+                    run.end(outcomes.LOST_LEASE, "the agent's lease is no longer ours")
+                    return True
+                renewed = time.monotonic()
             return registry.cancel_requested(client, run.id) is not None
 
-        if not slots.acquire(run.id, credential.max_sessions, credential.wait, cancelled):
+        if not slots.acquire(run.id, credential.max_sessions, credential.wait, give_up):
+            if run.ended:
+                return False
             who = registry.cancel_requested(client, run.id)
             if who:
                 run.end(outcomes.CANCELLED, f"cancelled by {who} while waiting for a session slot")
@@ -598,14 +610,16 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
     if run.lease_key and run.lease_token:
         lease = Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0, fence=run.lease_fence)
         try:
-            ours = lease.still_ours(client)
-        except redis.exceptions.RedisError:
-            ours = False
-        if ours:
+            lost = lease.lost_because(client)
+        except redis.exceptions.RedisError as exc:
+            lost = f"Redis did not answer ({exc})"
+        if lost is None:
             _commit_ops(run, cfg)
         else:
             # Another run may hold the agent now: no side effect on shared state.
-            log.warning("run %s: lease %s is no longer ours; ops not pushed", run.id, lease.fence)
+            log.warning(
+                "run %s: lease %s is no longer ours (%s); ops not pushed", run.id, lease.fence, lost
+            )
     release_claims(run, client, cfg)
     if run.run_dir:
         run_dir = Path(run.run_dir)

@@ -121,12 +121,26 @@ class Lease:
 
     def still_ours(self, client: redis.Redis) -> bool:
         """Whether this lease is held by us and no later acquisition happened (fencing)."""
+        return self.lost_because(client) is None
+
+    def lost_because(self, client: redis.Redis) -> str | None:
+        """Why this lease is not ours now (None: it is, and no later acquisition happened)."""
         pipe = client.pipeline()
         pipe.get(self.key)
         pipe.get(fence_key(self.key))
         value, fence = pipe.execute()
         token = value.decode() if isinstance(value, bytes) else value
-        return token == self.token and fence is not None and int(fence) == self.fence
+        if token is None:
+            return "it is gone from Redis"
+        if token != self.token:
+            try:
+                other = json.loads(token).get("run_id", "?")
+            except (ValueError, AttributeError):
+                other = "?"
+            return f"run {other} holds it"
+        if fence is None or int(fence) != self.fence:
+            return f"its fencing counter is {fence.decode() if fence else 'gone'}, not {self.fence}"
+        return None
 
     def release(self, client: redis.Redis) -> bool:
         """Drop the lease if it is still ours; False when it had already gone."""

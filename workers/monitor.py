@@ -81,7 +81,10 @@ class Limits:
         self.renew = renew
         self.idle_what = idle_what
         self.started = started_epoch(run)
-        self.last_change = self.last_renew = self.last_confirmed = time.monotonic()
+        self.last_change = self.last_confirmed = time.monotonic()
+        # Renewed at the first check: the steps before (the agent's start, the
+        # go-on after a wait, a worker's restart) renewed nothing.
+        self.last_renew = float("-inf")
 
     def changed(self) -> None:
         """Something happened: the idle clock starts again."""
