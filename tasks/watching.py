@@ -50,6 +50,8 @@ USAGE_REPORT_SECONDS = 30.0
 STARTING_STATES = ("STARTING", "RECOVERING")
 # The run was telling its agent to go on after a wait for the API.
 RESUMING = "RESUMING"
+# Starts done again for a run whose worker kept dying while starting its agent.
+MAX_RESTARTS = 3
 
 
 @dataclass
@@ -231,7 +233,7 @@ def adopt(run: Run) -> None:
         conclude(run)
     elif run.state in STARTING_STATES and not lifecycle.prompt_delivered(run):
         # The agent never got its prompt: start the session again.
-        _handle_end(run, MonitorExit(outcomes.CRASHED, "the worker stopped while starting it"))
+        _this_host().recoveries.submit(_start_again, run)
     elif run.state == RESUMING and not lifecycle.prompt_delivered(run):
         # It died telling the agent to go on after a wait: tell it again.
         _this_host().recoveries.submit(_go_on, run)
@@ -290,6 +292,33 @@ def _ended(watch: SessionWatch, ended: WatchEnd) -> None:
         _this_host().recoveries.submit(_go_on, watch.run)
         return
     _handle_end(watch.run, ended)
+
+
+def _start_again(run: Run) -> None:
+    """Its worker died while it started the agent: start it again, as it was starting it.
+
+    The worker's death is not the agent's crash, so the run's one recovery
+    is kept; a run whose start kills its worker again and again gives up.
+    """
+    cfg = config()
+    lifecycle.kill_session(run, cfg)  # what the dead worker had started
+    if run.restarts >= MAX_RESTARTS:
+        run.end(outcomes.CRASHED, f"the worker stopped while starting it, {run.restarts + 1} times")
+        conclude(run)
+        return
+    run.restarts += 1
+    try:
+        lifecycle.restart(run, cfg, _LaneSink(_this_host()), lifecycle.resumable(run, cfg))
+        follow(run)
+    except FormulabeatError as exc:
+        lifecycle.kill_session(run, cfg)
+        run.end(outcomes.FAILED, f"could not start it again after its worker stopped: {exc}")
+        conclude(run)
+    except Exception as exc:
+        log.exception("run %s: starting it again failed", run.id)
+        lifecycle.kill_session(run, cfg)
+        run.end(outcomes.FAILED, f"could not start it again after its worker stopped: {exc!r}")
+        conclude(run)
 
 
 def _go_on(run: Run) -> None:

@@ -512,14 +512,16 @@ def session_watch(
 
 
 def kill_session(run: Run, cfg: Config) -> None:
-    """Kill the run's tmux session (gone already is fine)."""
+    """Kill the run's tmux session (gone already is fine).
+
+    By its recorded ids, and by its name: a worker that died between
+    creating a session and recording it left one only the name finds.
+    """
     with contextlib.suppress(SessionError):
         if run.session_id:
             session_of(run, cfg).kill()
-        elif run.state in ("STARTING", "PREPARING"):
-            # Its worker died between creating the session and recording it.
-            name = session_name(run.project, run.agent, run.id)
-            TmuxServer(cfg.tmux_socket).cmd("kill-session", "-t", f"={name}")
+        name = session_name(run.project, run.agent, run.id)
+        TmuxServer(cfg.tmux_socket).cmd("kill-session", "-t", f"={name}")
 
 
 def may_recover(run: Run, ended: MonitorExit) -> bool:

@@ -101,6 +101,7 @@ class ClaudeCode(HookedDriver):
     name = "claude-code"
     resumes = True
     transcripts = True
+    shows_input = True
 
     # -- command line and files ---------------------------------------------
     def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
