@@ -514,13 +514,11 @@ def session_watch(
 def kill_session(run: Run, cfg: Config) -> None:
     """Kill the run's tmux session (gone already is fine).
 
-    By its recorded ids, and by its name: a worker that died between
-    creating a session and recording it left one only the name finds.
+    By its exact name, which is the run's own: it also finds a session that
+    a worker created and died before recording.
     """
+    name = session_name(run.project, run.agent, run.id)
     with contextlib.suppress(SessionError):
-        if run.session_id:
-            session_of(run, cfg).kill()
-        name = session_name(run.project, run.agent, run.id)
         TmuxServer(cfg.tmux_socket).cmd("kill-session", "-t", f"={name}")
 
 
