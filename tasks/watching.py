@@ -307,18 +307,12 @@ def _start_again(run: Run) -> None:
         conclude(run)
         return
     run.restarts += 1
-    try:
-        lifecycle.restart(run, cfg, _LaneSink(_this_host()), lifecycle.resumable(run, cfg))
-        follow(run)
-    except FormulabeatError as exc:
-        lifecycle.kill_session(run, cfg)
-        run.end(outcomes.FAILED, f"could not start it again after its worker stopped: {exc}")
-        conclude(run)
-    except Exception as exc:
-        log.exception("run %s: starting it again failed", run.id)
-        lifecycle.kill_session(run, cfg)
-        run.end(outcomes.FAILED, f"could not start it again after its worker stopped: {exc!r}")
-        conclude(run)
+    _then_follow(
+        run,
+        lambda: lifecycle.restart(run, cfg, _LaneSink(_this_host()), lifecycle.resumable(run, cfg)),
+        outcomes.FAILED,
+        "could not start it again after its worker stopped: ",
+    )
 
 
 def _go_on(run: Run) -> None:
@@ -341,19 +335,12 @@ def _go_on(run: Run) -> None:
         _LaneSink(_this_host()).progress(run, "RETRY")
         follow(run)
         return
-    try:
+
+    def go_on() -> None:
         how = waiting.go_on(run, cfg, _LaneSink(_this_host()))
         log.info("run %s: went on after its wait (%s)", run.id, how)
-        follow(run)
-    except FormulabeatError as exc:
-        lifecycle.kill_session(run, cfg)
-        run.end(outcomes.FAILED, f"could not go on after waiting for the API: {exc}")
-        conclude(run)
-    except Exception as exc:
-        log.exception("run %s: going on after its wait failed", run.id)
-        lifecycle.kill_session(run, cfg)
-        run.end(outcomes.FAILED, f"could not go on after waiting for the API: {exc!r}")
-        conclude(run)
+
+    _then_follow(run, go_on, outcomes.FAILED, "could not go on after waiting for the API: ")
 
 
 def _handle_end(run: Run, ended: MonitorExit) -> None:
@@ -366,14 +353,26 @@ def _handle_end(run: Run, ended: MonitorExit) -> None:
 
 
 def _recover(run: Run, ended: MonitorExit) -> None:
+    _then_follow(
+        run,
+        lambda: lifecycle.recover(run, config(), _LaneSink(_this_host())),
+        outcomes.CRASHED,
+        f"{ended.reason}; recovery failed: ",
+    )
+
+
+def _then_follow(run: Run, step: Callable[[], object], outcome: str, failed: str) -> None:
+    """Do ``step`` (it starts or prompts the run's agent), then follow the run; a step that
+    fails ends the run with ``outcome``, the reason ``failed`` and the error."""
     try:
-        lifecycle.recover(run, config(), _LaneSink(_this_host()))
+        step()
         follow(run)
     except FormulabeatError as exc:
         lifecycle.kill_session(run, config())
-        run.end(outcomes.CRASHED, f"{ended.reason}; recovery failed: {exc}")
+        run.end(outcome, f"{failed}{exc}")
         conclude(run)
     except Exception as exc:
-        log.exception("run %s: recovery failed", run.id)
-        run.end(outcomes.CRASHED, f"{ended.reason}; recovery failed: {exc!r}")
+        log.exception("run %s: %s", run.id, failed.rstrip(": "))
+        lifecycle.kill_session(run, config())
+        run.end(outcome, f"{failed}{exc!r}")
         conclude(run)
