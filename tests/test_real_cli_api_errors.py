@@ -52,7 +52,7 @@ def test_an_overload_past_the_clis_own_retries_is_waited_out_in_its_session(
 ) -> None:
     # Three failures: the request and the CLI's two retries; then it is served.
     scenario = f"phase=awaiting_ci outage={status}:3 phase=done"
-    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=2)
+    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=5)
     fleet.write_config()
     fleet.start_worker()
     sent = fleet.send("planner")
@@ -85,7 +85,7 @@ def test_a_session_that_ended_while_waiting_resumes_its_conversation(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI, redis_client
 ) -> None:
     scenario = "phase=awaiting_ci outage=529:3 phase=done"
-    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=6)
+    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=15)
     fleet.write_config()
     fleet.start_worker()
     sent = fleet.send("planner")
@@ -108,7 +108,7 @@ def test_a_long_wait_ends_the_clis_process_and_resumes_its_conversation_after(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI, redis_client
 ) -> None:
     scenario = "phase=awaiting_ci outage=529:3 phase=done"
-    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=4)
+    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=10)
     fleet.write_config(monitor={"park_after": 2})
     fleet.start_worker()
     sent = fleet.send("planner")
