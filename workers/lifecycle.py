@@ -273,6 +273,15 @@ def _take_slot(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -
     return True
 
 
+def undo_prepare(run: Run, cfg: Config, client: redis.Redis) -> None:
+    """Give back what a preparation cut short took: its lease, slot and run directory."""
+    release_claims(run, client, cfg)
+    if run.run_dir:
+        if run.worktree:
+            worktrees.remove_worktree(cfg.project(run.project).repo_root, Path(run.worktree))
+        shutil.rmtree(run.run_dir, ignore_errors=True)
+
+
 def release_claims(run: Run, client: redis.Redis, cfg: Config) -> None:
     """Give back the run's lease and session slot, if it still holds them.
 
