@@ -226,11 +226,14 @@ def adopt(run: Run) -> None:
         if _session_step_takes(run):
             log.info("run %s: its session step takes it from %s", run.id, run.state)
             return
-        # A one-shot agent was the dead worker's child; a run still preparing
-        # had no session yet: neither can be picked up where it stopped.
         lifecycle.kill_session(run, config())  # one the dead worker began
-        run.end(outcomes.FAILED, f"the worker on host {run.host} stopped during {run.state}")
-        conclude(run)
+        if run.mode == "oneshot":
+            # The agent was the dead worker's child: it cannot be picked up.
+            run.end(outcomes.FAILED, f"the worker on host {run.host} stopped during {run.state}")
+            conclude(run)
+        else:
+            # No agent had started: the run is prepared again, here.
+            _this_host().recoveries.submit(_prepare_again, run)
     elif run.state in STARTING_STATES and not lifecycle.prompt_delivered(run):
         # The agent never got its prompt: start the session again.
         _this_host().recoveries.submit(_start_again, run)
@@ -292,6 +295,38 @@ def _ended(watch: SessionWatch, ended: WatchEnd) -> None:
         _this_host().recoveries.submit(_go_on, watch.run)
         return
     _handle_end(watch.run, ended)
+
+
+def _prepare_again(run: Run) -> None:
+    """Its worker died while preparing it, before any agent started: prepare it anew.
+
+    What the dead worker took (lease, slot, run directory) is given back
+    first; then the run goes as its session step would have.
+    """
+    cfg = config()
+    client = redis_client(cfg)
+    log.warning("run %s: its worker stopped during %s; preparing it again", run.id, run.state)
+    lifecycle.undo_prepare(run, cfg, client)
+    fresh = Run(
+        id=run.id,
+        project=run.project,
+        agent=run.agent,
+        host=run.host,
+        started_at=run.started_at,
+        restarts=run.restarts + 1,
+    )
+    if run.restarts >= MAX_RESTARTS:
+        fresh.end(outcomes.FAILED, f"the worker stopped while preparing it, {fresh.restarts} times")
+        conclude(fresh)
+        return
+    sink = _LaneSink(_this_host())
+
+    def prepare_and_start() -> None:
+        lifecycle.prepare(fresh, cfg, client, sink)
+        if not fresh.ended:
+            lifecycle.start(fresh, cfg, sink)
+
+    _then_follow(fresh, prepare_and_start, outcomes.FAILED, "preparing it again failed: ")
 
 
 def _start_again(run: Run) -> None:
@@ -366,7 +401,10 @@ def _then_follow(run: Run, step: Callable[[], object], outcome: str, failed: str
     fails ends the run with ``outcome``, the reason ``failed`` and the error."""
     try:
         step()
-        follow(run)
+        if run.ended:  # (a run prepared again may be skipped)
+            conclude(run)
+        else:
+            follow(run)
     except FormulabeatError as exc:
         lifecycle.kill_session(run, config())
         run.end(outcome, f"{failed}{exc}")

@@ -274,12 +274,22 @@ def _take_slot(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -
 
 
 def undo_prepare(run: Run, cfg: Config, client: redis.Redis) -> None:
-    """Give back what a preparation cut short took: its lease, slot and run directory."""
+    """Give back what a preparation cut short took: its lease, slot and run directory.
+
+    A worker that died while preparing may have made the run directory (and
+    its worktree) without recording it: the run's own are found by name.
+    """
     release_claims(run, client, cfg)
-    if run.run_dir:
-        if run.worktree:
-            worktrees.remove_worktree(cfg.project(run.project).repo_root, Path(run.worktree))
-        shutil.rmtree(run.run_dir, ignore_errors=True)
+    for run_dir in runs_dir(cfg.state_dir).glob(f"{run.id[:8]}-*"):
+        worktree = worktrees.worktree_path(run_dir, run.id)
+        try:
+            ours = worktree.exists() or run.id in (run_dir / rundir.PROMPT).read_text("utf-8")
+        except OSError:
+            ours = str(run_dir) == run.run_dir
+        if not ours:
+            continue
+        worktrees.remove_worktree(cfg.project(run.project).repo_root, worktree)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def release_claims(run: Run, client: redis.Redis, cfg: Config) -> None:
