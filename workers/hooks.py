@@ -79,14 +79,21 @@ def hook_command() -> list[str]:
     return [sys.executable, "-I", "-S", os.path.realpath(__file__)]
 
 
+def hook_line(
+    hook_command: list[str], name: str, run_dir: str | os.PathLike[str], primary_branch: str
+) -> str:
+    """The command line an agent CLI runs for hook ``name`` of one run."""
+    words = [*hook_command, name, "--run-dir", os.fspath(run_dir)]
+    return shlex.join([*words, "--primary-branch", primary_branch])
+
+
 def settings(
     hook_command: list[str], run_dir: str | os.PathLike[str], primary_branch: str
 ) -> dict[str, object]:
     """Claude Code settings holding formulabeat's hooks for one run (``--settings`` file)."""
     hooks: dict[str, list[dict[str, object]]] = {}
     for event, matcher, name, timeout in HOOKS:
-        words = [*hook_command, name, "--run-dir", os.fspath(run_dir)]
-        command = shlex.join([*words, "--primary-branch", primary_branch])
+        command = hook_line(hook_command, name, run_dir, primary_branch)
         hooks.setdefault(event, []).append(
             {
                 "matcher": matcher,
@@ -361,9 +368,21 @@ def on_stop(run_dir: str, payload: dict[str, object]) -> int:
     return 0
 
 
+# Other CLIs' names of the tools the hooks judge, as Claude Code's (the names
+# this module speaks): Gemini CLI's shell and file writer (Codex calls its
+# shell tool Bash, as Claude Code does).
+_TOOL_NAMES = {"run_shell_command": "Bash", "write_file": "Write"}
+
+
+def _tool(payload: dict[str, object]) -> tuple[str, object]:
+    """The tool a payload is about, by Claude Code's name, and its input."""
+    name = str(payload.get("tool_name", ""))
+    return _TOOL_NAMES.get(name, name), payload.get("tool_input")
+
+
 def on_post_tool_use(run_dir: str, payload: dict[str, object]) -> int:
     """Journal each phase a tool call wrote, and wake the monitor."""
-    tool, tool_input = str(payload.get("tool_name", "")), payload.get("tool_input")
+    tool, tool_input = _tool(payload)
     cwd = str(payload.get("cwd") or os.getcwd())
     phase_file = os.path.join(run_dir, PHASE)
     if not isinstance(tool_input, dict) or not writes_phase_file(tool, tool_input, cwd, phase_file):
@@ -397,8 +416,8 @@ def on_guard(run_dir: str, payload: dict[str, object], primary_branch: str) -> i
     if not os.path.exists(live):
         # Tells the monitor that PostToolUse journal entries will follow tool calls.
         _write_marker(live, str(time.time()))
-    tool_input = payload.get("tool_input")
-    if payload.get("tool_name") != "Bash" or not isinstance(tool_input, dict):
+    tool, tool_input = _tool(payload)
+    if tool != "Bash" or not isinstance(tool_input, dict):
         return 0
     cwd = str(payload.get("cwd") or os.getcwd())
     reason = guard_reason(str(tool_input.get("command", "")), cwd, primary_branch)

@@ -66,6 +66,7 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
     formula = load_run_formula(run, cfg)
     agent = cfg.agent(run.project, run.agent)
     program = agent.argv()[0]
+    driver_for(agent)  # a driver the config names must be known
     if shutil.which(program, path=agent_env(agent).get("PATH")) is None:
         raise SessionError(
             f"agent command {program!r} (agents {agent.key}: command) not found on PATH"
@@ -158,8 +159,8 @@ def make_run_dir(run: Run, cfg: Config, formula: Formula) -> None:
     write_private(run_dir / rundir.CONTEXT, parts.footer + "\n")
     worktrees.add_worktree(project.repo_root, worktree, ref)
     run.worktree = str(worktree)
-    driver = driver_for(agent.driver)
-    if driver.resumes:
+    driver = driver_for(agent)
+    if driver.names_sessions:
         run.session_uuid = str(uuid.uuid4())
     driver.install(agent, launch_of(run, cfg))
     if oneshot:
@@ -170,10 +171,11 @@ def write_launch(run: Run, cfg: Config, resume: bool = False) -> Launch:
     """The launch file of the run's next session: its argv, its whole environment, its cwd."""
     assert run.run_dir and run.worktree
     agent = cfg.agent(run.project, run.agent)
+    driver = driver_for(agent)
     launch = launch_of(run, cfg, resume)
     spec = {
-        "argv": driver_for(agent.driver).command(agent, launch, agent.mode == "oneshot"),
-        "env": dict(launch.env),
+        "argv": driver.command(agent, launch, agent.mode == "oneshot"),
+        "env": {**launch.env, **driver.launch_env(agent, launch)},
         "cwd": run.worktree,
         "exit_file": str(Path(run.run_dir) / rundir.EXIT_STATUS),
         "nice": agent.nice,
@@ -186,7 +188,7 @@ def launch_of(run: Run, cfg: Config, resume: bool = False) -> Launch:
     """What the agent's driver knows of the run (its environment included)."""
     assert run.run_dir and run.worktree and run.phase_file
     agent = cfg.agent(run.project, run.agent)
-    env = agent_env(agent)
+    env = agent_env(agent, credentials=driver_for(agent).credentials)
     env.update(
         {
             "PHASE_FILE": run.phase_file,
@@ -206,6 +208,7 @@ def launch_of(run: Run, cfg: Config, resume: bool = False) -> Launch:
         env=env,
         session_uuid=run.session_uuid,
         resume=resume,
+        repo_root=cfg.project(run.project).repo_root,
     )
 
 
@@ -297,11 +300,34 @@ def start(run: Run, cfg: Config, sink: ProgressSink, resume: bool = False) -> No
     )
     run.session, run.session_id, run.pane_id = session.name, session.session_id, session.pane_id
     sink.progress(run, "STARTING")
-    driver = driver_for(agent.driver)
+    driver = driver_for(agent)
     driver.wait_ready(session, agent, launch, cfg.monitor)
     driver.deliver(session, agent, launch, cfg.monitor)
     (run_dir / rundir.PROMPT_DELIVERED).touch()
+    if driver.resumes:
+        remember_session(run)
     sink.progress(run, "RUNNING")
+
+
+def remember_session(run: Run) -> None:
+    """Record the conversation and its transcript the CLI named to the prompt-submit hook.
+
+    A CLI that names its own conversations (Codex) is resumed by that id
+    after a crash; one formulabeat named (Claude Code, Gemini CLI) confirms
+    the id it was given.
+    """
+    assert run.run_dir
+    try:
+        record = json.loads((Path(run.run_dir) / rundir.PROMPT_SUBMITTED).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict):
+        return
+    session_id, transcript = record.get("session_id"), record.get("transcript_path")
+    if isinstance(session_id, str) and session_id:
+        run.session_uuid = session_id
+    if isinstance(transcript, str) and transcript:
+        run.transcript = transcript
 
 
 def prompt_delivered(run: Run) -> bool:
@@ -357,7 +383,7 @@ def monitor_oneshot(
         output = (Path(run.run_dir) / rundir.OUTPUT).read_text(encoding="utf-8", errors="replace")
     except OSError:
         output = ""
-    report = driver_for(agent.driver).oneshot_report(output)
+    report = driver_for(agent).oneshot_report(output, launch_of(run, cfg))
     if report is not None:
         run.usage, run.cli_cost_usd = report.usage, report.cost_usd
         run.cost_usd = cost_usd(report.usage, cfg.prices)
@@ -373,12 +399,12 @@ def session_watch(
 ) -> SessionWatch:
     """What the host's watcher needs to follow the run's session (and count its tokens)."""
     agent = cfg.agent(run.project, run.agent)
-    driver = driver_for(agent.driver)
+    driver = driver_for(agent)
 
     def explain(how: str, screen: str) -> str:
         return driver.ended(how, screen, agent, launch_of(run, cfg))
 
-    meter = Meter(run, cfg.prices) if driver.transcripts else None
+    meter = Meter(run, cfg.prices, driver.transcript_format) if driver.transcripts else None
     return SessionWatch(
         run,
         _session(run, cfg),
@@ -424,13 +450,18 @@ def recover(run: Run, cfg: Config, sink: ProgressSink) -> None:
     """
     assert run.run_dir and run.phase_file
     run.recoveries += 1
-    driver = driver_for(cfg.agent(run.project, run.agent).driver)
-    resume = driver.resumes and run.transcript is not None and Path(run.transcript).exists()
+    driver = driver_for(cfg.agent(run.project, run.agent))
+    resume = (
+        driver.resumes
+        and run.session_uuid is not None
+        and run.transcript is not None
+        and Path(run.transcript).exists()
+    )
     if resume:
         message = RESUME_MESSAGE.format(run_id=run.id, phase=run.phase_file)
         write_private(Path(run.run_dir) / rundir.RESUME, message + "\n")
-    elif driver.resumes:
-        run.session_uuid = str(uuid.uuid4())
+    else:
+        _new_conversation(run, driver.names_sessions)
     run.recovered_by.append("resumed" if resume else "reinjected")
     sink.progress(run, "RECOVERING")
     try:
@@ -442,9 +473,14 @@ def recover(run: Run, cfg: Config, sink: ProgressSink) -> None:
         # conversation found"): a new conversation gets the whole prompt.
         log.warning("run %s: could not resume (%s); giving the prompt again", run.id, exc)
         kill_session(run, cfg)
-        run.session_uuid = str(uuid.uuid4())
+        _new_conversation(run, driver.names_sessions)
         run.recovered_by[-1] = "reinjected"
         start(run, cfg, sink)
+
+
+def _new_conversation(run: Run, named: bool) -> None:
+    """Forget the run's conversation: the next session starts a new one (named by us or not)."""
+    run.session_uuid = str(uuid.uuid4()) if named else None
 
 
 def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
