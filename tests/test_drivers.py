@@ -59,7 +59,7 @@ class Rig:
             f"rig-{self.driver_name}",
             self.launch.worktree,
             argv,
-            dict(self.launch.env),
+            {**self.launch.env, **driver.launch_env(self.agent, self.launch)},
             self.launch.run_dir / "exit-status",
         )
 

@@ -16,7 +16,8 @@ through files in the run's private directory (names in workers.rundir):
 - ``guard`` (PreToolUse, Bash): denies dangerous commands with exit status 2
   and the reason on stderr, which is what Claude Code shows the model;
 - ``session-end``: writes the ``exited`` marker (fast: its timeout is short);
-- ``session-start``: after a compaction, prints the run's compact context.
+- ``session-start``: writes ``session-started``; after a compaction, prints
+  the run's compact context.
 
 The CLI calls two hooks per tool use, so a hook must start fast: it runs as
 ``python -I -S hooks.py NAME …`` (no site packages), imports only the
@@ -50,6 +51,7 @@ from workers.rundir import (
     PROMPT,
     PROMPT_SUBMITTED,
     RESUME,
+    SESSION_STARTED,
 )
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
@@ -435,7 +437,8 @@ def on_session_end(run_dir: str, payload: dict[str, object]) -> int:
 
 
 def on_session_start(run_dir: str, payload: dict[str, object]) -> int:
-    """After a compaction, put the run's compact context back."""
+    """Mark the session started; after a compaction, put the run's compact context back."""
+    _write_marker(os.path.join(run_dir, SESSION_STARTED), str(time.time()))
     if payload.get("source", "compact") != "compact":
         return 0
     try:

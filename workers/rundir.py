@@ -31,6 +31,9 @@ HOOKS_LIVE = "hooks-live"
 IDLE = "idle"
 EXITED = "exited"
 NUDGES = "nudges"
+# The CLI started its session (SessionStart): a CLI that draws its input box
+# before it takes input (Gemini CLI) is ready only once this is there.
+SESSION_STARTED = "session-started"
 
 # Written by the worker: the agent confirmed the prompt. A worker killed
 # before it could publish RUNNING leaves this on the host, so the adopter
@@ -47,4 +50,4 @@ WAKE_NAMES = frozenset(
 )
 
 # Stale after a session ends: a recovered session must earn them again.
-SESSION_MARKERS = (EXIT_STATUS, PROMPT_DELIVERED, PROMPT_SUBMITTED, EXITED, IDLE)
+SESSION_MARKERS = (EXIT_STATUS, PROMPT_DELIVERED, PROMPT_SUBMITTED, EXITED, IDLE, SESSION_STARTED)

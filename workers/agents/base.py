@@ -36,6 +36,8 @@ START_WINDOW = 2.0
 POLL_START = 0.04
 # A TUI may still be taking a paste in; an Enter inside it would be text.
 PASTE_SETTLE = 0.02
+# How long a CLI whose input shows the paste may take to show it.
+PASTE_SHOWN_TIMEOUT = 3.0
 # How often one dialog may be answered before it counts as stuck.
 MAX_ANSWERS = 2
 _BOX_CHARS = "│┃|║ \t"
@@ -282,7 +284,7 @@ class PromptDriver:
             before = session.capture()
             if not enter_only:
                 session.paste_file(launch.prompt_file, f"formulabeat-{launch.run_id}")
-                time.sleep(PASTE_SETTLE)
+                self.await_paste(session, launch)
             session.press("Enter")
             if self._await_confirmation(session, agent, launch, before, timing.confirm_timeout):
                 return
@@ -295,6 +297,22 @@ class PromptDriver:
     def input_state(self, screen: str, launch: Launch) -> str:
         """What the agent's input holds: nothing, this run's whole prompt, or other text."""
         return EMPTY
+
+    def await_paste(self, session: AgentSession, launch: Launch) -> None:
+        """Let the agent take a paste in before its Enter (which inside it would be text)."""
+        time.sleep(PASTE_SETTLE)
+
+    def await_paste_shown(self, session: AgentSession, launch: Launch) -> None:
+        """For a CLI whose input shows what it holds: wait until it shows the whole paste.
+
+        A paste the input never shows is left to the confirmation (and its
+        second delivery).
+        """
+        deadline = time.monotonic() + PASTE_SHOWN_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.input_state(session.capture(), launch) == PROMPT_HELD:
+                return
+            time.sleep(POLL_MIN)
 
     def clear_input(self, session: AgentSession) -> None:
         """Empty the agent's input (a plain CLI offers no way: nothing to do)."""
