@@ -2,9 +2,9 @@
 
 Each driver (workers.agents) starts its CLI in a real tmux session through
 the launcher, waits until it is ready, delivers a prompt and sees it
-confirmed, and says why a session that ended did. ``claude-code`` runs the
-real Claude Code CLI against the Messages API stand-in; ``scripted`` runs
-formulabeat's scripted agent; ``plain`` a POSIX sh agent.
+confirmed, and says why a session that ended did. ``claude-code``, ``codex``
+and ``gemini`` run the real CLIs against their API stand-ins; ``scripted``
+runs formulabeat's scripted agent; ``plain`` a POSIX sh agent.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import start_session, wait_until
 from tests.messages_api import MessagesAPI
-from tests.real_cli import API_KEY, BYPASS, cli_env
+from tests.real_cli import API_KEY, BYPASS, AgentCLI, cli_env
 from workers.agents import DRIVERS, Launch
 from workers.agents.base import HookedDriver, prompt_shown
 from workers.agents.claude_code import config_file, edit_json, read_json, trust, trusted
@@ -75,6 +75,7 @@ def make_rig(
     driver: str,
     command: str,
     env: dict[str, str] | None = None,
+    repo_root: Path | None = None,
     **options: object,
 ) -> Rig:
     root = tmp_path / "state" / "runs"
@@ -112,6 +113,7 @@ def make_rig(
         primary_branch="main",
         hook_command=tuple(hook_command()),
         env=full_env,
+        repo_root=repo_root,
     )
     return Rig(driver, agent, launch, socket)
 
@@ -127,9 +129,19 @@ def sh_agent(tmp_path: Path) -> str:
 RigFactory = Callable[..., Rig]
 
 
-@pytest.fixture(params=["claude-code", "scripted", "plain"])
+@pytest.fixture(params=["claude-code", "codex", "gemini", "scripted", "plain"])
 def rig(request: pytest.FixtureRequest, tmp_path: Path, tmux_socket: str, sh_agent: str) -> Rig:
     """A healthy agent of each driver."""
+    if request.param in ("codex", "gemini"):
+        cli: AgentCLI = request.getfixturevalue(request.param)
+        return make_rig(
+            tmp_path,
+            tmux_socket,
+            cli.driver,
+            f"{cli.binary} {cli.flags}",
+            cli.env(cli.home),
+            repo_root=tmp_path / "state" / "runs" / "run-1" / "worktree",
+        )
     if request.param == "claude-code":
         claude = request.getfixturevalue("claude")
         home = request.getfixturevalue("claude_home")
@@ -159,7 +171,8 @@ def test_a_driver_readies_its_agent_and_the_prompt_arrives(rig: Rig) -> None:
         if DRIVERS[rig.driver_name].hooks:
             assert (rig.launch.run_dir / "prompt-submitted").exists()
             # Nothing of formulabeat's lands in the worktree the agent commits from.
-            assert not (rig.launch.worktree / ".claude").exists()
+            for own in (".claude", ".codex", ".gemini"):
+                assert not (rig.launch.worktree / own).exists(), own
     finally:
         session.kill()
 
