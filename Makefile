@@ -10,7 +10,7 @@ CLAUDE_CODE_VERSION := 2.1.197
 CLAUDE_DIR   := .claude-cli
 CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
 
-.PHONY: setup system-deps claude-cli demo test lint typecheck unit chaos bench compose-check clean
+.PHONY: setup system-deps claude-cli demo test lint typecheck unit chaos chaos-real bench compose-check clean
 
 setup: system-deps $(STAMP)
 
@@ -65,6 +65,11 @@ test: lint typecheck unit
 # ≥ 100 runs on three hosts while workers are killed and Redis restarts.
 chaos: setup
 	$(BIN)/python -m tests.chaos
+
+# ≥ 30 runs of the real Claude Code CLI through API outages and rate limits,
+# CLI crashes, worker kill -9s and a Redis restart (not part of `make test`).
+chaos-real: setup claude-cli
+	$(BIN)/python -m tests.chaos_real
 
 # Latency, idle cost, concurrency and throughput; writes bench/results.json.
 bench: setup claude-cli

@@ -125,9 +125,22 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 def _progress_line(started: float, meta: dict[str, Any], state: str) -> str:
     phase = meta.get("final_phase") or "-"
-    return (
+    line = (
         f"[{time.monotonic() - started:7.1f}s] {state:<12} phase {phase:<22} "
         f"host {meta.get('host') or '-'}  session {meta.get('session') or '-'}"
+    )
+    waiting = _waiting_text(meta)
+    return f"{line}  {waiting}" if waiting else line
+
+
+def _waiting_text(meta: dict[str, Any]) -> str | None:
+    """A waiting run's error, try and when it goes on, as status and run --wait show it."""
+    waiting = meta.get("waiting")
+    if not isinstance(waiting, dict):
+        return None
+    return (
+        f"waiting for the API: {waiting.get('error')} (try {waiting.get('try')} of "
+        f"{waiting.get('of')}), goes on at {waiting.get('until_text')}"
     )
 
 
@@ -136,23 +149,23 @@ def wait_for(
 ) -> dict[str, Any]:
     """Follow a run's states until it has a result; return the result dict."""
     from tasks.app import client_app
-    from tasks.reporting import result_of
+    from tasks.reporting import result_of, snapshot_of
 
     app = client_app(cfg)
     result = app.AsyncResult(run_id)
     started = time.monotonic()
-    last: tuple[str, str | None] | None = None
+    last: tuple[str, str | None, object] | None = None
     try:
         while True:
             state = result.state
-            info = result.info
             ended = result_of(result)
             if ended is not None:
                 return ended
             if state in ("FAILURE", "REVOKED"):
-                raise FormulabeatError(f"run {run_id} failed inside formulabeat: {info!r}")
-            if isinstance(info, dict) and "phases" in info:
-                key = (state, info.get("final_phase"))
+                raise FormulabeatError(f"run {run_id} failed inside formulabeat: {result.info!r}")
+            info = snapshot_of(result)
+            if info is not None and "phases" in info:
+                key = (state, info.get("final_phase"), info.get("api_retries"))
                 if key != last:
                     last = key
                     show(_progress_line(started, info, state))
@@ -217,8 +230,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(snapshot))
         else:
             for key, value in snapshot.items():
-                if key not in ("phases", "usage"):
+                if key not in ("phases", "usage", "api_waits", "waiting"):
                     print(f"{key:>18}: {_shown(value)}")
+            waiting = _waiting_text(snapshot)
+            if waiting:
+                print(f"{'waiting':>18}: {waiting}")
+            for wait in snapshot.get("api_waits") or []:
+                went = f", went on {wait['went_on']}" if wait.get("went_on") else ""
+                print(
+                    f"{'api wait':>18}: {wait.get('at')}  try {wait.get('try')} of "
+                    f"{wait.get('of')}: {wait.get('error')} (until {wait.get('until_text')}{went})"
+                )
             for phase in snapshot.get("phases", []):
                 print(f"{'phase':>18}: {phase['at']}  {phase['phase']}")
             for model, kinds in (snapshot.get("usage") or {}).items():
@@ -243,7 +265,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{snap['run_id'][:8]:<8} {_shown(snap.get('project')):<12} "
             f"{_shown(snap.get('agent')):<12} {_shown(snap.get('host')):<12} {phase:<20} "
             f"{age:>7} {_count(tokens) if tokens else '-':>7} "
-            f"{snap.get('outcome') or 'live':<12} {_shown(snap.get('reason'))}"
+            f"{snap.get('outcome') or 'live':<12} "
+            f"{_shown(snap.get('reason') or _waiting_text(snap))}"
         )
     return 0
 

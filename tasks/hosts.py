@@ -9,7 +9,8 @@ reaps the runs of hosts whose heartbeat stopped: they end as ``lost`` and
 their leases are freed, so the next schedule runs the agent elsewhere. The
 reaper also sends again a run step (the run, or its session step) whose
 message the broker lost: unclaimed a visibility timeout after it was sent,
-in no queue and not unacked.
+in no queue and not unacked; and it sends the runs deferred past a
+credential's reset (``on_limit = "defer"``) when they are due.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import redis
 from celery import Celery, Task
 from celery.signals import worker_init, worker_ready
 
-from beat_schedule import DEFAULT_QUEUE, REAP_TASK
+from beat_schedule import DEFAULT_QUEUE, REAP_TASK, RUN_TASK
 from tasks import watching
 from tasks.app import VISIBILITY_TIMEOUT, app, config, redis_client
 from tasks.reporting import Reporter
-from workers import registry
+from workers import quota, registry
 from workers import run as outcomes
 from workers.lifecycle import release_claims
 from workers.run import Run, now_iso
@@ -165,7 +166,32 @@ def reap(self: Task) -> dict[str, Any]:
             reporter.finished(run, result)
             log.warning("run %s on host %s: lost", run.id, host)
             lost.append(run.id)
-    return {"lost": lost, "resent": resend_lost(self.app, client)}
+    return {
+        "lost": lost,
+        "resent": resend_lost(self.app, client),
+        "deferred": send_deferred(self.app, client),
+    }
+
+
+def send_deferred(app: Celery, client: redis.Redis) -> list[str]:
+    """Send the runs deferred past their credential's reset, once due (workers.quota).
+
+    Sent before they leave the list: a reaper killed in between leaves one to
+    be sent again, under the same run id, whose claim then drops the copy.
+    """
+    sent = []
+    for run_id, message in quota.due(client).items():
+        log.info("run %s: deferred past a limit's reset; sending it now", run_id)
+        app.send_task(
+            RUN_TASK,
+            [message["project"], message["agent"]],
+            {"trigger": "deferred"},
+            task_id=run_id,
+            queue=DEFAULT_QUEUE,
+        )
+        quota.sent(client, run_id)
+        sent.append(run_id)
+    return sent
 
 
 def resend_lost(app: Celery, client: redis.Redis) -> list[str]:

@@ -27,6 +27,11 @@ PHASES = Counter(
 )
 SKIPS = Counter("formulabeat_skips_total", "Runs skipped, by kind", ["project", "agent", "kind"])
 LIVE = Gauge("formulabeat_live_sessions", "Runs being monitored on this worker")
+API_WAITS = Counter(
+    "formulabeat_api_waits_total",
+    "Waits for the API after a turn ended on a transient API error, by the CLI's kind",
+    ["project", "agent", "kind"],
+)
 TOKENS = Counter(
     "formulabeat_tokens_total",
     "Tokens the agents used, from their transcripts",
@@ -41,10 +46,24 @@ DETECTION = Histogram(
 
 def skip_kind(reason: str) -> str:
     """A small, fixed label for a skip reason (labels must not be free text)."""
-    for kind in ("disabled", "already running", "low memory", "cancelled"):
-        if kind in reason:
-            return kind.replace(" ", "_")
+    for words, kind in _SKIP_KINDS:
+        if words in reason:
+            return kind
     return "other"
+
+
+_SKIP_KINDS = (
+    ("disabled", "disabled"),
+    ("already running", "already_running"),
+    ("low memory", "low_memory"),
+    ("cancelled", "cancelled"),
+    ("limited by the API", "limited"),
+)
+
+
+def api_wait(run: Run, kind: str) -> None:
+    """Count a wait for the API (the kind is the CLI's own small vocabulary)."""
+    API_WAITS.labels(run.project, run.agent, kind[:40]).inc()
 
 
 def phase_seen(run: Run) -> None:

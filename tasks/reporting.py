@@ -18,7 +18,23 @@ from tasks import metrics
 from tasks.app import config, redis_client
 from workers import lifecycle, registry
 from workers.config import Config
-from workers.run import FINAL_STATES, Run, RunEnded, final_state
+from workers.run import FINAL_STATES, Run, RunEnded, RunWaiting, final_state
+
+# Celery's own state for a task that will be tried again: a run waiting out an API error.
+RETRY = "RETRY"
+
+
+def snapshot_of(async_result: Any) -> dict[str, Any] | None:
+    """A live run's snapshot from its AsyncResult (``RETRY`` keeps it in an exception)."""
+    info = async_result.info
+    if isinstance(info, RunWaiting):
+        return info.result
+    return info if isinstance(info, dict) and "run_id" in info else None
+
+
+def _stored(meta: dict[str, Any], state: str) -> Any:
+    """What the backend keeps for a live state: Celery keeps an exception for RETRY."""
+    return RunWaiting(meta) if state == RETRY else meta
 
 
 def result_of(async_result: Any) -> dict[str, Any] | None:
@@ -54,8 +70,20 @@ class Reporter:
         """
         run.state = state
         meta = run.progress()
-        self.app.backend.store_result(run.id, meta, state)
-        self._event(run, state.lower())
+        self.app.backend.store_result(run.id, _stored(meta, state), state)
+        if state == RETRY:
+            # As Celery reports a task's retry: Flower shows RETRY and the error.
+            with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+                dispatcher.send(
+                    "task-retried",
+                    uuid=run.id,
+                    exception=f"RunWaiting({str(RunWaiting(meta))!r})",
+                    traceback="",
+                    phase=run.final_phase,
+                    host=run.host,
+                )
+        else:
+            self._event(run, state.lower())
         self._record(run, meta)
 
     def refresh(self, run_id: str, state: str, meta: dict[str, Any]) -> None:
@@ -63,7 +91,7 @@ class Reporter:
 
         No event: Flower would show it as a change of state.
         """
-        self.app.backend.store_result(run_id, meta, state)
+        self.app.backend.store_result(run_id, _stored(meta, state), state)
         registry.record(redis_client(self.cfg), meta)
 
     def conclude(self, run: Run) -> dict[str, Any]:

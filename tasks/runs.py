@@ -125,11 +125,25 @@ def session(self: Task, data: dict[str, Any]) -> None:
 
         metrics.LIVE.inc()
         try:
-            _guarded(current, "oneshot", lifecycle.monitor_oneshot, current, cfg, client, on_phase)
+            _guarded(
+                current,
+                "oneshot",
+                lifecycle.monitor_oneshot,
+                current,
+                cfg,
+                client,
+                on_phase,
+                watching.begin_wait,
+                sink,
+            )
         finally:
             metrics.LIVE.dec()
         if current.usage:
             watching.count_usage(current, current.usage)
+    elif watching.with_redis(lifecycle.renewer(current, cfg, client)) is False:
+        # The queue held the step longer than the lease lasts, and another run
+        # took the agent meanwhile: this one must not start a second agent.
+        current.end(outcomes.LOST_LEASE, "the agent's lease is no longer ours")
     else:
         _guarded(current, "session", lifecycle.start, current, cfg, sink)
         if not current.ended:

@@ -24,11 +24,12 @@ from typing import TypeVar
 from tasks import metrics
 from tasks.app import app, config, redis_client
 from tasks.reporting import Reporter, worker_name
-from workers import lifecycle, registry, spending, usage
+from workers import lifecycle, quota, registry, spending, usage, waiting
 from workers import run as outcomes
+from workers.apierrors import RESET_MARGIN, ApiFailure, format_time
 from workers.errors import FormulabeatError
 from workers.lanes import RETRYABLE, Lanes
-from workers.monitor import MonitorExit, SessionWatch
+from workers.monitor import MonitorExit, SessionWatch, WaitOver, WatchEnd
 from workers.phases import state_name
 from workers.run import Run
 from workers.tmux import TmuxServer
@@ -47,6 +48,8 @@ REDIS_PATIENCE = 120.0
 USAGE_REPORT_SECONDS = 30.0
 # States in which the run's session was being started when its worker died.
 STARTING_STATES = ("STARTING", "RECOVERING")
+# The run was telling its agent to go on after a wait for the API.
+RESUMING = "RESUMING"
 
 
 @dataclass
@@ -130,11 +133,42 @@ def follow(run: Run) -> None:
         sink.progress(changed, state_name(changed.final_phase))
 
     watch = lifecycle.session_watch(
-        run, cfg, redis_client(cfg, WATCHER_REDIS_TIMEOUT), on_phase, count_usage
+        run, cfg, redis_client(cfg, WATCHER_REDIS_TIMEOUT), on_phase, count_usage, begin_wait
     )
     # Handed over twice (adoption racing a late hand-off), it is followed once.
     if host.watcher.add(watch):
         metrics.LIVE.inc()
+
+
+def begin_wait(run: Run, failure: ApiFailure) -> None:
+    """A run's turn ended on a transient API error: publish its wait (Celery's RETRY).
+
+    A reset time the CLI stated goes to Redis for every host (new runs of the
+    credential are not started until then); a long wait ends the CLI's process.
+    Called on the watcher's thread: the Redis work goes to the run's lane.
+    """
+    host = _this_host()
+    cfg = config()
+    wait = run.api_waits[-1]
+    log.warning(
+        "run %s: %s; waiting (try %s of %s) until %s",
+        run.id,
+        wait["error"],
+        wait["try"],
+        wait["of"],
+        wait["until_text"],
+    )
+    metrics.api_wait(run, failure.kind)
+    if failure.reset_at is not None:
+        credential = cfg.agent(run.project, run.agent).credential
+        reset, error = failure.reset_at, failure.describe()
+
+        def note() -> None:
+            quota.note_limited(redis_client(cfg), credential, reset, error, run.id, run.host)
+
+        host.lanes.submit(run.id, note)
+    _LaneSink(host).progress(run, "RETRY")
+    waiting.park(run, cfg)
 
 
 def count_usage(run: Run, fresh: Usage) -> None:
@@ -198,6 +232,9 @@ def adopt(run: Run) -> None:
     elif run.state in STARTING_STATES and not lifecycle.prompt_delivered(run):
         # The agent never got its prompt: start the session again.
         _handle_end(run, MonitorExit(outcomes.CRASHED, "the worker stopped while starting it"))
+    elif run.state == RESUMING and not lifecycle.prompt_delivered(run):
+        # It died telling the agent to go on after a wait: tell it again.
+        _this_host().recoveries.submit(_go_on, run)
     else:
         if run.state in STARTING_STATES:
             # The prompt went in, but RUNNING died with the worker's lane.
@@ -246,9 +283,48 @@ def _store_end(host: _Host, run: Run) -> None:
     host.reporter.finished(run, host.reporter.conclude(run))
 
 
-def _ended(watch: SessionWatch, ended: MonitorExit) -> None:
+def _ended(watch: SessionWatch, ended: WatchEnd) -> None:
     metrics.LIVE.dec()
+    if isinstance(ended, WaitOver):
+        # Delivering waits for the agent's prompt: not on the watcher's thread.
+        _this_host().recoveries.submit(_go_on, watch.run)
+        return
     _handle_end(watch.run, ended)
+
+
+def _go_on(run: Run) -> None:
+    """The run's wait for the API is over: tell its agent to go on, and follow it again.
+
+    A credential that another run learnt is limited for longer is waited out
+    first, without counting a try.
+    """
+    cfg = config()
+    credential = cfg.agent(run.project, run.agent).credential
+    try:
+        limit = with_redis(lambda: quota.limited(redis_client(cfg), credential))
+    except RETRYABLE:
+        limit = None  # Redis away: go on; the agent meets the limit again if it holds
+    if limit is not None and run.api_waits:
+        wait = run.api_waits[-1]
+        run.waiting_until = limit.until + RESET_MARGIN
+        wait.update(until=run.waiting_until, until_text=format_time(run.waiting_until))
+        log.info("run %s: its credential stays limited until %s", run.id, wait["until_text"])
+        _LaneSink(_this_host()).progress(run, "RETRY")
+        follow(run)
+        return
+    try:
+        how = waiting.go_on(run, cfg, _LaneSink(_this_host()))
+        log.info("run %s: went on after its wait (%s)", run.id, how)
+        follow(run)
+    except FormulabeatError as exc:
+        lifecycle.kill_session(run, cfg)
+        run.end(outcomes.FAILED, f"could not go on after waiting for the API: {exc}")
+        conclude(run)
+    except Exception as exc:
+        log.exception("run %s: going on after its wait failed", run.id)
+        lifecycle.kill_session(run, cfg)
+        run.end(outcomes.FAILED, f"could not go on after waiting for the API: {exc!r}")
+        conclude(run)
 
 
 def _handle_end(run: Run, ended: MonitorExit) -> None:

@@ -276,8 +276,14 @@ class Fleet:
         commit_files(self.repo, {f"formulas/{name}.toml": formula_text(name, scenario)})
         self.agents[name] = options
 
-    def write_config(self, extra: str = "", metrics_port: int = 0) -> Config:
-        """Write formulabeat.toml for the agents added so far and load it."""
+    def write_config(
+        self, extra: str = "", metrics_port: int = 0, monitor: dict[str, float] | None = None
+    ) -> Config:
+        """Write formulabeat.toml for the agents added so far and load it.
+
+        ``monitor``: ``[monitor]`` keys beside the tests' own.
+        """
+        timings = {"poll_interval": 0.1, "ready_quiet": 0.2, **(monitor or {})}
         broker = f'[broker]\nurl = "{self.redis_url}"\n' if self.redis_url else ""
         agents = []
         for name, options in self.agents.items():
@@ -298,7 +304,7 @@ class Fleet:
         text = (
             f'state_dir = "state"\n{broker}\n[worker]\nconcurrency = 8\n\n'
             f'[tmux]\nsocket = "{self.tmux_socket}"\n\n'
-            "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n\n"
+            "[monitor]\n" + "".join(f"{k} = {v}\n" for k, v in timings.items()) + "\n"
             f"[metrics]\nport = {metrics_port}\n\n"
             '[[projects]]\nname = "proj"\nrepo_root = "project"\nops_repo_root = "ops"\n'
             'forge_url = "http://127.0.0.1:9"\nprimary_branch = "main"\n\n'

@@ -23,10 +23,27 @@ Tokens (underscores in arguments become spaces):
 - ``crash_once``: a Bash call that kills the CLI (SIGKILL to its process) the
   first time only (a flag file beside the phase file remembers it);
 - ``crash``: the same, every time;
-- ``apifail=STATUS``: answer with that HTTP error (401, 429, 500, 529, …);
+- ``apifail=STATUS``: answer with that HTTP error (401, 429, 500, 529, …),
+  every time;
+- ``outage=STATUS:N`` (before a token): the first N requests for the token
+  after it fail with that status (a 529 overload, a 500), then it is served:
+  an outage the CLI's own retries do not outlast when N is more than they are;
+- ``ratelimit=N`` (before a token): the same with 429 and a ``retry-after``;
+- ``usagelimit=SECONDS`` (before a token): 429 with the subscription headers
+  saying the five-hour limit resets in SECONDS (Claude Code, logged in with a
+  subscription token, then says ``You've hit your session limit · resets
+  <time>``), every time until then;
+- ``badcredit`` (before a token): 400 "credit balance is too low", every time;
 - ``stamp=PATH`` (anywhere in the line): each phase write then appends
   ``<phase file> <phase> <its mtime>`` to PATH (a benchmark's clock);
+- ``trace=PATH`` (anywhere in the line): each tool call first appends
+  ``<phase file> <step> <the CLI's pid> <time>`` to PATH (which CLI process
+  did which step, for the chaos);
 - ``waitfor=PATH``: a Bash call that waits until PATH exists.
+
+An API error the CLI shows becomes an assistant message of its own in a
+resumed conversation: only the stand-in's own answers count as responses.
+:meth:`MessagesAPI.outage` fails every main request for a while (chaos).
 
 Side requests the CLI makes without tools (titles, topics) get a short text.
 Every exchange is recorded (:attr:`MessagesAPI.exchanges`), with the usage it
@@ -67,6 +84,15 @@ _ERRORS = {
     429: "rate_limit_error",
     500: "api_error",
     529: "overloaded_error",
+}
+
+
+# What the real API says with each status.
+_MESSAGES = {
+    401: "invalid x-api-key",
+    429: "Number of request tokens exceeds your rate limit",
+    500: "Internal server error",
+    529: "Overloaded",
 }
 
 
@@ -132,13 +158,37 @@ def _sh_quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
+# Tokens that say how the request for the token after them fails.
+_FAULTS = ("outage", "ratelimit", "usagelimit", "badcredit")
+_END_TEXTS = ("Done.", "I stop here.")
+
+
+def _answered(message: dict[str, Any]) -> bool:
+    """Whether an assistant message is one of the stand-in's answers (not a CLI's error text)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return False
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "tool_use":
+            return True
+        text = str(block.get("text", ""))
+        if block.get("type") == "text" and (text in _END_TEXTS or text.startswith("Running the ")):
+            return True
+    return False
+
+
 class MessagesAPI:
     """The stand-in server: ``with MessagesAPI() as api: ... api.url``."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
         self._ids = 0
+        # Failures served so far, by (phase file, cursor); an outage of every request.
+        self._failed: dict[tuple[str | None, int], int] = {}
+        self._outage: tuple[float, int] | None = None
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -162,9 +212,9 @@ class MessagesAPI:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"http://{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> MessagesAPI:
@@ -174,6 +224,11 @@ class MessagesAPI:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def outage(self, seconds: float, status: int = 529) -> None:
+        """Fail every main request with ``status`` for the next ``seconds``."""
+        with self._lock:
+            self._outage = (time.time() + seconds, status)
 
     # -- what tests read ---------------------------------------------------
     def main_exchanges(self, phase_file: str | None = None) -> list[Exchange]:
@@ -208,14 +263,21 @@ class MessagesAPI:
         conversation = "\n".join(t for m in messages if m.get("role") == "user" for t in _texts(m))
         phase_match = _PHASE_FILE_RE.search(conversation)
         phase_file = (phase_match.group(1) or phase_match.group(2)) if phase_match else None
-        cursor = sum(1 for m in messages if m.get("role") == "assistant")
+        cursor = sum(1 for m in messages if m.get("role") == "assistant" and _answered(m))
         action = "side" if not main else self._action(conversation, cursor)
         usage = usage_for(cursor) if main else {"input_tokens": 10, "output_tokens": 2}
-        stamp = next(
-            (t.partition("=")[2] for t in self._tokens(conversation) if t.startswith("stamp=")),
-            None,
+        stamp, trace = (
+            next(
+                (t.partition("=")[2] for t in self._tokens(conversation) if t.startswith(prefix)),
+                None,
+            )
+            for prefix in ("stamp=", "trace=")
         )
-        blocks, status = self._respond(action, phase_file, stamp)
+        fault = self._fault(conversation, phase_file, cursor) if main else None
+        if fault is not None:
+            blocks, status = [], fault[0]
+        else:
+            blocks, status = self._respond(action, phase_file, stamp, trace)
         exchange = Exchange(
             at=time.time(),
             main=main,
@@ -232,7 +294,7 @@ class MessagesAPI:
         with self._lock:
             self.exchanges.append(exchange)
         if status != 200:
-            self._send_error(request, status)
+            self._send_error(request, status, *(fault[1:] if fault else ({}, None)))
         elif body.get("stream"):
             self._send_stream(request, exchange, blocks)
         else:
@@ -243,12 +305,71 @@ class MessagesAPI:
         found = _SCENARIO_RE.search(conversation)
         return found.group(1).split() if found else ["phase=done"]
 
+    def _plan(self, conversation: str) -> tuple[list[str], dict[int, str]]:
+        """The responses' tokens, and the fault token before each one that has one."""
+        actions: list[str] = []
+        faults: dict[int, str] = {}
+        for token in self._tokens(conversation):
+            if token.startswith(("stamp=", "trace=")):
+                continue
+            if token.partition("=")[0] in _FAULTS:
+                faults[len(actions)] = token
+            else:
+                actions.append(token)
+        return actions, faults
+
     def _action(self, conversation: str, cursor: int) -> str:
-        tokens = [t for t in self._tokens(conversation) if not t.startswith("stamp=")]
-        return tokens[cursor] if cursor < len(tokens) else "end"
+        actions = self._plan(conversation)[0]
+        return actions[cursor] if cursor < len(actions) else "end"
+
+    def _fault(
+        self, conversation: str, phase_file: str | None, cursor: int
+    ) -> tuple[int, dict[str, str], str | None] | None:
+        """(status, headers, message) when this request is to fail, else None."""
+        with self._lock:
+            if self._outage is not None and time.time() < self._outage[0]:
+                return self._outage[1], {}, None
+        token = self._plan(conversation)[1].get(cursor)
+        if token is None:
+            return None
+        name, _, arg = token.partition("=")
+        key = (phase_file, cursor)
+        with self._lock:
+            failed = self._failed.get(key, 0)
+            if name == "outage":
+                status, _, count = arg.partition(":")
+                if failed >= int(count or 1):
+                    return None
+                self._failed[key] = failed + 1
+                return int(status), {}, None
+            if name == "ratelimit":
+                if failed >= int(arg or 1):
+                    return None
+                self._failed[key] = failed + 1
+                return 429, {"retry-after": "1"}, "Number of request tokens exceeds your rate limit"
+            if name == "usagelimit":
+                # The reset is fixed by the first failure: later ones say the same time.
+                reset = self._failed.setdefault(key, int(time.time() + float(arg)))
+                if time.time() >= reset:
+                    return None
+                return 429, _usage_limit_headers(reset), "usage limit"
+            if name == "badcredit":
+                return (
+                    400,
+                    {},
+                    (
+                        "Your credit balance is too low to access the Anthropic API. "
+                        "Please go to Plans & Billing to upgrade or purchase credits."
+                    ),
+                )
+        return None
 
     def _respond(
-        self, action: str, phase_file: str | None, stamp: str | None = None
+        self,
+        action: str,
+        phase_file: str | None,
+        stamp: str | None = None,
+        trace: str | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
         """The content blocks (or an HTTP error status) for one action."""
         name, _, arg = action.partition("=")
@@ -288,6 +409,12 @@ class MessagesAPI:
         if command is None:
             text = "I stop here." if name == "idle" else "Done."
             return [{"type": "text", "text": text}], 200
+        if trace:
+            # The Bash tool's shell is a child of the CLI's process: $PPID is the CLI.
+            line = (
+                f'printf \'%s %s %s %s\\n\' {target} {_sh_quote(action)} "$PPID" "$(date +%s.%N)"'
+            )
+            command = f"{line} >> {_sh_quote(trace)}; {command}"
         tool = {
             "type": "tool_use",
             "id": f"toolu_{abs(hash((command, time.time_ns()))) % 10**12:012d}",
@@ -369,20 +496,46 @@ class MessagesAPI:
         text = "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
         self._send(request, 200, "text/event-stream", text)
 
-    def _send_error(self, request: BaseHTTPRequestHandler, status: int) -> None:
+    def _send_error(
+        self,
+        request: BaseHTTPRequestHandler,
+        status: int,
+        headers: dict[str, str] | None = None,
+        message: str | None = None,
+    ) -> None:
         kind = _ERRORS.get(status, "api_error")
-        body = {"type": "error", "error": {"type": kind, "message": f"stand-in {kind}"}}
-        self._send(request, status, "application/json", json.dumps(body))
+        text = message or _MESSAGES.get(status, f"stand-in {kind}")
+        body = {"type": "error", "error": {"type": kind, "message": text}}
+        self._send(request, status, "application/json", json.dumps(body), headers)
 
     @staticmethod
-    def _send(request: BaseHTTPRequestHandler, status: int, kind: str, text: str) -> None:
+    def _send(
+        request: BaseHTTPRequestHandler,
+        status: int,
+        kind: str,
+        text: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = text.encode()
         request.send_response(status)
         request.send_header("content-type", kind)
         request.send_header("content-length", str(len(data)))
         request.send_header("request-id", f"req_standin_{time.time_ns()}")
+        for name, value in (headers or {}).items():
+            request.send_header(name, value)
         request.end_headers()
         request.wfile.write(data)
+
+
+def _usage_limit_headers(reset: int) -> dict[str, str]:
+    """What the API says to a subscription whose five-hour limit is spent until ``reset``."""
+    return {
+        "anthropic-ratelimit-unified-status": "rejected",
+        "anthropic-ratelimit-unified-reset": str(reset),
+        "anthropic-ratelimit-unified-5h-status": "rejected",
+        "anthropic-ratelimit-unified-5h-reset": str(reset),
+        "anthropic-ratelimit-unified-representative-claim": "five_hour",
+    }
 
 
 def charged(exchanges: list[Exchange]) -> dict[str, int]:

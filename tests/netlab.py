@@ -28,16 +28,30 @@ AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissi
 
 
 def host_config(
-    redis_url: str, agents: list[str], lease_seconds: float, host_timeout: float
+    redis_url: str,
+    agents: list[str],
+    lease_seconds: float,
+    host_timeout: float,
+    agent_settings: str | None = None,
+    monitor: str = "",
 ) -> str:
     """A lab host's config: project ``proj`` in ./project, ``agents`` with formulas there.
 
-    ``{state}``, ``{tmux}`` and ``{host}`` are left for :meth:`NetLab.add_host`.
+    ``agent_settings``: TOML lines for every agent (default: the scripted
+    agent); ``monitor``: more ``[monitor]`` lines. ``{state}``, ``{tmux}`` and
+    ``{host}`` are left for :meth:`NetLab.add_host`.
     """
+    # The text is a format string for add_host: the settings' own braces are text.
+    settings = (
+        (agent_settings or f'command = "{AGENT}"\ndriver = "scripted"\n')
+        .replace("{", "{{")
+        .replace("}", "}}")
+    )
+    monitor = monitor.replace("{", "{{").replace("}", "}}")
     blocks = "".join(
         f'[[agents]]\nname = "{name}"\nproject = "proj"\n'
         f'formula = "project/formulas/{name}.toml"\nschedule = "0 0 1 1 *"\n'
-        f'command = "{AGENT}"\ndriver = "scripted"\nmin_memory_mb = 0\n\n'
+        f"{settings}min_memory_mb = 0\n\n"
         for name in agents
     )
     return (
@@ -46,7 +60,7 @@ def host_config(
         '[worker]\nhost = "{host}"\nconcurrency = 8\n'
         '[tmux]\nsocket = "{tmux}"\n'
         "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n"
-        f"lease_seconds = {lease_seconds}\nhost_timeout = {host_timeout}\n"
+        f"lease_seconds = {lease_seconds}\nhost_timeout = {host_timeout}\n{monitor}"
         "[metrics]\nport = 0\n"
         f"[credentials.default]\nmax_sessions = {max(8, len(agents))}\n"
         '[[projects]]\nname = "proj"\nrepo_root = "project"\nops_repo_root = "ops"\n'

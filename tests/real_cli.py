@@ -36,16 +36,23 @@ QUIET = {"DISABLE_AUTOUPDATER": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC":
 BYPASS = "--dangerously-skip-permissions"
 
 
-def claude_binary() -> Path:
-    """The CLI to test, or a skip (a failure where the CI requires it) that says why."""
+def find_claude() -> tuple[Path | None, str]:
+    """The CLI to test (``$FORMULABEAT_CLAUDE``, else the pinned one), or None and why not."""
     override = os.environ.get("FORMULABEAT_CLAUDE")
     binary = Path(override) if override else INSTALLED
     if binary.exists():
-        return binary
-    why = (
+        return binary, ""
+    return None, (
         f"the Claude Code CLI is not installed at {binary}: `make claude-cli` installs it "
         "with npm" + ("" if shutil.which("npm") else " (npm not found: apt-get install npm)")
     )
+
+
+def claude_binary() -> Path:
+    """The CLI to test, or a skip (a failure where the CI requires it) that says why."""
+    binary, why = find_claude()
+    if binary is not None:
+        return binary
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(why)
     pytest.skip(why)

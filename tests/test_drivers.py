@@ -9,6 +9,7 @@ runs formulabeat's scripted agent; ``plain`` a POSIX sh agent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,12 +25,12 @@ from tests.conftest import start_session, wait_until
 from tests.messages_api import MessagesAPI
 from tests.real_cli import API_KEY, BYPASS, AgentCLI, cli_env
 from workers.agents import DRIVERS, Launch
-from workers.agents.base import HookedDriver, prompt_shown
+from workers.agents.base import OTHER_HELD, PROMPT_HELD, HookedDriver, prompt_shown
 from workers.agents.claude_code import config_file, edit_json, read_json, trust, trusted
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import SessionError
 from workers.hooks import hook_command
-from workers.rundir import PHASE, PROMPT
+from workers.rundir import PHASE, PROMPT, PROMPT_SUBMITTED, RESUME
 from workers.tmux import AgentSession
 
 TIMING = MonitorConfig(ready_quiet=0.2, confirm_timeout=5.0, settle_seconds=2.0)
@@ -282,6 +283,34 @@ def test_claude_input_someone_typed_is_cleared_so_the_prompt_arrives_whole(
         wait_until(lambda: api.main_exchanges(phase), 30, "the model to be asked")
         received = api.main_exchanges(phase)[-1].prompt or ""
         assert received.split() == (rig.launch.run_dir / PROMPT).read_text().split()
+    finally:
+        session.kill()
+
+
+def test_claude_ready_with_a_long_line_in_its_box_and_that_text_is_known_as_its_own(
+    request: pytest.FixtureRequest, claude_home: Path, tmp_path: Path, tmux_socket: str
+) -> None:
+    # The resume message is one long line: the box wraps it over several lines,
+    # still an input box, and a second delivery knows the text as its own.
+    rig = claude_rig(request, tmp_path, tmux_socket, claude_home)
+    driver = DRIVERS["claude-code"]
+    resumed = dataclasses.replace(rig.launch, resume=True)
+    text = "Carry on with the formula where you stopped, " * 8
+    (rig.launch.run_dir / RESUME).write_text(text.strip() + "\n")
+    session = rig.start()
+    try:
+        driver.wait_ready(session, rig.agent, rig.launch, TIMING)
+        session.press("-l", text.strip())
+        wait_until(lambda: "where you stopped" in session.capture(), 10, "the typed text")
+        driver.wait_ready(session, rig.agent, resumed, TIMING)
+        assert driver.input_state(session.capture(), resumed) == PROMPT_HELD
+        session.press("C-u")
+        session.press("-l", "other words")
+        wait_until(lambda: "other words" in session.capture(), 10, "the other words")
+        assert driver.input_state(session.capture(), resumed) == OTHER_HELD
+        driver.deliver(session, rig.agent, resumed, TIMING)
+        record = json.loads((rig.launch.run_dir / PROMPT_SUBMITTED).read_text())
+        assert record["prompt"] == RESUME
     finally:
         session.kill()
 

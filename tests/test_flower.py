@@ -88,3 +88,25 @@ def test_flower_shows_each_runs_outcome_and_not_the_upkeep(fleet: Fleet) -> None
     listed = _get(f"{api}/tasks")
     assert isinstance(listed, dict)
     assert [t for t in listed.values() if t.get("name") == REAP_TASK] == []
+
+
+def test_flower_shows_a_run_waiting_for_the_api_as_retry_with_its_error(fleet: Fleet) -> None:
+    fleet.add_agent(
+        "planner",
+        "phase=awaiting_ci apifail=rate_limit:Request_rejected_(429) phase=done",
+        api_retry_delay=4,
+    )
+    _, api = _with_flower(fleet)
+    sent = fleet.send("planner")
+
+    def waiting() -> dict[str, object] | None:
+        task = _get(f"{api}/task/info/{sent.id}")
+        return task if isinstance(task, dict) and task.get("state") == "RETRY" else None
+
+    task = wait_until(waiting, 60, "Flower to show RETRY")
+    assert "rate_limit: Request rejected (429) (try 1 of 3, goes on at " in str(task["exception"])
+    assert wait_result(sent)["outcome"] == "done"
+    # Going on replaces RETRY, as a Celery task retried does.
+    assert wait_until(
+        lambda: (_get(f"{api}/task/info/{sent.id}") or {}).get("state") == "SUCCESS", 30
+    )

@@ -7,7 +7,7 @@ import time
 import redis
 
 from tests.conftest import Fleet, wait_result
-from workers.locks import Lease, agent_lock_key, holder, release_run
+from workers.locks import Lease, agent_lock_key, fence_key, holder, release_run
 
 
 def test_a_lease_has_one_owner_and_only_it_extends_or_releases(redis_client: redis.Redis) -> None:
@@ -67,3 +67,20 @@ def test_the_host_ending_a_run_frees_its_lease_by_run_id_only(redis_client: redi
     assert not release_run(redis_client, key, "run-1")
     redis_client.set(key, "not json")
     assert not release_run(redis_client, key, "run-1")
+
+
+def test_a_lease_redis_lost_is_taken_back_by_its_owner_only(redis_client: redis.Redis) -> None:
+    key = agent_lock_key("proj", "planner")
+    lease = Lease.acquire(redis_client, key, "run-1", "host-a", 30)
+    assert lease is not None
+    # A restart that lost the last writes: the lease and its counter gone.
+    redis_client.delete(key, fence_key(key))
+    assert not lease.extend(redis_client)
+    assert lease.reassert(redis_client) and lease.still_ours(redis_client)
+    # Its fence stands: the next owner's number is higher.
+    lease.release(redis_client)
+    later = Lease.acquire(redis_client, key, "run-2", "host-b", 30)
+    assert later is not None and later.fence > lease.fence
+    # Another owner holds it: nothing is taken back.
+    assert not lease.reassert(redis_client)
+    assert holder(redis_client, key).run_id == "run-2"  # type: ignore[union-attr]

@@ -39,7 +39,7 @@ def test_oneshot_agent_runs_from_origin_primary_with_the_prompt_on_stdin(fleet: 
 
 def test_oneshot_exit_status_decides_without_a_phase(fleet: Fleet) -> None:
     fleet.add_agent("crasher", "crash", mode="oneshot")
-    fleet.add_agent("failer", "apifail=server_error", mode="oneshot")
+    fleet.add_agent("failer", "apifail=authentication_failed", mode="oneshot")
     fleet.write_config()
     fleet.start_worker()
     crashed = fleet.run("crasher")
@@ -47,6 +47,8 @@ def test_oneshot_exit_status_decides_without_a_phase(fleet: Fleet) -> None:
     assert crashed["reason"] == "the agent exited with status 1"
     failed = fleet.run("failer")
     assert failed["outcome"] == "failed"
+    # The CLI said why it exited: a permanent API error, not waited out.
+    assert failed["reason"].startswith("api_error: authentication_failed")
 
 
 def test_oneshot_idle_and_max_runtime_kill_the_child(fleet: Fleet) -> None:

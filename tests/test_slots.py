@@ -92,3 +92,27 @@ def test_a_slot_that_stays_busy_skips_the_run_and_frees_its_lease(
     assert redis_client.keys("formulabeat:lock:proj:second") == []
     assert wait_result(first, 60)["outcome"] == "done"
     assert held_claims(redis_client) == []
+
+
+def test_a_wait_for_a_slot_longer_than_the_lease_keeps_the_lease(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    fleet.add_agent("first", "sleep=8 phase=done", credential="shared")
+    fleet.add_agent("second", "phase=done", credential="shared")
+    fleet.write_config(SLOTS.format(wait=60), monitor={"lease_seconds": 3})
+    fleet.start_worker()
+    first = fleet.send("first")
+    wait_until(lambda: first.state == "RUNNING", 30, "the first run to start")
+    second = fleet.send("second")
+    key = "formulabeat:lock:proj:second"
+
+    def state() -> object:
+        return (registry.get(redis_client, second.id) or {}).get("state")
+
+    wait_until(lambda: state() == "WAITING_FOR_SLOT", 30, "the second run to wait")
+    # Waiting longer than its lease lasts, the run keeps it all along.
+    while state() == "WAITING_FOR_SLOT":
+        assert redis_client.pttl(key) > 0, "the waiting run's lease ran out"
+        time.sleep(0.2)
+    assert wait_result(second, 60)["outcome"] == "done"
+    assert held_claims(redis_client) == []

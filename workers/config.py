@@ -31,6 +31,9 @@ STATE_DIR_ENV = "FORMULABEAT_STATE_DIR"
 CONFIG_NAME = "formulabeat.toml"
 DEFAULT_COMMAND = "claude --dangerously-skip-permissions"
 MODES = ("session", "oneshot")
+# What a new run does while its credential is known to be limited by the API:
+# skipped with the reset time, or also sent again for just after the reset.
+ON_LIMIT = ("skip", "defer")
 
 # Names end up in tmux session names, Redis keys and queue names: tmux forbids
 # '.' and ':' in session names and a space would need quoting everywhere, so
@@ -97,6 +100,14 @@ class AgentConfig:
     # measured, 20 Claude Code CLIs at work saturate 2 cores, and the phase
     # reports' p99 went from 190 to 79 ms with the agents at +10.
     nice: int = 10
+    # A turn that ends on a transient API error (overloaded, rate or usage
+    # limit, a server error, no connection) is waited out and the agent told
+    # to go on, this many times per run; the first wait lasts api_retry_delay
+    # seconds and each next one twice the last (at most 30 minutes), unless
+    # the CLI states when its limit resets.
+    api_retries: int = 3
+    api_retry_delay: float = 60.0
+    on_limit: str = "skip"
 
     @property
     def key(self) -> str:
@@ -154,6 +165,9 @@ class MonitorConfig:
     # per-run budgets act on what was read).
     usage_interval: float = 5.0
     lease_seconds: float = 300.0
+    # A wait for the API at least this long ends the CLI's process (one that
+    # can resume its conversation): an idle Claude Code holds ~266 MiB.
+    park_after: float = 300.0
     host_timeout: float = 30.0
     stale_worktree_hours: float = 24.0
     preserved_worktree_hours: float = 168.0
@@ -633,6 +647,20 @@ class _Parser:
             max_tokens=max_tokens,
             max_cost_usd=max_cost,
             nice=self.get(table, where, "nice", int, defaults.nice),
+            api_retries=self.get(table, where, "api_retries", int, defaults.api_retries),
+            api_retry_delay=self.get(
+                table, where, "api_retry_delay", float, defaults.api_retry_delay
+            ),
+            on_limit=self.get(table, where, "on_limit", str, defaults.on_limit),
+        )
+        self.check(f"{where}.api_retries", agent.api_retries >= 0, "must be 0 or more")
+        self.check(
+            f"{where}.api_retry_delay", agent.api_retry_delay > 0, "must be greater than 0 seconds"
+        )
+        self.check(
+            f"{where}.on_limit",
+            agent.on_limit in ON_LIMIT,
+            f'{agent.on_limit!r} is not a choice: use "skip" or "defer"',
         )
         self.check(f"{where}.nice", 0 <= agent.nice <= 19, "must be from 0 to 19")
         self.check(

@@ -11,8 +11,9 @@ through files in the run's private directory (names in workers.rundir):
 - ``post-tool-use``: when the tool wrote the phase file, appends each phase it
   wrote to ``phase-journal`` (so two writes in one millisecond are both seen,
   in order) and touches ``phase-changed``;
-- ``stop-failure``: writes ``PHASE:failed`` / ``Reason: api_error: <kind>``
-  unless a terminal phase is there already;
+- ``stop-failure``: writes the ``api-error`` record (the error's kind and the
+  CLI's text), unless a terminal phase is there already: the watcher decides
+  whether the run waits and goes on, or fails;
 - ``guard`` (PreToolUse, Bash): denies dangerous commands with exit status 2
   and the reason on stderr, which is what Claude Code shows the model;
 - ``session-end``: writes the ``exited`` marker (fast: its timeout is short);
@@ -40,6 +41,7 @@ if not __package__:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from workers.rundir import (
+    API_ERROR,
     CONTEXT,
     EXITED,
     HOOKS_LIVE,
@@ -402,13 +404,26 @@ def on_post_tool_use(run_dir: str, payload: dict[str, object]) -> int:
 
 
 def on_stop_failure(run_dir: str, payload: dict[str, object]) -> int:
-    """Record an API failure as the run's phase, unless it already ended."""
-    kind = str(payload.get("error") or "unknown")
+    """Record the API error that ended the turn, for the watcher to judge.
+
+    Not a phase: an overload or a rate limit is waited out and the agent told
+    to go on (workers.apierrors); only a permanent error fails the run. A turn
+    that failed after the agent wrote a terminal phase changes nothing.
+    """
     phase_file = os.path.join(run_dir, PHASE)
     current = (_phase_text(phase_file) or "").strip().splitlines()[:1]
     if current and current[0].strip() in TERMINAL:
         return 0
-    _write_marker(phase_file, f"PHASE:failed\nReason: api_error: {kind}\n")
+    # The kind is in "error"; the CLI's own text (a reset time, the status) in
+    # its last message, or in "error_details" where a version sends that.
+    message = payload.get("last_assistant_message") or payload.get("error_details") or ""
+    record = {"at": time.time(), "kind": str(payload.get("error") or "unknown")}
+    record["message"] = str(message)[:4000]
+    path = os.path.join(run_dir, API_ERROR)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    _write_marker(tmp, json.dumps(record))
+    # Replaced whole: the watcher never reads half a record.
+    os.replace(tmp, path)
     return 0
 
 

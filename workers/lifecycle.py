@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,20 +22,23 @@ from typing import Protocol
 
 import redis
 
-from workers import guards, registry, rundir, spending, worktrees
+from workers import guards, quota, registry, rundir, spending, worktrees
 from workers import launcher as launcher_module
 from workers import run as outcomes
 from workers.agents import Launch, driver_for
+from workers.agents.base import OneshotReport
 from workers.analysis import structural_report
+from workers.apierrors import ApiFailure, format_time
 from workers.config import Config
 from workers.environment import agent_env
-from workers.errors import ConfigError, ContextError, RepoError, SessionError
+from workers.errors import ConfigError, ContextError, PhaseFileError, RepoError, SessionError
 from workers.forge import git_auth_env, resolve_identity
 from workers.formula import Formula, load_formula
 from workers.hooks import hook_command
 from workers.locks import Lease, agent_lock_key, holder, release_run
-from workers.monitor import MonitorExit, SessionWatch
-from workers.oneshot import run_oneshot
+from workers.monitor import MonitorExit, SessionWatch, judge_api_error
+from workers.oneshot import run_oneshot, wait_out
+from workers.phases import TERMINAL, read_phase
 from workers.prompt import build_prompt
 from workers.repos import ensure_ops_repo, load_profile_formula, ops_commit_and_push
 from workers.run import Run, now_iso
@@ -42,6 +46,7 @@ from workers.slots import Slots
 from workers.statedir import new_run_dir, private_dir, runs_dir, write_private
 from workers.tmux import AgentSession, TmuxServer, session_name
 from workers.usage import Meter, Usage, cost_usd
+from workers.usage import add as add_usage
 
 log = logging.getLogger("formulabeat.lifecycle")
 MAX_PROMPT_BYTES = 1024 * 1024
@@ -81,7 +86,11 @@ def admit(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> boo
     if who:
         run.end(outcomes.CANCELLED, f"cancelled by {who} before it started")
         return False
-    reason = guards.skip_reason(client, agent) or spending.budget_reason(client, cfg, agent)
+    reason = (
+        guards.skip_reason(client, agent)
+        or spending.budget_reason(client, cfg, agent)
+        or _limit_reason(run, cfg, client)
+    )
     if reason:
         run.end(outcomes.SKIPPED, reason)
         return False
@@ -95,6 +104,21 @@ def admit(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> boo
     run.lease_key, run.lease_token, run.lease_fence = lease.key, lease.token, lease.fence
     sink.progress(run, "PREPARING")
     return _take_slot(run, cfg, client, sink)
+
+
+def _limit_reason(run: Run, cfg: Config, client: redis.Redis) -> str | None:
+    """Why a run is not started while its credential is limited (and, if the agent says
+    so, the run sent again for after the reset); None while it is not limited."""
+    agent = cfg.agent(run.project, run.agent)
+    limit = quota.limited(client, agent.credential)
+    if limit is None:
+        return None
+    if agent.on_limit != "defer":
+        return limit.reason()
+    due = quota.due_after_reset(limit.until)
+    again = str(uuid.uuid4())
+    quota.defer(client, again, run.project, run.agent, due)
+    return f"{limit.reason()}; sent again for {format_time(due)} as run {again}"
 
 
 def load_run_formula(run: Run, cfg: Config) -> Formula:
@@ -188,7 +212,10 @@ def launch_of(run: Run, cfg: Config, resume: bool = False) -> Launch:
     """What the agent's driver knows of the run (its environment included)."""
     assert run.run_dir and run.worktree and run.phase_file
     agent = cfg.agent(run.project, run.agent)
-    env = agent_env(agent, credentials=driver_for(agent).credentials)
+    driver = driver_for(agent)
+    env = agent_env(agent, credentials=driver.credentials)
+    for name, value in driver.environment_defaults().items():
+        env.setdefault(name, value)
     env.update(
         {
             "PHASE_FILE": run.phase_file,
@@ -218,11 +245,22 @@ def _take_slot(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -
     slots = Slots(client, credential.name, cfg.monitor.lease_seconds)
     if not slots.try_acquire(run.id, credential.max_sessions):
         sink.progress(run, "WAITING_FOR_SLOT")
+        lease = Lease(run.lease_key or "", run.lease_token or "", slots.ttl_ms, run.lease_fence)
+        renewed = time.monotonic()
 
-        def cancelled() -> bool:
+        def give_up() -> bool:
+            # The wait may outlast the lease: it is kept meanwhile.
+            nonlocal renewed
+            if time.monotonic() - renewed >= cfg.monitor.lease_seconds / 3:
+                if not lease.extend(client) and not _reassert(run, lease, client):
+                    run.end(outcomes.LOST_LEASE, "the agent's lease is no longer ours")
+                    return True
+                renewed = time.monotonic()
             return registry.cancel_requested(client, run.id) is not None
 
-        if not slots.acquire(run.id, credential.max_sessions, credential.wait, cancelled):
+        if not slots.acquire(run.id, credential.max_sessions, credential.wait, give_up):
+            if run.ended:
+                return False
             who = registry.cancel_requested(client, run.id)
             if who:
                 run.end(outcomes.CANCELLED, f"cancelled by {who} while waiting for a session slot")
@@ -263,7 +301,8 @@ def scratch_file(cfg: Config, run: Run) -> Path:
     return private_dir(cfg.state_dir / "scratch") / f"{run.project}-{run.agent}.md"
 
 
-def _session(run: Run, cfg: Config) -> AgentSession:
+def session_of(run: Run, cfg: Config) -> AgentSession:
+    """The run's tmux session, by its recorded ids (SessionError: it has none)."""
     if not (run.session and run.session_id and run.pane_id):
         raise SessionError(f"run {run.id} has no session")
     return AgentSession(
@@ -351,7 +390,7 @@ def renewer(run: Run, cfg: Config, client: redis.Redis) -> Callable[[], bool | N
 
     def renew() -> bool | None:
         try:
-            if not lease.extend(client):
+            if not lease.extend(client) and not _reassert(run, lease, client):
                 return False
             # A slot that expired (Redis lost it) is taken again while there is room.
             return slots is None or (
@@ -363,11 +402,33 @@ def renewer(run: Run, cfg: Config, client: redis.Redis) -> Callable[[], bool | N
     return renew
 
 
+def _reassert(run: Run, lease: Lease, client: redis.Redis) -> bool:
+    """Take back the run's lease if Redis lost it and no verdict ended the run meanwhile."""
+    if (registry.get(client, run.id) or {}).get("outcome"):
+        return False  # reaped while its host was silent: the verdict stands
+    if not lease.reassert(client):
+        return False
+    log.warning("run %s: its lease was gone from Redis (lost writes); taken back", run.id)
+    return True
+
+
 def monitor_oneshot(
-    run: Run, cfg: Config, client: redis.Redis, on_phase: Callable[[Run], None]
+    run: Run,
+    cfg: Config,
+    client: redis.Redis,
+    on_phase: Callable[[Run], None],
+    on_wait: Callable[[Run, ApiFailure], None],
+    sink: ProgressSink,
 ) -> None:
-    """Run a one-shot agent as a child of this task and follow it to its outcome."""
+    """Run a one-shot agent as a child of this task and follow it to its outcome.
+
+    A run of the CLI that ends on a transient API error is waited out (its
+    lease kept) and the CLI run again: resuming its conversation with the go-on
+    message where it can, else with the whole prompt.
+    """
     agent = cfg.agent(run.project, run.agent)
+    driver = driver_for(agent)
+    assert run.run_dir
 
     def cancelled() -> str | None:
         try:
@@ -376,18 +437,75 @@ def monitor_oneshot(
             return None
 
     renew = renewer(run, cfg, client)
-    ended = run_oneshot(run, agent, cfg.monitor, on_phase, renew, cancelled)
+    stdin: Path | None = None
+    reports: list[OneshotReport] = []
+    while True:
+        ended = run_oneshot(run, agent, cfg.monitor, on_phase, renew, cancelled, stdin)
+        report = driver.oneshot_report(_read_output(run), launch_of(run, cfg))
+        if report is not None:
+            reports.append(report)
+        if ended.outcome != outcomes.FAILED or _terminal_phase(run):
+            break
+        verdict = judge_api_error(run, agent, driver.api_failure)
+        if verdict is None:
+            break
+        if isinstance(verdict, MonitorExit):
+            ended = verdict
+            break
+        on_wait(run, verdict)
+        stopped = wait_out(run, agent, cfg.monitor, renew, cancelled)
+        if stopped is not None:
+            ended = stopped
+            break
+        stdin = _oneshot_go_on(run, cfg)
+        sink.progress(run, "RUNNING")
     run.end(ended.outcome, ended.reason)
+    if reports:
+        # Each run of the CLI reports its own figures (measured with 2.1.197: a
+        # resumed `-p` run's usage is its own, not the conversation's).
+        for report in reports:
+            for model, kinds in report.usage.items():
+                add_usage(run.usage, model, kinds)
+        costs = [r.cost_usd for r in reports]
+        run.cli_cost_usd = None if None in costs else sum(c or 0.0 for c in costs)
+        run.cost_usd = cost_usd(run.usage, cfg.prices)
+        run.output_tail = reports[-1].text[-TAIL_CHARS:]
+
+
+def _read_output(run: Run) -> str:
     assert run.run_dir
     try:
-        output = (Path(run.run_dir) / rundir.OUTPUT).read_text(encoding="utf-8", errors="replace")
+        return (Path(run.run_dir) / rundir.OUTPUT).read_text(encoding="utf-8", errors="replace")
     except OSError:
-        output = ""
-    report = driver_for(agent).oneshot_report(output, launch_of(run, cfg))
-    if report is not None:
-        run.usage, run.cli_cost_usd = report.usage, report.cost_usd
-        run.cost_usd = cost_usd(report.usage, cfg.prices)
-        run.output_tail = report.text[-TAIL_CHARS:]
+        return ""
+
+
+def _terminal_phase(run: Run) -> bool:
+    assert run.phase_file
+    try:
+        reading = read_phase(run.phase_file)
+    except PhaseFileError:
+        return True  # the run fails for it; nothing to wait for
+    return reading is not None and reading.phase in TERMINAL
+
+
+def _oneshot_go_on(run: Run, cfg: Config) -> Path:
+    """The next one-shot run of the CLI after a wait: its launch file; what it reads."""
+    assert run.run_dir
+    run_dir = Path(run.run_dir)
+    driver = driver_for(cfg.agent(run.project, run.agent))
+    # The CLI took the prompt, so a conversation exists to resume (by the id
+    # its prompt-submit hook named, for a CLI that names its own).
+    resume = driver.resumes and (run_dir / rundir.PROMPT_SUBMITTED).exists()
+    if resume:
+        remember_session(run)
+        write_private(run_dir / rundir.RESUME, go_on_message(run) + "\n")
+    else:
+        _new_conversation(run, driver.names_sessions)
+    write_launch(run, cfg, resume)
+    if run.api_waits:
+        run.api_waits[-1]["went_on"] = "resumed" if resume else "reinjected"
+    return run_dir / (rundir.RESUME if resume else rundir.PROMPT)
 
 
 def session_watch(
@@ -396,8 +514,10 @@ def session_watch(
     client: redis.Redis,
     on_phase: Callable[[Run], None],
     on_usage: Callable[[Run, Usage], None],
+    on_wait: Callable[[Run, ApiFailure], None],
 ) -> SessionWatch:
-    """What the host's watcher needs to follow the run's session (and count its tokens)."""
+    """What the host's watcher needs to follow the run's session (count its tokens, and
+    judge the API errors that end its turns)."""
     agent = cfg.agent(run.project, run.agent)
     driver = driver_for(agent)
 
@@ -407,7 +527,7 @@ def session_watch(
     meter = Meter(run, cfg.prices, driver.transcript_format) if driver.transcripts else None
     return SessionWatch(
         run,
-        _session(run, cfg),
+        session_of(run, cfg),
         agent,
         cfg.monitor,
         on_phase,
@@ -415,6 +535,8 @@ def session_watch(
         explain,
         meter,
         on_usage,
+        driver.api_failure,
+        on_wait,
     )
 
 
@@ -422,7 +544,7 @@ def kill_session(run: Run, cfg: Config) -> None:
     """Kill the run's tmux session (gone already is fine)."""
     with contextlib.suppress(SessionError):
         if run.session_id:
-            _session(run, cfg).kill()
+            session_of(run, cfg).kill()
         elif run.state in ("STARTING", "PREPARING"):
             # Its worker died between creating the session and recording it.
             name = session_name(run.project, run.agent, run.id)
@@ -432,6 +554,26 @@ def kill_session(run: Run, cfg: Config) -> None:
 def may_recover(run: Run, ended: MonitorExit) -> bool:
     """Whether a session that ended so is started again (a first crash only)."""
     return ended.outcome == outcomes.CRASHED and run.recoveries < MAX_RECOVERIES
+
+
+GO_ON_MESSAGE = (
+    "The API was unavailable ({error}), so formulabeat paused run {run_id} and now lets "
+    "you go on (wait {attempt} of {of}). Your conversation above is intact: carry on with "
+    "the formula where you stopped, without redoing the steps already done, and finish by "
+    "writing the phase: echo 'PHASE:done' > '{phase}' (or PHASE:failed with a Reason: line)."
+)
+
+
+def go_on_message(run: Run) -> str:
+    """What the agent is told when its wait for the API is over (never the whole prompt)."""
+    wait = run.api_waits[-1] if run.api_waits else {}
+    return GO_ON_MESSAGE.format(
+        error=wait.get("error", "an API error"),
+        run_id=run.id,
+        attempt=wait.get("try", 1),
+        of=wait.get("of", 1),
+        phase=run.phase_file,
+    )
 
 
 RESUME_MESSAGE = (
@@ -450,32 +592,45 @@ def recover(run: Run, cfg: Config, sink: ProgressSink) -> None:
     """
     assert run.run_dir and run.phase_file
     run.recoveries += 1
+    resume = resumable(run, cfg)
+    if resume:
+        message = RESUME_MESSAGE.format(run_id=run.id, phase=run.phase_file)
+        write_private(Path(run.run_dir) / rundir.RESUME, message + "\n")
+    run.recovered_by.append("resumed" if resume else "reinjected")
+    sink.progress(run, "RECOVERING")
+    run.recovered_by[-1] = restart(run, cfg, sink, resume)
+
+
+def resumable(run: Run, cfg: Config) -> bool:
+    """Whether the run's CLI can go on with its conversation in a new session."""
     driver = driver_for(cfg.agent(run.project, run.agent))
-    resume = (
+    return (
         driver.resumes
         and run.session_uuid is not None
         and run.transcript is not None
         and Path(run.transcript).exists()
     )
-    if resume:
-        message = RESUME_MESSAGE.format(run_id=run.id, phase=run.phase_file)
-        write_private(Path(run.run_dir) / rundir.RESUME, message + "\n")
-    else:
+
+
+def restart(run: Run, cfg: Config, sink: ProgressSink, resume: bool) -> str:
+    """Start the run's agent in a new session: "resumed" (its conversation, told what
+    resume.md says) or "reinjected" (a new conversation, the whole prompt)."""
+    driver = driver_for(cfg.agent(run.project, run.agent))
+    if not resume:
         _new_conversation(run, driver.names_sessions)
-    run.recovered_by.append("resumed" if resume else "reinjected")
-    sink.progress(run, "RECOVERING")
+        start(run, cfg, sink)
+        return "reinjected"
     try:
-        start(run, cfg, sink, resume)
+        start(run, cfg, sink, resume=True)
+        return "resumed"
     except SessionError as exc:
-        if not resume:
-            raise
         # A CLI killed early may have a transcript it cannot resume ("No
         # conversation found"): a new conversation gets the whole prompt.
         log.warning("run %s: could not resume (%s); giving the prompt again", run.id, exc)
         kill_session(run, cfg)
         _new_conversation(run, driver.names_sessions)
-        run.recovered_by[-1] = "reinjected"
         start(run, cfg, sink)
+        return "reinjected"
 
 
 def _new_conversation(run: Run, named: bool) -> None:
@@ -489,18 +644,20 @@ def finish(run: Run, cfg: Config, client: redis.Redis) -> None:
         run.end(outcomes.FAILED, "the run ended without an outcome")
     if run.session_id:
         with contextlib.suppress(SessionError):
-            _session(run, cfg).kill()
+            session_of(run, cfg).kill()
     if run.lease_key and run.lease_token:
         lease = Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0, fence=run.lease_fence)
         try:
-            ours = lease.still_ours(client)
-        except redis.exceptions.RedisError:
-            ours = False
-        if ours:
+            lost = lease.lost_because(client)
+        except redis.exceptions.RedisError as exc:
+            lost = f"Redis did not answer ({exc})"
+        if lost is None:
             _commit_ops(run, cfg)
         else:
             # Another run may hold the agent now: no side effect on shared state.
-            log.warning("run %s: lease %s is no longer ours; ops not pushed", run.id, lease.fence)
+            log.warning(
+                "run %s: lease %s is no longer ours (%s); ops not pushed", run.id, lease.fence, lost
+            )
     release_claims(run, client, cfg)
     if run.run_dir:
         run_dir = Path(run.run_dir)

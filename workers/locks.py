@@ -30,6 +30,17 @@ end
 return 0
 """
 
+# Take back a lease Redis lost (restarted without its last writes): only if
+# nobody holds it, and with the fencing counter no lower than its own number.
+_REASSERT = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    local fence = tonumber(redis.call('get', KEYS[2]) or '0')
+    if fence < tonumber(ARGV[3]) then redis.call('set', KEYS[2], ARGV[3]) end
+    return 1
+end
+return 0
+"""
+
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('del', KEYS[1])
@@ -98,14 +109,38 @@ class Lease:
         """Renew the lease for another TTL; False when it is no longer ours."""
         return bool(client.eval(_EXTEND, 1, self.key, self.token, self.ttl_ms))
 
+    def reassert(self, client: redis.Redis) -> bool:
+        """Take the lease back when it is gone from Redis; False when another owner holds it.
+
+        Redis acknowledges a write before it is on disk (or on a replica): a
+        restart can lose a lease taken a moment before. Its owner, still
+        renewing it, is the only one entitled to it.
+        """
+        keys = (self.key, fence_key(self.key))
+        return bool(client.eval(_REASSERT, 2, *keys, self.token, self.ttl_ms, self.fence))
+
     def still_ours(self, client: redis.Redis) -> bool:
         """Whether this lease is held by us and no later acquisition happened (fencing)."""
+        return self.lost_because(client) is None
+
+    def lost_because(self, client: redis.Redis) -> str | None:
+        """Why this lease is not ours now (None: it is, and no later acquisition happened)."""
         pipe = client.pipeline()
         pipe.get(self.key)
         pipe.get(fence_key(self.key))
         value, fence = pipe.execute()
         token = value.decode() if isinstance(value, bytes) else value
-        return token == self.token and fence is not None and int(fence) == self.fence
+        if token is None:
+            return "it is gone from Redis"
+        if token != self.token:
+            try:
+                other = json.loads(token).get("run_id", "?")
+            except (ValueError, AttributeError):
+                other = "?"
+            return f"run {other} holds it"
+        if fence is None or int(fence) != self.fence:
+            return f"its fencing counter is {fence.decode() if fence else 'gone'}, not {self.fence}"
+        return None
 
     def release(self, client: redis.Redis) -> bool:
         """Drop the lease if it is still ours; False when it had already gone."""

@@ -21,10 +21,11 @@ from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
 
 from workers import run as outcomes
+from workers.apierrors import RESET_MARGIN, ApiFailure, format_time, read_record, retry_delay
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import PhaseFileError, SessionError
 from workers.phases import TERMINAL, read_phase
-from workers.run import Run
+from workers.run import Run, now_iso
 from workers.rundir import EXITED, HOOKS_LIVE, IDLE, JOURNAL
 from workers.tmux import AgentSession
 from workers.usage import Meter, Usage, over_budget
@@ -48,6 +49,15 @@ class MonitorExit:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class WaitOver:
+    """The run's wait for the API has ended: its agent is to be told to go on."""
+
+
+# What ends the watcher's following of a session.
+WatchEnd = MonitorExit | WaitOver
+
+
 class Limits:
     """The limits every kind of run shares: idle time, wall-clock cap, lease renewal.
 
@@ -65,25 +75,39 @@ class Limits:
         renew: Callable[[], bool | None],
         idle_what: str = "phase change",
     ) -> None:
+        self.run = run
         self.agent = agent
         self.timing = timing
         self.renew = renew
         self.idle_what = idle_what
         self.started = started_epoch(run)
-        self.last_change = self.last_renew = self.last_confirmed = time.monotonic()
+        self.last_change = self.last_confirmed = time.monotonic()
+        # Renewed at the first check: the steps before (the agent's start, the
+        # go-on after a wait, a worker's restart) renewed nothing.
+        self.last_renew = float("-inf")
 
     def changed(self) -> None:
         """Something happened: the idle clock starts again."""
         self.last_change = time.monotonic()
 
-    def check(self) -> MonitorExit | None:
-        """How the run must end now, if a limit is reached (renewing the lease when due)."""
+    def working(self, at: float | None = None) -> float:
+        """Seconds the run has worked: since it started, less its waits for the API."""
+        return (at or time.time()) - self.started - self.run.waited_seconds
+
+    def check(self, waiting: bool = False) -> MonitorExit | None:
+        """How the run must end now, if a limit is reached (renewing the lease when due).
+
+        ``waiting``: the run waits out an API error, which is neither idling nor
+        working: only its lease is kept.
+        """
         now = time.monotonic()
-        if now - self.last_change >= self.agent.idle_timeout:
+        if waiting:
+            self.last_change = now
+        elif now - self.last_change >= self.agent.idle_timeout:
             return MonitorExit(
                 outcomes.IDLE_TIMEOUT, f"no {self.idle_what} for {self.agent.idle_timeout:g} s"
             )
-        if time.time() - self.started >= self.agent.max_runtime:
+        if not waiting and self.working() >= self.agent.max_runtime:
             return MonitorExit(
                 outcomes.FAILED, f"max_runtime of {self.agent.max_runtime:g} s reached"
             )
@@ -138,10 +162,16 @@ class SessionWatch:
         explain: Callable[[str, str], str],
         meter: Meter | None = None,
         on_usage: Callable[[Run, Usage], None] = lambda run, fresh: None,
+        judge: Callable[[str, str, float], ApiFailure] | None = None,
+        on_wait: Callable[[Run, ApiFailure], None] = lambda run, failure: None,
     ) -> None:
         assert run.phase_file is not None and run.run_dir is not None
         self.run = run
         self.agent = agent
+        # The driver's judgement of an API error that ended a turn (None: the
+        # CLI reports none), and who publishes a wait that begins.
+        self.judge = judge
+        self.on_wait = on_wait
         # Counts the run's tokens from its CLI's transcript (None: no transcript).
         self.meter = meter
         self.on_usage = on_usage
@@ -174,7 +204,7 @@ class SessionWatch:
         if self.terminal is None:
             outcome = TERMINAL.get(run.final_phase or "")
             if outcome is None:
-                return None
+                return self._api_error()
             assert run.phase_file is not None
             reading = read_phase(run.phase_file)
             self.terminal = MonitorExit(outcome, reading.reason if reading else None)
@@ -193,6 +223,35 @@ class SessionWatch:
         if drained and finished:
             return self.terminal
         return None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the run waits out an API error now."""
+        return self.run.waiting_until is not None
+
+    def _api_error(self) -> MonitorExit | None:
+        """Judge a new API-error record: fail the run, or begin a wait (None)."""
+        if self.judge is None:
+            return None
+        verdict = judge_api_error(self.run, self.agent, self.judge)
+        if isinstance(verdict, ApiFailure):
+            self.on_wait(self.run, verdict)
+            return None
+        return verdict
+
+    def _wait_check(self, cancelled_by: str | None) -> WatchEnd | None:
+        """While the run waits: a cancel, the lease, and the end of the wait."""
+        if cancelled_by:
+            return MonitorExit(outcomes.CANCELLED, f"cancelled by {cancelled_by}")
+        ended = self.limits.check(waiting=True)
+        if ended is not None:
+            return ended
+        run = self.run
+        assert run.waiting_until is not None
+        if time.time() < run.waiting_until:
+            return None
+        end_wait(run)
+        return WaitOver()
 
     def _transcript_quiet(self, now: float) -> bool:
         """Whether the transcript stopped growing: the CLI writes its last lines after
@@ -244,13 +303,21 @@ class SessionWatch:
         if fresh:
             self.on_usage(self.run, fresh)
 
-    def check(self, alive: bool, how: str | None, cancelled_by: str | None) -> MonitorExit | None:
-        """The periodic check: liveness, a cancel request, the idle prompt, budget, limits."""
+    def check(self, alive: bool, how: str | None, cancelled_by: str | None) -> WatchEnd | None:
+        """The periodic check: liveness, a cancel request, the idle prompt, budget, limits.
+
+        While the run waits for the API its session may end (or be ended, so
+        that a long wait holds no CLI in memory): the wait goes on, and the
+        conversation is resumed when it is over.
+        """
         if not alive:
             ended = self.scan()  # it may have written its phase on the way out
             if ended is not None or self.terminal is not None:
                 return ended or self.terminal
-            return MonitorExit(outcomes.CRASHED, self.ended_reason(how))
+            if not self.waiting:
+                return MonitorExit(outcomes.CRASHED, self.ended_reason(how))
+        if self.waiting:
+            return self._wait_check(cancelled_by)
         if cancelled_by:
             return MonitorExit(outcomes.CANCELLED, f"cancelled by {cancelled_by}")
         idle = self.run.final_phase is None and (self.run_dir / IDLE).exists()
@@ -266,6 +333,70 @@ class SessionWatch:
         if spent:
             return MonitorExit(outcomes.OVER_BUDGET, spent)
         return self.limits.check()
+
+
+def judge_api_error(
+    run: Run, agent: AgentConfig, judge: Callable[[str, str, float], ApiFailure]
+) -> MonitorExit | ApiFailure | None:
+    """A new API-error record in the run directory, judged by the agent's driver.
+
+    A permanent error, tries spent or a reset too far away: the MonitorExit
+    that ends the run. A transient one: the wait begins (``run.waiting_until``
+    and a new entry in ``run.api_waits``) and the failure is returned, for the
+    caller to publish. None: no record that was not judged before.
+    """
+    assert run.run_dir is not None
+    record = read_record(run.run_dir)
+    if record is None or record.at <= run.api_error_seen:
+        return None
+    run.api_error_seen = record.at
+    now = time.time()
+    failure = judge(record.kind, record.message, now)
+    what = failure.describe()
+    if not failure.transient:
+        return MonitorExit(outcomes.FAILED, f"api_error: {what} ({failure.fix})")
+    if run.api_retries >= agent.api_retries:
+        return MonitorExit(
+            outcomes.FAILED,
+            f"api_error: {what}; gave up after {run.api_retries} wait(s) for the API "
+            f"(api_retries = {agent.api_retries})",
+        )
+    if failure.reset_at is not None:
+        until = max(now, failure.reset_at) + RESET_MARGIN
+    else:
+        until = now + retry_delay(agent.api_retry_delay, run.api_retries + 1)
+    if until - now > agent.max_runtime:
+        # A weekly limit is not waited out by one run: new runs are skipped
+        # until it resets (workers.quota), and this one says when that is.
+        return MonitorExit(
+            outcomes.FAILED,
+            f"api_error: {what}; it resets at {format_time(until)}, longer away than "
+            f"max_runtime ({agent.max_runtime:g} s)",
+        )
+    run.api_retries += 1
+    run.waiting_until = until
+    run.api_waits.append(
+        {
+            "at": now_iso(),
+            "since": now,
+            "error": what,
+            "kind": failure.kind,
+            "try": run.api_retries,
+            "of": agent.api_retries,
+            "until": until,
+            "until_text": format_time(until),
+            "reset_stated": failure.reset_at is not None,
+        }
+    )
+    return failure
+
+
+def end_wait(run: Run) -> None:
+    """The run's wait is over: its time goes to ``waited_seconds`` (not working time)."""
+    now = time.time()
+    since = float(run.api_waits[-1].get("since", now)) if run.api_waits else now
+    run.waited_seconds += max(0.0, now - since)
+    run.waiting_until = None
 
 
 def check_phase(run: Run, on_phase: Callable[[Run], None]) -> bool:

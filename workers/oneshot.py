@@ -15,13 +15,21 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from workers import run as outcomes
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import PhaseFileError
-from workers.monitor import Limits, MonitorExit, RunDirWake, check_phase, merge_journal
+from workers.monitor import (
+    Limits,
+    MonitorExit,
+    RunDirWake,
+    check_phase,
+    end_wait,
+    merge_journal,
+)
 from workers.phases import TERMINAL, read_phase
 from workers.run import Run
 from workers.rundir import LAUNCH, OUTPUT
@@ -36,15 +44,20 @@ def run_oneshot(
     on_phase: Callable[[Run], None],
     renew: Callable[[], bool | None],
     cancelled: Callable[[], str | None] = lambda: None,
+    stdin_file: Path | None = None,
 ) -> MonitorExit:
-    """Run the agent to completion (or a timeout); the way it ended."""
+    """Run the agent to completion (or a timeout); the way it ended.
+
+    It reads the prompt on stdin, or ``stdin_file`` (the go-on message of a
+    run resumed after a wait for the API).
+    """
     assert run.run_dir and run.prompt_file and run.phase_file
     run_dir = Path(run.run_dir)
     spec = json.loads((run_dir / LAUNCH).read_text())
     # The launch file holds the agent's whole environment (workers.environment).
     env = {str(k): str(v) for k, v in spec["env"].items()}
     output = run_dir / OUTPUT
-    with open(run.prompt_file, "rb") as stdin, open(output, "wb") as out:
+    with open(stdin_file or run.prompt_file, "rb") as stdin, open(output, "wb") as out:
         try:
             # Below the worker's priority, as in a session (workers.launcher);
             # nice(1) rather than a preexec_fn, which is unsafe in a threaded worker.
@@ -112,6 +125,28 @@ def _follow(
             wake.wait(timing.poll_interval)
     finally:
         wake.close()
+
+
+def wait_out(
+    run: Run,
+    agent: AgentConfig,
+    timing: MonitorConfig,
+    renew: Callable[[], bool | None],
+    cancelled: Callable[[], str | None],
+) -> MonitorExit | None:
+    """Sleep until the run's wait for the API is over, keeping its lease; a cancel or a
+    lost lease ends it (the MonitorExit), else None when the wait is over."""
+    limits = Limits(run, agent, timing, renew)
+    while run.waiting_until is not None and time.time() < run.waiting_until:
+        who = cancelled()
+        if who:
+            return MonitorExit(outcomes.CANCELLED, f"cancelled by {who}")
+        ended = limits.check(waiting=True)
+        if ended is not None:
+            return ended
+        time.sleep(min(timing.liveness_interval, max(0.01, run.waiting_until - time.time())))
+    end_wait(run)
+    return None
 
 
 def _judge(run: Run, code: int) -> MonitorExit:

@@ -70,6 +70,28 @@ class RunEnded(Exception):
         return f"{self.result.get('outcome')}: {self.result.get('reason') or ''}".rstrip(": ")
 
 
+class RunWaiting(Exception):
+    """How a run waiting out an API error is stored (Celery's ``RETRY`` state).
+
+    Celery keeps an exception for a task in ``RETRY``: ``AsyncResult(run_id)
+    .info`` is this, and its ``.result`` the run's snapshot, whose
+    ``waiting`` says the error, the try and when the run goes on.
+    """
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The run's snapshot."""
+        value = self.args[0] if self.args else {}
+        return value if isinstance(value, dict) else {}
+
+    def __str__(self) -> str:
+        waiting = self.result.get("waiting") or {}
+        return (
+            f"{waiting.get('error')} (try {waiting.get('try')} of {waiting.get('of')}, "
+            f"goes on at {waiting.get('until_text')})"
+        )
+
+
 def now_iso() -> str:
     """The current time as an ISO 8601 UTC timestamp with microseconds."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
@@ -125,6 +147,15 @@ class Run:
     usage: dict[str, dict[str, int]] = field(default_factory=dict)
     cost_usd: float | None = 0.0
     cli_cost_usd: float | None = None
+    # Waits for the API (workers.apierrors): how many, each with its error,
+    # the one going on now (Unix time it ends), the seconds waited in all
+    # (not working time: max_runtime leaves them out), and the time of the
+    # last API-error record judged (a record is judged once, adopters too).
+    api_retries: int = 0
+    api_waits: list[dict[str, Any]] = field(default_factory=list)
+    waiting_until: float | None = None
+    waited_seconds: float = 0.0
+    api_error_seen: float = 0.0
 
     @property
     def ended(self) -> bool:
@@ -167,6 +198,9 @@ class Run:
             "session_uuid": self.session_uuid,
             "usage": self.usage,
             "cost_usd": self.cost_usd,
+            "api_retries": self.api_retries,
+            "api_waits": list(self.api_waits),
+            "waiting": self.api_waits[-1] if self.waiting_until is not None else None,
         }
 
     def result(self) -> dict[str, Any]:

@@ -34,6 +34,10 @@ NUDGES = "nudges"
 # The CLI started its session (SessionStart): a CLI that draws its input box
 # before it takes input (Gemini CLI) is ready only once this is there.
 SESSION_STARTED = "session-started"
+# A turn ended on an API error (Claude Code's StopFailure hook): a JSON object
+# {"at", "kind", "message"}, replaced whole by the next one. The watcher decides
+# whether the run waits and goes on, or fails (workers.apierrors).
+API_ERROR = "api-error"
 
 # Written by the worker: the agent confirmed the prompt. A worker killed
 # before it could publish RUNNING leaves this on the host, so the adopter
@@ -46,7 +50,17 @@ USAGE = "usage.json"
 # What the watcher wakes for: a write of any other file in a run directory
 # (the prompt, the reader's state, a temporary file) tells it nothing.
 WAKE_NAMES = frozenset(
-    {PHASE, JOURNAL, PHASE_CHANGED, HOOKS_LIVE, IDLE, EXITED, EXIT_STATUS, PROMPT_SUBMITTED}
+    {
+        PHASE,
+        JOURNAL,
+        PHASE_CHANGED,
+        HOOKS_LIVE,
+        IDLE,
+        EXITED,
+        EXIT_STATUS,
+        PROMPT_SUBMITTED,
+        API_ERROR,
+    }
 )
 
 # Stale after a session ends: a recovered session must earn them again.

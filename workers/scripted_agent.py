@@ -20,8 +20,12 @@ Scenario tokens, run in order (underscores in arguments become spaces):
 - ``crash_once``: crash the first session of a run only (a flag beside the
   phase file remembers it), so a recovered session goes on;
 - ``sleep=SECONDS``; ``crash`` (exit 1 at once, no hooks); ``exit`` (SessionEnd
-  hook, exit 0); ``idle`` (end the turn here); ``apifail=KIND`` (StopFailure
-  hook, end the turn); ``bash=COMMAND`` (a Bash tool call that runs nothing);
+  hook, exit 0); ``idle`` (end the turn here); ``apifail=KIND[:MESSAGE]``
+  (the turn ends on an API error of that kind, as Claude Code's does: the
+  StopFailure hook with the message as the CLI's text; the next prompt without
+  a scenario, such as formulabeat's "go on", takes up the tokens after it);
+  ``apifail_once=KIND[:MESSAGE]`` (the same, the first time in a run only);
+  ``bash=COMMAND`` (a Bash tool call that runs nothing);
 - ``wait=PATH`` waits until PATH exists (a benchmark's starting signal);
 - ``chatter=SECONDS`` writes an assistant line with usage to its transcript
   (``transcripts/<session>.jsonl`` beside the phase file, named in its hook
@@ -72,6 +76,9 @@ class Agent:
         # environment's PHASE_FILE is the fallback.
         self.phase_file: str | None = os.environ.get("PHASE_FILE") or None
         self.api_failed = False
+        # The scenario's tokens left when an API error ended a turn: a later
+        # prompt without a scenario (formulabeat's "go on") takes them up.
+        self.pending: list[str] | None = None
         self.deaf = False
         self.run_id = os.environ.get("FORMULABEAT_RUN_ID")
         self.events: list[dict[str, Any]] = []
@@ -303,7 +310,10 @@ class Agent:
             if line.strip().startswith("SCENARIO:"):
                 tokens = line.split("SCENARIO:", 1)[1].split()
                 break
-        for token in tokens:
+        else:
+            if self.pending is not None:
+                tokens, self.pending = self.pending, None
+        for index, token in enumerate(tokens):
             key, _, value = token.partition("=")
             if key == "phase":
                 self.write_phase(value)
@@ -313,7 +323,7 @@ class Agent:
                 time.sleep(float(value or 0))
             elif key == "chatter":
                 self.chatter(float(value or 0))
-            elif key == "crash" or (key == "crash_once" and self._first_crash()):
+            elif key == "crash" or (key == "crash_once" and self._first("crashed")):
                 self.log("crash")
                 os._exit(1)
             elif key == "exit":
@@ -324,10 +334,13 @@ class Agent:
                 self.bash_tool("ls", lambda: self.say(" ".join(sorted(os.listdir(self.cwd)))))
             elif key == "deaf":
                 self.deaf = True
-            elif key == "apifail":
-                self.say(f"API Error: {value}")
+            elif key == "apifail" or (key == "apifail_once" and self._first("apifail")):
+                kind, _, message = value.partition(":")
+                text = message.replace("_", " ") or f"API Error: scripted {kind}"
+                self.say(text)
                 self.api_failed = True
-                self.run_hooks("StopFailure", value, error=value, error_details="scripted failure")
+                self.pending = tokens[index + 1 :]
+                self.run_hooks("StopFailure", kind, error=kind, last_assistant_message=text)
                 return False
             elif key == "bash":
                 self.bash_tool(value.replace("_", " "))
@@ -354,10 +367,11 @@ class Agent:
             self._append(self.transcript_path, [{"type": "assistant", "message": message}])
             time.sleep(1.0)
 
-    def _first_crash(self) -> bool:
+    def _first(self, what: str) -> bool:
+        """Whether this run does ``what`` for the first time (a flag beside the phase file)."""
         if self.phase_file is None:
             return True
-        flag = Path(f"{self.phase_file}.crashed-once")
+        flag = Path(f"{self.phase_file}.{what}-once")
         if flag.exists():
             return False
         flag.touch()

@@ -32,7 +32,7 @@ from inotify_simple import flags as inotify_flags
 from workers import registry
 from workers.config import MonitorConfig
 from workers.errors import SessionError
-from workers.monitor import MonitorExit, SessionWatch
+from workers.monitor import MonitorExit, SessionWatch, WatchEnd
 from workers.rundir import WAKE_NAMES
 from workers.tmux import TmuxServer
 
@@ -53,7 +53,7 @@ class HostWatcher:
         server: TmuxServer,
         client: redis.Redis,
         timing: MonitorConfig,
-        on_end: Callable[[SessionWatch, MonitorExit], None],
+        on_end: Callable[[SessionWatch, WatchEnd], None],
     ) -> None:
         self.server = server
         self.client = client
@@ -143,7 +143,7 @@ class HostWatcher:
         for watch in [*dirty.values(), *pending]:
             if watch.run.id not in self._watches:
                 continue
-            ended = watch.scan()
+            ended: WatchEnd | None = watch.scan()
             if ended is None and watch.exited():
                 alive, how = watch.session.status()
                 ended = None if alive else watch.check(alive, how, None)
@@ -170,7 +170,7 @@ class HostWatcher:
         missed, self._overflowed = self._overflowed, False
         for run_id in ids:
             watch = self._watches[run_id]
-            ended = watch.scan() if missed else None
+            ended: WatchEnd | None = watch.scan() if missed else None
             watch.count()
             if ended is None:
                 state = panes.get(watch.session.pane_id) if panes is not None else None
@@ -185,7 +185,7 @@ class HostWatcher:
         with contextlib.suppress(SessionError, redis.exceptions.RedisError):
             registry.publish_pane(self.client, watch.run.id, watch.session.capture())
 
-    def _end(self, watch: SessionWatch, ended: MonitorExit) -> None:
+    def _end(self, watch: SessionWatch, ended: WatchEnd) -> None:
         try:
             watch.count(now=True)  # the tokens written since the last look
         except Exception:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from workers.apierrors import ApiFailure, classify
 from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
 from workers.environment import CREDENTIALS
@@ -174,6 +175,12 @@ class AgentDriver(Protocol):
 
     def oneshot_report(self, output: str, launch: Launch) -> OneshotReport | None:
         """What a one-shot run's output says it used and cost (None: it says nothing)."""
+
+    def api_failure(self, kind: str, message: str, now: float) -> ApiFailure:
+        """How an API error that ended a turn is judged: wait and go on, or fail with the fix."""
+
+    def environment_defaults(self) -> Mapping[str, str]:
+        """Variables the CLI gets unless the agent's ``env`` or ``pass_env`` gives them."""
 
 
 class PromptDriver:
@@ -370,6 +377,14 @@ class PromptDriver:
     def oneshot_report(self, output: str, launch: Launch) -> OneshotReport | None:
         """A plain CLI's output is text."""
         return None
+
+    def api_failure(self, kind: str, message: str, now: float) -> ApiFailure:
+        """The common judgement (workers.apierrors.classify)."""
+        return classify(kind, message, now)
+
+    def environment_defaults(self) -> Mapping[str, str]:
+        """Nothing beyond what the agent's config says."""
+        return {}
 
 
 @dataclass(frozen=True)

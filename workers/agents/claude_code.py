@@ -44,6 +44,7 @@ from workers.agents.base import (
     Verdict,
     Wait,
 )
+from workers.apierrors import ApiFailure, classify
 from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import SessionError
@@ -72,6 +73,25 @@ _BYPASS = ("bypass permissions mode",)
 _ONBOARDING = ("choose the text style", "let's get started", "select login method")
 _UNREACHABLE = ("unable to connect to anthropic services",)
 _ROOT = ("cannot be used with root/sudo privileges",)
+# What to do about the StopFailure kinds that waiting does not cure.
+_FIXES = {
+    "authentication_failed": (
+        "the API refused the agent's credential: check the API key the agent is given "
+        "(ANTHROPIC_API_KEY, env/pass_env), or log in again as the worker's user (`claude`, "
+        "then /login)"
+    ),
+    "billing_error": (
+        "the account's credit balance is exhausted: add credits (Claude Console, Plans & "
+        "Billing) or give the agent another credential"
+    ),
+    "invalid_request": (
+        "the API refused the request as invalid (a prompt too long, a model the account "
+        "lacks): trying again will not change it"
+    ),
+    "max_output_tokens": (
+        "the response hit the model's output limit: trying again will not change it"
+    ),
+}
 # How the input box shows a multi-line paste.
 _PASTED = re.compile(r"\[Pasted text #\d+ \+(\d+) lines\]")
 
@@ -111,6 +131,23 @@ class ClaudeCode(HookedDriver):
                     text=str(result.get("result") or ""),
                 )
         return None
+
+    def environment_defaults(self) -> Mapping[str, str]:
+        """A short retry budget of the CLI's own: formulabeat waits out what lasts longer.
+
+        Measured with 2.1.197: its default 10 retries take 186 s, for a refused
+        key as for an overload, so a permanent error would take three minutes
+        to fail; with 2 a turn gives up after about 2 s, and formulabeat waits
+        minutes (``api_retry_delay``), keeping the conversation.
+        """
+        return {"CLAUDE_CODE_MAX_RETRIES": "2"}
+
+    def api_failure(self, kind: str, message: str, now: float) -> ApiFailure:
+        """StopFailure's kinds (measured with 2.1.197: an overload, a 500 and a refused
+        connection are ``server_error``; a 429 and a subscription's usage limit
+        ``rate_limit``, the latter with ``resets 4:58pm (UTC)`` in its text; a 401 or 403
+        ``authentication_failed``; an exhausted balance ``billing_error``)."""
+        return classify(kind, message, now, _FIXES)
 
     def install(self, agent: AgentConfig, launch: Launch) -> None:
         """The run's hook settings, and trust of the worktree root (before any dialog)."""
@@ -166,15 +203,21 @@ class ClaudeCode(HookedDriver):
         return Wait()
 
     def input_state(self, screen: str, launch: Launch) -> str:
-        """Empty, this run's paste (shown as ``[Pasted text #N +M lines]``), or other text."""
+        """Empty, this run's text (a multi-line paste shows as ``[Pasted text #N +M lines]``),
+        or other text."""
         lines = screen.splitlines()
         box = input_box(lines)
-        held = lines[box].removeprefix("❯").strip() if box is not None else ""
+        held = box_text(lines, box) if box is not None else ""
         if not held:
             return EMPTY
+        text = launch.prompt_file.read_text(encoding="utf-8")
         shown = _PASTED.fullmatch(held)
-        prompt_lines = launch.prompt_file.read_text(encoding="utf-8").strip().count("\n")
-        return PROMPT_HELD if shown and int(shown.group(1)) == prompt_lines else OTHER_HELD
+        if shown:
+            same = int(shown.group(1)) == text.strip().count("\n")
+        else:
+            # A one-line text (the resume message) shows itself, wrapped.
+            same = held.split() == text.split()
+        return PROMPT_HELD if same else OTHER_HELD
 
     def clear_input(self, session: AgentSession) -> None:
         """Ctrl-U empties the input box (a paste or typed text)."""
@@ -368,17 +411,39 @@ def _is_rule(line: str) -> bool:
     return len(stripped) >= 10 and set(stripped) == {"─"}
 
 
+# The input box grows with the text it holds (a long line wraps): its text
+# lines after the ``❯`` one are indented; this many at most are looked at.
+MAX_BOX_LINES = 40
+
+
 def input_box(lines: list[str]) -> int | None:
-    """The index of the input box's ``❯`` line: at column 0, between two rules."""
+    """The index of the input box's ``❯`` line: at column 0, under a rule, its text (its
+    wrapped lines indented) above another rule."""
     for index in range(len(lines) - 1, 0, -1):
-        line = lines[index]
-        if not line.startswith("❯"):
+        if not lines[index].startswith("❯"):
             continue
         above = next((p for p in reversed(lines[:index]) if p.strip()), "")
-        below = next((n for n in lines[index + 1 :] if n.strip()), "")
-        if _is_rule(above) and _is_rule(below):
+        if _is_rule(above) and _box_end(lines, index) is not None:
             return index
     return None
+
+
+def _box_end(lines: list[str], index: int) -> int | None:
+    """The index of the rule that closes the box opened at ``index`` (None: no box)."""
+    for end in range(index + 1, min(len(lines), index + 1 + MAX_BOX_LINES)):
+        line = lines[end]
+        if _is_rule(line):
+            return end
+        if line.strip() and not line.startswith(" "):
+            return None
+    return None
+
+
+def box_text(lines: list[str], index: int) -> str:
+    """What the input box at ``index`` holds, its wrapped lines joined."""
+    end = _box_end(lines, index) or index + 1
+    held = [lines[index].removeprefix("❯"), *lines[index + 1 : end]]
+    return " ".join(" ".join(held).split())
 
 
 def workspace(lines: list[str]) -> str | None:
