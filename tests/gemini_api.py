@@ -95,10 +95,7 @@ class GeminiAPI(StandIn):
         phase_file = scenario.phase_file_of(conversation)
         cursor = sum(1 for content in contents if _ours(content))
         action = scenario.action(conversation, cursor) if main else "side"
-        status = (self.in_outage() if main else None) or 200
-        name, _, arg = action.partition("=")
-        if main and name == "apifail":
-            status = int(arg)
+        status = (self.fault(conversation, phase_file, cursor) if main else None) or 200
         usage = scenario.usage_for(cursor) if main and status == 200 else {}
         # Gemini bills cached input, and no cache writes.
         usage.pop("cache_creation", None)

@@ -98,9 +98,7 @@ class ResponsesAPI(StandIn):
         phase_file = scenario.phase_file_of(conversation)
         cursor = sum(1 for item in items if _ours(item))
         action = scenario.action(conversation, cursor) if main else "side"
-        status = self.in_outage() if main else None
-        fault = self.fault(conversation, phase_file, cursor) if main and status is None else None
-        status = status or (fault[0] if fault else None) or 200
+        status = (self.fault(conversation, phase_file, cursor) if main else None) or 200
         usage = scenario.usage_for(cursor) if main and status == 200 else {}
         # The Responses API has no cache writes: what it bills is input, cached input, output.
         usage.pop("cache_creation", None)
@@ -120,7 +118,7 @@ class ResponsesAPI(StandIn):
         self.record(exchange)
         if status != 200:
             kind = _ERRORS.get(status, "server_error")
-            message = (fault[1] if fault else None) or f"stand-in {kind}"
+            message = f"stand-in {kind}"
             error = {"error": {"type": kind, "code": kind, "message": message}}
             self.send(request, status, "application/json", json.dumps(error))
             return
@@ -129,15 +127,6 @@ class ResponsesAPI(StandIn):
         else:
             item = _message(json.dumps({"title": "Scenario task"}))
         self.send(request, 200, "text/event-stream", self._stream(exchange, item))
-
-    def fault(
-        self, conversation: str, phase_file: str | None, cursor: int
-    ) -> tuple[int, str | None] | None:
-        """(status, message) when the token asks this request to fail (``apifail=STATUS``)."""
-        name, _, arg = scenario.action(conversation, cursor).partition("=")
-        if name == "apifail":
-            return int(arg), None
-        return None
 
     @staticmethod
     def _item(action: str, phase_file: str | None, stamp: str | None) -> dict[str, Any]:

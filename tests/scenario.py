@@ -36,9 +36,30 @@ def tokens(conversation: str) -> list[str]:
     return found.group(1).split() if found else ["phase=done"]
 
 
+# Tokens that say how the request for the token after them fails:
+# ``outage=STATUS:N`` (the first N requests for it get STATUS, then it is
+# served), ``ratelimit=N`` (N times 429). ``apifail=STATUS`` is a token of its
+# own that fails every time.
+FAULTS = ("outage", "ratelimit")
+
+
+def plan(conversation: str) -> tuple[list[str], dict[int, str]]:
+    """The responses' tokens, and the fault token before each one that has one."""
+    actions: list[str] = []
+    faults: dict[int, str] = {}
+    for token in tokens(conversation):
+        if token.startswith("stamp="):
+            continue
+        if token.partition("=")[0] in FAULTS:
+            faults[len(actions)] = token
+        else:
+            actions.append(token)
+    return actions, faults
+
+
 def action(conversation: str, cursor: int) -> str:
     """The token the response at ``cursor`` plays (``end`` past the last)."""
-    actions = [t for t in tokens(conversation) if not t.startswith("stamp=")]
+    actions = plan(conversation)[0]
     return actions[cursor] if cursor < len(actions) else "end"
 
 
@@ -135,6 +156,8 @@ class StandIn:
         self._ids = 0
         # An outage of every main request: (until, status).
         self._outage: tuple[float, int] | None = None
+        # Failures served so far, by (phase file, cursor).
+        self._failed: dict[tuple[str | None, int], int] = {}
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -192,6 +215,34 @@ class StandIn:
             if self._outage is not None and time.time() < self._outage[0]:
                 return self._outage[1]
         return None
+
+    def fault(self, conversation: str, phase_file: str | None, cursor: int) -> int | None:
+        """The HTTP status this main request gets, if the scenario says it fails."""
+        outage = self.in_outage()
+        if outage is not None:
+            return outage
+        name, _, arg = action(conversation, cursor).partition("=")
+        if name == "apifail":
+            return int(arg)
+        token = plan(conversation)[1].get(cursor)
+        if token is None:
+            return None
+        name, _, arg = token.partition("=")
+        status, count = (
+            (arg.partition(":")[0], arg.partition(":")[2])
+            if name == "outage"
+            else (
+                "429",
+                arg,
+            )
+        )
+        key = (phase_file, cursor)
+        with self._lock:
+            failed = self._failed.get(key, 0)
+            if failed >= int(count or 1):
+                return None
+            self._failed[key] = failed + 1
+        return int(status)
 
     # -- serving -----------------------------------------------------------
     def handle(self, request: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:

@@ -353,6 +353,12 @@ def on_stop(run_dir: str, payload: dict[str, object]) -> int:
     "block", "reason": …}``: the CLI gives the reason to the model and goes
     on, with nothing typed into its pane.
     """
+    failed = _turn_failed(payload)
+    if failed is not None:
+        # An API error ended the turn: no nudge (it would fail the same way);
+        # the watcher waits, or fails the run, and says how it goes on.
+        _record_api_error(run_dir, *failed)
+        return 0
     phase_file = os.path.join(run_dir, PHASE)
     text = _phase_text(phase_file)
     nudges_file = os.path.join(run_dir, NUDGES)
@@ -417,14 +423,66 @@ def on_stop_failure(run_dir: str, payload: dict[str, object]) -> int:
     # The kind is in "error"; the CLI's own text (a reset time, the status) in
     # its last message, or in "error_details" where a version sends that.
     message = payload.get("last_assistant_message") or payload.get("error_details") or ""
-    record = {"at": time.time(), "kind": str(payload.get("error") or "unknown")}
-    record["message"] = str(message)[:4000]
+    _record_api_error(run_dir, time.time(), str(payload.get("error") or "unknown"), str(message))
+    return 0
+
+
+def _record_api_error(run_dir: str, at: float, kind: str, message: str) -> None:
+    """Leave the ``api-error`` record (workers.apierrors reads it)."""
+    record = {"at": at, "kind": kind, "message": message[:4000]}
     path = os.path.join(run_dir, API_ERROR)
     tmp = f"{path}.{os.getpid()}.tmp"
     _write_marker(tmp, json.dumps(record))
     # Replaced whole: the watcher never reads half a record.
     os.replace(tmp, path)
-    return 0
+
+
+# How far back in a transcript the line that ended a turn is looked for.
+_TAIL_BYTES = 65536
+_GEMINI_STATUS = re.compile(r'"status"\s*:\s*"([A-Z_]+)"|"code"\s*:\s*(\d{3})')
+
+
+def _turn_failed(payload: dict[str, object]) -> tuple[float, str, str] | None:
+    """(when, kind, text) of an API error that ended this turn, where only the
+    transcript says so: Gemini CLI's AfterAgent carries "[no response text]"
+    and its chat file ends with ``{"type": "error", "content": "[API Error:
+    …]"}`` (measured with 0.61.0: a 401 ends the turn so; an overload or a
+    429 it retries for minutes)."""
+    path = payload.get("transcript_path")
+    if payload.get("hook_event_name") != "AfterAgent" or not isinstance(path, str):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - _TAIL_BYTES))
+            tail = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        # Bookkeeping, and the notice it shows under an error ("This request failed…").
+        if not isinstance(entry, dict) or "$set" in entry or entry.get("type") == "info":
+            continue
+        content = str(entry.get("content") or "")
+        if entry.get("type") != "error" or not content.startswith("[API Error"):
+            return None
+        found = _GEMINI_STATUS.search(content)
+        kind = (found.group(1) or found.group(2)) if found else "unknown"
+        return _stamp(entry.get("timestamp")), kind, content
+    return None
+
+
+def _stamp(text: object) -> float:
+    """An ISO time of a transcript line as a Unix time (now when it has none): the
+    record's time is the CLI's, so a line read twice is not a second error."""
+    import datetime  # only on a failed turn: the hooks start without it
+
+    try:
+        return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
 
 
 def on_guard(run_dir: str, payload: dict[str, object], primary_branch: str) -> int:

@@ -28,7 +28,7 @@ from workers import run as outcomes
 from workers.agents import Launch, driver_for
 from workers.agents.base import OneshotReport
 from workers.analysis import structural_report
-from workers.apierrors import ApiFailure, format_time
+from workers.apierrors import ApiFailure, format_time, write_record
 from workers.config import Config
 from workers.environment import agent_env
 from workers.errors import ConfigError, ContextError, PhaseFileError, RepoError, SessionError
@@ -446,6 +446,9 @@ def monitor_oneshot(
             reports.append(report)
         if ended.outcome != outcomes.FAILED or _terminal_phase(run):
             break
+        failed = driver.oneshot_api_error(_read_output(run), launch_of(run, cfg))
+        if failed is not None:
+            write_record(run.run_dir, failed)
         verdict = judge_api_error(run, agent, driver.api_failure)
         if verdict is None:
             break
@@ -494,11 +497,13 @@ def _oneshot_go_on(run: Run, cfg: Config) -> Path:
     assert run.run_dir
     run_dir = Path(run.run_dir)
     driver = driver_for(cfg.agent(run.project, run.agent))
-    # The CLI took the prompt, so a conversation exists to resume (by the id
-    # its prompt-submit hook named, for a CLI that names its own).
-    resume = driver.resumes and (run_dir / rundir.PROMPT_SUBMITTED).exists()
-    if resume:
+    # The CLI took the prompt, so a conversation may exist to resume (by the id
+    # its prompt-submit hook named): one its transcript still holds (Gemini CLI
+    # keeps none of a session whose only turn failed, measured with 0.61.0).
+    if driver.resumes and (run_dir / rundir.PROMPT_SUBMITTED).exists():
         remember_session(run)
+    resume = resumable(run, cfg)
+    if resume:
         write_private(run_dir / rundir.RESUME, go_on_message(run) + "\n")
     else:
         _new_conversation(run, driver.names_sessions)

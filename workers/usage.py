@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from workers.apierrors import ApiErrorRecord, write_record
 from workers.run import Run
 from workers.rundir import PROMPT_SUBMITTED, USAGE
 
@@ -119,6 +120,10 @@ class TranscriptFormat(Protocol):
         """The response a parsed line records, if it does. ``context`` carries what
         earlier lines said (the model of the turn), kept with the reader's state."""
 
+    def api_error(self, entry: dict[str, Any]) -> ApiErrorRecord | None:
+        """The API error that ended a turn, for a CLI whose transcript is where it says
+        so (None: not such a line, or the CLI's hooks report it)."""
+
 
 class ClaudeTranscript:
     """Claude Code's transcript (and the scripted agent's): ``assistant`` lines."""
@@ -141,6 +146,10 @@ class ClaudeTranscript:
         counts = {kind: tokens_of(usage.get(name)) for kind, name in _TRANSCRIPT_FIELDS.items()}
         return message_id, str(message.get("model") or "unknown"), counts
 
+    def api_error(self, entry: dict[str, Any]) -> ApiErrorRecord | None:
+        """None: Claude Code's StopFailure hook reports its API errors."""
+        return None
+
 
 CLAUDE_TRANSCRIPT = ClaudeTranscript()
 
@@ -160,6 +169,8 @@ class TranscriptReader:
 
     def __post_init__(self) -> None:
         self._seen = set(self.counted)
+        # API errors read since the caller last took them (not kept).
+        self.api_errors: list[ApiErrorRecord] = []
 
     def follow(self, path: str) -> None:
         """Read ``path`` from now on (a new session's transcript)."""
@@ -199,7 +210,12 @@ class TranscriptReader:
                 entry = json.loads(line)
             except ValueError:
                 continue
-            found = self.fmt.counted(entry, self.context) if isinstance(entry, dict) else None
+            if not isinstance(entry, dict):
+                continue
+            failed = self.fmt.api_error(entry)
+            if failed is not None:
+                self.api_errors.append(failed)
+            found = self.fmt.counted(entry, self.context)
             if found is None or found[0] in seen:
                 continue
             message_id, model, counts = found
@@ -292,6 +308,10 @@ class Meter:
         """Read what the transcript gained; the tokens newly counted (empty: none)."""
         self._follow_marker()
         fresh = self.reader.read()
+        for failed in self.reader.api_errors:
+            # Stamped with the CLI's own time: read again, it is not news.
+            write_record(self.run_dir, failed)
+        self.reader.api_errors.clear()
         if fresh:
             self.run.usage = {m: dict(k) for m, k in self.reader.usage.items()}
             self.run.cost_usd = cost_usd(self.run.usage, self.prices)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-from workers.apierrors import ApiFailure, classify
+from workers.apierrors import ApiErrorRecord, ApiFailure, classify
 from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
 from workers.environment import CREDENTIALS
@@ -178,6 +178,9 @@ class AgentDriver(Protocol):
 
     def api_failure(self, kind: str, message: str, now: float) -> ApiFailure:
         """How an API error that ended a turn is judged: wait and go on, or fail with the fix."""
+
+    def oneshot_api_error(self, output: str, launch: Launch) -> ApiErrorRecord | None:
+        """The API error a one-shot run ended on, where no hook of the CLI records it."""
 
     def environment_defaults(self) -> Mapping[str, str]:
         """Variables the CLI gets unless the agent's ``env`` or ``pass_env`` gives them."""
@@ -381,6 +384,10 @@ class PromptDriver:
     def api_failure(self, kind: str, message: str, now: float) -> ApiFailure:
         """The common judgement (workers.apierrors.classify)."""
         return classify(kind, message, now)
+
+    def oneshot_api_error(self, output: str, launch: Launch) -> ApiErrorRecord | None:
+        """None: a plain CLI says nothing formulabeat reads (Claude Code's hook does)."""
+        return None
 
     def environment_defaults(self) -> Mapping[str, str]:
         """Nothing beyond what the agent's config says."""

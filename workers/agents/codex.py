@@ -23,9 +23,11 @@ Measured on codex-cli 0.171.0 (see the README's "Codex CLI" section):
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
+import time
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,16 +48,46 @@ from workers.agents.base import (
     Verdict,
     Wait,
 )
+from workers.apierrors import ApiErrorRecord, ApiFailure, classify
 from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import SessionError
+from workers.rundir import USAGE
 from workers.tmux import AgentSession, screen_tail
-from workers.usage import Counted, TranscriptReader, Usage, tokens_of
+from workers.usage import Counted, TranscriptReader, Usage, add, tokens_of
 
 HOOK_TRUST_FLAG = "--dangerously-bypass-hook-trust"
 NO_DAEMON_FLAG = "--no-daemon"
 # What the empty input box shows.
 PLACEHOLDER = "Ask Codex to do anything"
+
+# Codex's error kinds, as the common ones (workers.apierrors) name them.
+_KINDS = {
+    "server_overloaded": "overloaded",
+    "internal_server_error": "server_error",
+    "usage_limit_exceeded": "rate_limit",
+    "response_stream_disconnected": "connection_error",
+    "response_stream_connection_failed": "connection_error",
+    "connection_failed": "connection_error",
+    "unauthorized": "authentication_failed",
+    "quota_exceeded": "billing_error",
+    "context_window_exceeded": "invalid_request",
+    "other": "invalid_request",
+}
+_FIXES = {
+    "authentication_failed": (
+        "the API refused the agent's credential: check the key the agent is given "
+        "(OPENAI_API_KEY or its provider's env_key, through env/pass_env), or log in again "
+        "as the worker's user (`codex login`)"
+    ),
+    "billing_error": (
+        "the account's quota or credit is spent: add credit, or give the agent another key"
+    ),
+    "invalid_request": (
+        "the API refused the request (a model the account lacks, a context too long): "
+        "trying again will not change it"
+    ),
+}
 
 # Screens, by words they show (lowercased).
 _TRUST = ("trust this folder?",)
@@ -72,8 +104,27 @@ class CodexTranscript:
     """
 
     def wanted(self, line: bytes) -> bool:
-        """Usage records and turn contexts."""
-        return b'"token_usage_record"' in line or b'"turn_context"' in line
+        """Usage records, turn contexts, and turns that ended on an error."""
+        return (
+            b'"token_usage_record"' in line
+            or b'"turn_context"' in line
+            or (b'"task_complete"' in line and b'"error"' in line)
+        )
+
+    def api_error(self, entry: dict[str, Any]) -> ApiErrorRecord | None:
+        """A turn's ``task_complete`` event with an ``error``: its ``codex_error_info`` as
+        the kind (``server_overloaded``, ``http_connection_failed:401``, …), its text."""
+        payload = entry.get("payload")
+        if entry.get("type") != "event_msg" or not isinstance(payload, dict):
+            return None
+        error = payload.get("error")
+        if payload.get("type") != "task_complete" or not isinstance(error, dict):
+            return None
+        return ApiErrorRecord(
+            at=_epoch(entry.get("timestamp")),
+            kind=_error_kind(error.get("codex_error_info")),
+            message=str(error.get("message") or ""),
+        )
 
     def counted(self, entry: dict[str, Any], context: dict[str, str]) -> Counted | None:
         """A usage record's response, or None (a turn context sets the model)."""
@@ -91,6 +142,45 @@ class CodexTranscript:
         if not isinstance(response, str) or not response:
             return None
         return response, context.get("model", "unknown"), openai_counts(usage)
+
+
+def common_kind(kind: str) -> str:
+    """A Codex error kind as the common kinds name it (an HTTP status decides for
+    ``name:status``)."""
+    if kind in _KINDS:
+        return _KINDS[kind]
+    _, _, status = kind.rpartition(":")
+    if status.isdigit():
+        code = int(status)
+        if code == 429:
+            return "rate_limit"
+        if code >= 500:
+            return "server_error"
+        if code in (401, 403):
+            return "authentication_failed"
+        if code == 402:
+            return "billing_error"
+        return "invalid_request"
+    return "unknown"
+
+
+def _epoch(stamp: object) -> float:
+    """A rollout line's ISO timestamp as a Unix time (now, when it has none)."""
+    try:
+        return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
+def _error_kind(info: object) -> str:
+    """``codex_error_info`` as one word: a name, or ``name:status`` for one with a status."""
+    if isinstance(info, str) and info:
+        return info
+    if isinstance(info, dict) and info:
+        name, detail = next(iter(info.items()))
+        status = detail.get("http_status_code") if isinstance(detail, dict) else None
+        return f"{name}:{status}" if status else str(name)
+    return "unknown"
 
 
 def openai_counts(usage: Mapping[str, Any]) -> dict[str, int]:
@@ -136,6 +226,9 @@ class Codex(HookedDriver):
         hooks = [HOOK_TRUST_FLAG]
         for hook in self.hooks_of(launch):
             hooks += ["-c", f"hooks.{hook.event}=[{_toml_entry(hook)}]"]
+        if oneshot and launch.resume and launch.session_uuid:
+            # After an API error's wait: the same thread, the go-on message on stdin.
+            return [program, "exec", "resume", "--json", *flags, *hooks, launch.session_uuid, "-"]
         if oneshot:
             # The prompt comes on stdin (no prompt argument: it reads all of it).
             return [program, "exec", "--json", *flags, *hooks]
@@ -227,10 +320,27 @@ class Codex(HookedDriver):
     def _refuse(screen: str, why: str) -> Refuse:
         return Refuse(f"{why}; its screen: {screen_tail(screen)}")
 
+    # -- API errors ------------------------------------------------------------
+    def api_failure(self, kind: str, message: str, now: float) -> ApiFailure:
+        """Codex's kinds (measured with 0.171.0, after its own retries): a 503 is
+        ``server_overloaded``, a 500 ``internal_server_error``, a 429
+        ``response_too_many_failed_attempts:429``, a 401
+        ``http_connection_failed:401``, a 400 ``other``; a refused connection it
+        retries for minutes on end."""
+        return classify(common_kind(kind), message, now, _FIXES)
+
     # -- one-shot ------------------------------------------------------------
+    def oneshot_api_error(self, output: str, launch: Launch) -> ApiErrorRecord | None:
+        """The rollout's last turn, when it ended on an error (``exec`` runs no hook then)."""
+        thread = _thread_of(output)
+        if thread is None:
+            return None
+        reader = rollout_reader(codex_home(launch.env), thread)
+        return reader.api_errors[-1] if reader is not None and reader.api_errors else None
+
     def oneshot_report(self, output: str, launch: Launch) -> OneshotReport | None:
         """``exec --json``: the thread's rollout for tokens by model, the last message's text."""
-        thread, text, last_usage = None, "", None
+        thread, text, last_usage = _thread_of(output), "", None
         for line in output.splitlines():
             try:
                 event = json.loads(line)
@@ -238,8 +348,6 @@ class Codex(HookedDriver):
                 continue
             if not isinstance(event, dict):
                 continue
-            if event.get("type") == "thread.started":
-                thread = event.get("thread_id")
             item = event.get("item")
             if isinstance(item, dict) and item.get("type") == "agent_message":
                 text = str(item.get("text") or "")
@@ -247,7 +355,7 @@ class Codex(HookedDriver):
                 last_usage = event["usage"]
         if thread is None and last_usage is None:
             return None
-        usage = rollout_usage(codex_home(launch.env), thread) if isinstance(thread, str) else {}
+        usage = _new_usage(launch, thread) if thread else {}
         if not usage and last_usage is not None:
             usage = {"unknown": openai_counts(last_usage)}
         return OneshotReport(usage=usage, cost_usd=None, text=text)
@@ -436,14 +544,46 @@ def trust(path: Path, root: Path) -> None:
         handle.write(table)
 
 
-def rollout_usage(home: Path, thread: str) -> Usage:
-    """The tokens a thread's rollout file records, by model (empty when it is not found)."""
+def rollout_reader(
+    home: Path, thread: str, reader: TranscriptReader | None = None
+) -> TranscriptReader | None:
+    """A thread's rollout file read to its end (its tokens, its errors), if it is found."""
     found = sorted((home / "sessions").glob(f"*/*/*/rollout-*-{thread}.jsonl"))
     if not found:
-        return {}
-    reader = TranscriptReader(CODEX_TRANSCRIPT)
+        return None
+    reader = reader or TranscriptReader(CODEX_TRANSCRIPT)
     reader.follow(str(found[-1]))
-    return reader.read_all()
+    reader.read_all()
+    return reader
+
+
+def _new_usage(launch: Launch, thread: str) -> Usage:
+    """The tokens of the responses a one-shot run's earlier ``exec`` runs did not report:
+    ``exec resume`` goes on in the same rollout (and says the thread's total)."""
+    state = launch.run_dir / USAGE
+    reader = TranscriptReader.load(state, CODEX_TRANSCRIPT)
+    before = {model: dict(kinds) for model, kinds in reader.usage.items()}
+    if rollout_reader(codex_home(launch.env), thread, reader) is None:
+        return {}
+    reader.save(state)
+    fresh: Usage = {}
+    for model, kinds in reader.usage.items():
+        earlier = before.get(model, {})
+        add(fresh, model, {kind: count - earlier.get(kind, 0) for kind, count in kinds.items()})
+    return fresh
+
+
+def _thread_of(output: str) -> str | None:
+    """The thread ``exec --json`` names in its first event."""
+    for line in output.splitlines():
+        if '"thread.started"' in line:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("thread_id"), str):
+                return str(event["thread_id"])
+    return None
 
 
 DRIVER = Codex()

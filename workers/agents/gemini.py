@@ -48,6 +48,7 @@ from workers.agents.base import (
     Verdict,
     Wait,
 )
+from workers.apierrors import ApiErrorRecord, ApiFailure, classify
 from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
 from workers.errors import SessionError
@@ -66,6 +67,35 @@ PLACEHOLDER = "Type your message or @path/to/file"
 LOGIN_FILES = ("oauth_creds.json", "google_accounts.json", "installation_id", "user_id")
 # What a run's settings add to the user's: no self-update or notice of one mid-run.
 RUN_SETTINGS = {"general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}}
+# What they give unless the user's say otherwise: a short retry budget of the
+# CLI's own in a one-shot run (its default is 10 attempts over minutes, for a
+# refused key as for an overload); formulabeat waits out what lasts longer.
+# (Measured with 0.61.0: its TUI retries an overload or a 429 regardless.)
+RUN_DEFAULTS = {"general": {"maxAttempts": 3}}
+# Its error statuses, as the common kinds (workers.apierrors) name them.
+_KINDS = {
+    "UNAVAILABLE": "overloaded",
+    "RESOURCE_EXHAUSTED": "rate_limit",
+    "INTERNAL": "server_error",
+    "DEADLINE_EXCEEDED": "timeout",
+    "UNAUTHENTICATED": "authentication_failed",
+    "PERMISSION_DENIED": "authentication_failed",
+    "INVALID_ARGUMENT": "invalid_request",
+    "FAILED_PRECONDITION": "invalid_request",
+    "NOT_FOUND": "invalid_request",
+}
+_CODES = {"503": "UNAVAILABLE", "429": "RESOURCE_EXHAUSTED", "500": "INTERNAL"}
+_CODES |= {"401": "UNAUTHENTICATED", "403": "PERMISSION_DENIED", "400": "INVALID_ARGUMENT"}
+_FIXES = {
+    "authentication_failed": (
+        "the API refused the agent's credential: check the key the agent is given "
+        "(GEMINI_API_KEY through env/pass_env), or sign in again as the worker's user (`gemini`)"
+    ),
+    "invalid_request": (
+        "the API refused the request (a model the key lacks, a prompt too long): trying "
+        "again will not change it"
+    ),
+}
 AUTH_TYPES = ("gemini-api-key", "oauth-personal", "vertex-ai", "compute-default-credentials")
 
 _TRUST = ("do you trust the files in this folder?",)
@@ -103,6 +133,10 @@ class GeminiTranscript:
             "cache_creation": 0,
         }
         return message_id, str(entry.get("model") or "unknown"), counts
+
+    def api_error(self, entry: dict[str, Any]) -> ApiErrorRecord | None:
+        """None: its AfterAgent hook reads the error line (workers.hooks)."""
+        return None
 
 
 GEMINI_TRANSCRIPT = GeminiTranscript()
@@ -167,6 +201,9 @@ class Gemini(HookedDriver):
             )
         for group, values in RUN_SETTINGS.items():
             settings.setdefault(group, {}).update(values)
+        for group, defaults in RUN_DEFAULTS.items():
+            for key, default in defaults.items():
+                settings.setdefault(group, {}).setdefault(key, default)
         write_private(home / "settings.json", json.dumps(settings, indent=2) + "\n")
         folders = read_json(user / "trustedFolders.json")
         folders[os.path.realpath(launch.worktree_root)] = "TRUST_FOLDER"
@@ -244,18 +281,29 @@ class Gemini(HookedDriver):
             )
         return None
 
+    # -- API errors ------------------------------------------------------------
+    def api_failure(self, kind: str, message: str, now: float) -> ApiFailure:
+        """Its statuses (``UNAVAILABLE``, ``RESOURCE_EXHAUSTED``, ``UNAUTHENTICATED``, …,
+        or the HTTP code), as the common kinds."""
+        return classify(_KINDS.get(_CODES.get(kind, kind), "unknown"), message, now, _FIXES)
+
+    def oneshot_api_error(self, output: str, launch: Launch) -> ApiErrorRecord | None:
+        """The ``{"error": {"message", "code"}}`` it prints when a headless run fails."""
+        result = _last_json(output)
+        error = result.get("error") if result else None
+        if not isinstance(error, dict):
+            return None
+        message = str(error.get("message") or "")
+        found = re.search(r'"status"\s*:\s*"([A-Z_]+)"', message)
+        kind = found.group(1) if found else str(error.get("code") or "unknown")
+        return ApiErrorRecord(at=time.time(), kind=kind, message=message)
+
     # -- one-shot ------------------------------------------------------------
     def oneshot_report(self, output: str, launch: Launch) -> OneshotReport | None:
         """``-o json``: ``stats.models[m].tokens`` and the ``response``."""
-        start = output.find("{")
-        if start < 0:
-            return None
-        try:
-            result, _ = json.JSONDecoder().raw_decode(output[start:])
-        except ValueError:
-            return None
-        stats = result.get("stats") if isinstance(result, dict) else None
-        if not isinstance(stats, dict):
+        result = _last_json(output)
+        stats = result.get("stats") if result else None
+        if result is None or not isinstance(stats, dict):
             return None
         usage: Usage = {}
         models = stats.get("models")
@@ -375,6 +423,22 @@ def gemini_dir(env: Mapping[str, str]) -> Path:
     """The user's ``.gemini`` directory (under $GEMINI_CLI_HOME, else $HOME)."""
     home = env.get("GEMINI_CLI_HOME") or env.get("HOME") or str(Path.home())
     return Path(home) / ".gemini"
+
+
+def _last_json(output: str) -> dict[str, Any] | None:
+    """The last JSON object in a headless run's output (its result, or its error)."""
+    decoder = json.JSONDecoder()
+    found = None
+    for start in (
+        i for i, c in enumerate(output) if c == "{" and (i == 0 or output[i - 1] == "\n")
+    ):
+        try:
+            value, _ = decoder.raw_decode(output[start:])
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found = value
+    return found
 
 
 def read_json(path: Path) -> dict[str, Any]:
