@@ -132,7 +132,7 @@ def test_a_home_where_the_cli_never_ran_fails_within_60_s_naming_the_fix(
     result = fleet.run("newcomer", timeout=60)
     assert time.monotonic() - started < 60
     assert result["outcome"] == "failed", result
-    for words in agent_cli.fresh_reason:
+    for words in (*agent_cli.fresh_reason, str(home)):
         assert words in result["reason"], result["reason"]
     assert result["phases"] == []
 

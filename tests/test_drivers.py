@@ -515,3 +515,33 @@ def test_claude_config_edits_lose_nothing_while_cli_processes_write_the_same_fil
         if not trusted(read_json(config), root):
             edit_json(config, lambda data, root=root: trust(data, root))
     assert all(trusted(read_json(config), root) for root in roots)
+
+
+def test_each_driver_passes_on_its_own_clis_credentials_and_pass_env_as_for_claude() -> None:
+    from workers.environment import agent_env
+
+    worker = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/w",
+        "ANTHROPIC_API_KEY": "anthropic-key",
+        "OPENAI_API_KEY": "openai-key",
+        "GEMINI_API_KEY": "gemini-key",
+        "HTTPS_PROXY": "http://proxy:3128",
+    }
+    for name, key in (("claude-code", "ANTHROPIC_API_KEY"), ("codex", "OPENAI_API_KEY")):
+        agent = AgentConfig(
+            name="a",
+            project="p",
+            formula=Path("f.toml"),
+            schedule="* * * * *",
+            driver=name,
+            pass_env=("HTTPS_PROXY",),
+            env={"OPENAI_BASE_URL": "https://gateway.internal/v1"},
+        )
+        env = agent_env(agent, worker, DRIVERS[name].credentials)
+        assert env[key] == worker[key]
+        others = {"ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY"} - {key}
+        assert not others & set(env), env  # a vendor's key reaches its own CLI only
+        assert env["HTTPS_PROXY"] == "http://proxy:3128"
+        assert env["OPENAI_BASE_URL"] == "https://gateway.internal/v1"
+    assert "GEMINI_API_KEY" in DRIVERS["gemini"].credentials

@@ -355,9 +355,10 @@ class Codex(HookedDriver):
                 last_usage = event["usage"]
         if thread is None and last_usage is None:
             return None
-        usage = _new_usage(launch, thread) if thread else {}
-        if not usage and last_usage is not None:
-            usage = {"unknown": openai_counts(last_usage)}
+        usage = _new_usage(launch, thread) if thread else None
+        if usage is None:
+            # No rollout to read: the thread's total, by no model.
+            usage = {"unknown": openai_counts(last_usage)} if last_usage is not None else {}
         return OneshotReport(usage=usage, cost_usd=None, text=text)
 
     # -- doctor ------------------------------------------------------------
@@ -557,14 +558,15 @@ def rollout_reader(
     return reader
 
 
-def _new_usage(launch: Launch, thread: str) -> Usage:
+def _new_usage(launch: Launch, thread: str) -> Usage | None:
     """The tokens of the responses a one-shot run's earlier ``exec`` runs did not report:
-    ``exec resume`` goes on in the same rollout (and says the thread's total)."""
+    ``exec resume`` goes on in the same rollout (and says the thread's total). None:
+    the rollout is not there."""
     state = launch.run_dir / USAGE
     reader = TranscriptReader.load(state, CODEX_TRANSCRIPT)
     before = {model: dict(kinds) for model, kinds in reader.usage.items()}
     if rollout_reader(codex_home(launch.env), thread, reader) is None:
-        return {}
+        return None
     reader.save(state)
     fresh: Usage = {}
     for model, kinds in reader.usage.items():
