@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 
 from tests.conftest import Fleet, commit_files, held_claims, tmux_sessions
 from tests.real_cli import AgentCLI
+from workers.usage import total_tokens
 
 
 def agent(fleet: Fleet, cli: AgentCLI, name: str, scenario: str, **options: object) -> None:
@@ -87,9 +90,11 @@ def test_a_crash_is_resumed_in_its_conversation_and_finishes(
     if result["recovered_by"] != ["resumed"]:
         return
     exchanges = agent_cli.api.main_exchanges(phase_file(result))
-    # The first prompt was not given a second time; the scenario went on.
-    assert sum(1 for e in exchanges if e.cursor == 0) == 1
-    assert "phase=done" in [e.action for e in exchanges[2:]]
+    # The first prompt was not given a second time: after the crash the model
+    # saw the conversation so far, and the scenario went on from there.
+    killed = next(i for i, e in enumerate(exchanges) if e.action == "crash_once")
+    assert all(e.cursor > 0 for e in exchanges[killed + 1 :]), exchanges
+    assert "phase=done" in [e.action for e in exchanges[killed + 1 :]]
     assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
 
 
@@ -179,3 +184,28 @@ def test_the_repositorys_own_hooks_run_and_nothing_of_formulabeats_is_committed(
     repo = git.Repo(fleet.repo)
     assert repo.git.show("--name-only", "--format=", "agent-work").split() == ["work.txt"]
     assert marker.exists(), "the repository's own hook did not run"
+
+
+def test_a_run_past_max_tokens_is_stopped_and_counted_in_the_days_usage(
+    fleet: Fleet, agent_cli: AgentCLI, redis_client
+) -> None:
+    # Each response is about 1400 tokens; five sleeps would take 15 s.
+    scenario = "sleep=3 sleep=3 sleep=3 sleep=3 sleep=3 phase=done"
+    agent(fleet, agent_cli, "hungry", scenario, max_tokens=2500)
+    fleet.write_config(agent_cli.price_table())
+    fleet.start_worker()
+    result = fleet.run("hungry", timeout=120)
+    assert result["outcome"] == "over_budget", result
+    assert "over max_tokens = 2500" in result["reason"]
+    assert 2500 < total_tokens(result["usage"]) < 6000
+    assert held_claims(redis_client) == [] and tmux_sessions(fleet.tmux_socket) == []
+    # `formulabeat usage` shows the day's tokens of the model, from every host.
+    command = ["usage", "--by", "model", "--json"]
+    by_model = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "--config", str(fleet.config_path), *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert json.loads(by_model)[agent_cli.model]["tokens"] == total_tokens(result["usage"])
