@@ -76,20 +76,6 @@ def test_codex_oneshot_waits_out_an_outage_and_resumes_its_thread(
     assert {kind: usage.get(kind, 0) for kind in bill} == bill
 
 
-def test_gemini_retries_an_overload_itself_and_the_run_goes_on(
-    fleet: Fleet, gemini: AgentCLI
-) -> None:
-    # Its TUI retries a 503 (or a 429) for minutes on end (measured with 0.61.0):
-    # the turn never ends on it, and formulabeat has nothing to wait out.
-    agent(fleet, gemini, "planner", "phase=awaiting_ci outage=503:2 phase=done")
-    fleet.write_config()
-    fleet.start_worker()
-    result = fleet.run("planner", timeout=120)
-    assert result["outcome"] == "done", result
-    assert result["api_retries"] == 0
-    assert served(gemini, result["run_id"]) == ["phase=awaiting_ci", "phase=done", "end"]
-
-
 def test_gemini_a_refused_key_fails_the_run_at_once_naming_the_fix(
     fleet: Fleet, gemini: AgentCLI, redis_client
 ) -> None:
