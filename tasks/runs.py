@@ -32,6 +32,7 @@ from tasks import metrics, watching
 from tasks.app import SESSION_TASK, app, config, host_queue, redis_client, stale_config
 from workers import lifecycle, registry
 from workers import run as outcomes
+from workers.config import Config
 from workers.errors import ConfigError, FormulabeatError
 from workers.phases import state_name
 from workers.run import Run
@@ -46,18 +47,24 @@ def _guarded(
     """Run one step; an error ends the run as failed with a readable reason."""
     try:
         func(*args, **kwargs)
-    except ConfigError as exc:
+    except Exception as exc:
+        _fail(run, step, exc)
+
+
+def _fail(run: Run, step: str, exc: Exception) -> None:
+    """End the run as failed for ``exc``, with the reason the user needs."""
+    if isinstance(exc, ConfigError):
         stale = stale_config()
         run.end(outcomes.FAILED, f"{exc}; {stale}" if stale else str(exc))
-    except FormulabeatError as exc:
+    elif isinstance(exc, FormulabeatError):
         run.end(outcomes.FAILED, str(exc))
-    except OSError as exc:
+    elif isinstance(exc, OSError):
         # The path is what the operator needs; repr() of the error hides it.
-        log.exception("run %s: %s failed", run.id, step)
+        log.error("run %s: %s failed", run.id, step, exc_info=exc)
         where = f" {exc.filename}" if exc.filename else ""
         run.end(outcomes.FAILED, f"{step}:{where}: {exc.strerror or exc}")
-    except Exception as exc:
-        log.exception("run %s: %s failed", run.id, step)
+    else:
+        log.error("run %s: %s failed", run.id, step, exc_info=exc)
         run.end(outcomes.FAILED, f"internal error in {step}: {exc!r}")
 
 
@@ -83,7 +90,7 @@ def run(self: Task, project: str, agent: str, trigger: str = "manual") -> None:
     sink = watching.sink()
     sink.progress(current, "CLAIMED")
     log.info("run %s: %s/%s (%s) taken by %s", current.id, project, agent, trigger, cfg.host)
-    _guarded(current, "prepare", lifecycle.prepare, current, cfg, redis_client(cfg), sink)
+    current = _prepare(current, cfg, sink)
     if not current.ended:
         # The session step takes the run id as its task id, as Task.replace
         # would; sent by hand so that a Redis restart is waited out.
@@ -97,6 +104,33 @@ def run(self: Task, project: str, agent: str, trigger: str = "manual") -> None:
     if current.ended:
         watching.conclude(current)
     raise Ignore()
+
+
+# Redis going away while a run is prepared is waited out, and the run prepared
+# again from the start (its lease, slot and run directory given back first).
+PREPARE_TRIES = 3
+_REDIS_AWAY = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
+
+
+def _prepare(current: Run, cfg: Config, sink: lifecycle.ProgressSink) -> Run:
+    """Prepare the run (guards, lease, slot, formula, worktree, prompt); the run prepared."""
+    pristine = current.to_dict()
+    for attempt in range(1, PREPARE_TRIES + 1):
+        try:
+            lifecycle.prepare(current, cfg, redis_client(cfg), sink)
+            return current
+        except _REDIS_AWAY as exc:
+            if attempt == PREPARE_TRIES:
+                current.end(outcomes.FAILED, f"Redis kept going away while it was prepared: {exc}")
+                return current
+            log.warning("run %s: Redis went away while preparing (%s); again", current.id, exc)
+            watching.with_redis(lambda: redis_client(cfg).ping())
+            lifecycle.undo_prepare(current, cfg, redis_client(cfg))
+            current = Run.from_dict(pristine)
+        except Exception as exc:
+            _fail(current, "prepare", exc)
+            return current
+    return current
 
 
 @app.task(name=SESSION_TASK, bind=True)

@@ -50,6 +50,8 @@ USAGE_REPORT_SECONDS = 30.0
 STARTING_STATES = ("STARTING", "RECOVERING")
 # The run was telling its agent to go on after a wait for the API.
 RESUMING = "RESUMING"
+# Starts done again for a run whose worker kept dying while starting its agent.
+MAX_RESTARTS = 3
 
 
 @dataclass
@@ -224,14 +226,17 @@ def adopt(run: Run) -> None:
         if _session_step_takes(run):
             log.info("run %s: its session step takes it from %s", run.id, run.state)
             return
-        # A one-shot agent was the dead worker's child; a run still preparing
-        # had no session yet: neither can be picked up where it stopped.
         lifecycle.kill_session(run, config())  # one the dead worker began
-        run.end(outcomes.FAILED, f"the worker on host {run.host} stopped during {run.state}")
-        conclude(run)
+        if run.mode == "oneshot":
+            # The agent was the dead worker's child: it cannot be picked up.
+            run.end(outcomes.FAILED, f"the worker on host {run.host} stopped during {run.state}")
+            conclude(run)
+        else:
+            # No agent had started: the run is prepared again, here.
+            _this_host().recoveries.submit(_prepare_again, run)
     elif run.state in STARTING_STATES and not lifecycle.prompt_delivered(run):
         # The agent never got its prompt: start the session again.
-        _handle_end(run, MonitorExit(outcomes.CRASHED, "the worker stopped while starting it"))
+        _this_host().recoveries.submit(_start_again, run)
     elif run.state == RESUMING and not lifecycle.prompt_delivered(run):
         # It died telling the agent to go on after a wait: tell it again.
         _this_host().recoveries.submit(_go_on, run)
@@ -292,6 +297,59 @@ def _ended(watch: SessionWatch, ended: WatchEnd) -> None:
     _handle_end(watch.run, ended)
 
 
+def _prepare_again(run: Run) -> None:
+    """Its worker died while preparing it, before any agent started: prepare it anew.
+
+    What the dead worker took (lease, slot, run directory) is given back
+    first; then the run goes as its session step would have.
+    """
+    cfg = config()
+    client = redis_client(cfg)
+    log.warning("run %s: its worker stopped during %s; preparing it again", run.id, run.state)
+    lifecycle.undo_prepare(run, cfg, client)
+    fresh = Run(
+        id=run.id,
+        project=run.project,
+        agent=run.agent,
+        host=run.host,
+        started_at=run.started_at,
+        restarts=run.restarts + 1,
+    )
+    if run.restarts >= MAX_RESTARTS:
+        fresh.end(outcomes.FAILED, f"the worker stopped while preparing it, {fresh.restarts} times")
+        conclude(fresh)
+        return
+    sink = _LaneSink(_this_host())
+
+    def prepare_and_start() -> None:
+        lifecycle.prepare(fresh, cfg, client, sink)
+        if not fresh.ended:
+            lifecycle.start(fresh, cfg, sink)
+
+    _then_follow(fresh, prepare_and_start, outcomes.FAILED, "preparing it again failed: ")
+
+
+def _start_again(run: Run) -> None:
+    """Its worker died while it started the agent: start it again, as it was starting it.
+
+    The worker's death is not the agent's crash, so the run's one recovery
+    is kept; a run whose start kills its worker again and again gives up.
+    """
+    cfg = config()
+    lifecycle.kill_session(run, cfg)  # what the dead worker had started
+    if run.restarts >= MAX_RESTARTS:
+        run.end(outcomes.CRASHED, f"the worker stopped while starting it, {run.restarts + 1} times")
+        conclude(run)
+        return
+    run.restarts += 1
+    _then_follow(
+        run,
+        lambda: lifecycle.restart(run, cfg, _LaneSink(_this_host()), lifecycle.resumable(run, cfg)),
+        outcomes.FAILED,
+        "could not start it again after its worker stopped: ",
+    )
+
+
 def _go_on(run: Run) -> None:
     """The run's wait for the API is over: tell its agent to go on, and follow it again.
 
@@ -312,19 +370,12 @@ def _go_on(run: Run) -> None:
         _LaneSink(_this_host()).progress(run, "RETRY")
         follow(run)
         return
-    try:
+
+    def go_on() -> None:
         how = waiting.go_on(run, cfg, _LaneSink(_this_host()))
         log.info("run %s: went on after its wait (%s)", run.id, how)
-        follow(run)
-    except FormulabeatError as exc:
-        lifecycle.kill_session(run, cfg)
-        run.end(outcomes.FAILED, f"could not go on after waiting for the API: {exc}")
-        conclude(run)
-    except Exception as exc:
-        log.exception("run %s: going on after its wait failed", run.id)
-        lifecycle.kill_session(run, cfg)
-        run.end(outcomes.FAILED, f"could not go on after waiting for the API: {exc!r}")
-        conclude(run)
+
+    _then_follow(run, go_on, outcomes.FAILED, "could not go on after waiting for the API: ")
 
 
 def _handle_end(run: Run, ended: MonitorExit) -> None:
@@ -337,14 +388,29 @@ def _handle_end(run: Run, ended: MonitorExit) -> None:
 
 
 def _recover(run: Run, ended: MonitorExit) -> None:
+    _then_follow(
+        run,
+        lambda: lifecycle.recover(run, config(), _LaneSink(_this_host())),
+        outcomes.CRASHED,
+        f"{ended.reason}; recovery failed: ",
+    )
+
+
+def _then_follow(run: Run, step: Callable[[], object], outcome: str, failed: str) -> None:
+    """Do ``step`` (it starts or prompts the run's agent), then follow the run; a step that
+    fails ends the run with ``outcome``, the reason ``failed`` and the error."""
     try:
-        lifecycle.recover(run, config(), _LaneSink(_this_host()))
-        follow(run)
+        step()
+        if run.ended:  # (a run prepared again may be skipped)
+            conclude(run)
+        else:
+            follow(run)
     except FormulabeatError as exc:
         lifecycle.kill_session(run, config())
-        run.end(outcomes.CRASHED, f"{ended.reason}; recovery failed: {exc}")
+        run.end(outcome, f"{failed}{exc}")
         conclude(run)
     except Exception as exc:
-        log.exception("run %s: recovery failed", run.id)
-        run.end(outcomes.CRASHED, f"{ended.reason}; recovery failed: {exc!r}")
+        log.exception("run %s: %s", run.id, failed.rstrip(": "))
+        lifecycle.kill_session(run, config())
+        run.end(outcome, f"{failed}{exc!r}")
         conclude(run)

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--agents", type=int, default=6)
     parser.add_argument("--hosts", type=int, default=3)
-    parser.add_argument("--kill-every", type=float, default=25.0, help="mean seconds between kills")
+    parser.add_argument("--kill-every", type=float, default=20.0, help="mean seconds between kills")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the lab's directory (logs)")
     args = parser.parse_args(argv)
@@ -141,8 +141,9 @@ def _run(
         lease_seconds=30,
         host_timeout=30,
         agent_settings=settings,
-        # Waits of 4 s and more end the CLI's process: its conversation is resumed.
-        monitor="park_after = 4\n",
+        # Waits of 3 s and more (a second try's) end the CLI's process: its
+        # conversation is resumed after.
+        monitor="park_after = 3\n",
     )
     for index in range(args.hosts):
         lab.start_worker(lab.add_host(f"h{index + 1}", text))
@@ -191,7 +192,7 @@ def _inject(
             sent[result.id] = agent
             busy[agent] = result.id
         live = len(sent) < args.runs
-        if live and time.monotonic() >= next_kill:
+        if busy and time.monotonic() >= next_kill:
             host = rng.choice(list(lab.hosts.values()))
             print(f"chaos-real: kill -9 the worker of {host.name}", file=sys.stderr)
             at = time.time()

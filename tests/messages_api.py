@@ -29,6 +29,7 @@ Tokens (underscores in arguments become spaces):
   after it fail with that status (a 529 overload, a 500), then it is served:
   an outage the CLI's own retries do not outlast when N is more than they are;
 - ``ratelimit=N`` (before a token): the same with 429 and a ``retry-after``;
+- ``outage=0:N``: the same, with no answer at all (the connection closed);
 - ``usagelimit=SECONDS`` (before a token): 429 with the subscription headers
   saying the five-hour limit resets in SECONDS (Claude Code, logged in with a
   subscription token, then says ``You've hit your session limit · resets
@@ -152,6 +153,8 @@ def _tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
+# A fault's "status" that answers nothing: the connection is closed unanswered.
+DROP = 0
 # Tokens that say how the request for the token after them fails.
 _FAULTS = ("outage", "ratelimit", "usagelimit", "badcredit")
 _END_TEXTS = ("Done.", "I stop here.")
@@ -220,7 +223,7 @@ class MessagesAPI:
         self.httpd.server_close()
 
     def outage(self, seconds: float, status: int = 529) -> None:
-        """Fail every main request with ``status`` for the next ``seconds``."""
+        """Fail every main request with ``status`` for the next ``seconds`` (DROP: unanswered)."""
         with self._lock:
             self._outage = (time.time() + seconds, status)
 
@@ -287,7 +290,10 @@ class MessagesAPI:
         )
         with self._lock:
             self.exchanges.append(exchange)
-        if status != 200:
+        if status == DROP:
+            # No answer at all: the connection closes, as when the API is out of reach.
+            request.close_connection = True
+        elif status != 200:
             self._send_error(request, status, *(fault[1:] if fault else ({}, None)))
         elif body.get("stream"):
             self._send_stream(request, exchange, blocks)

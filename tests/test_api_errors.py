@@ -130,13 +130,10 @@ def test_bad_retry_settings_name_the_key(fleet: Fleet) -> None:
 # -- waiting and going on -----------------------------------------------------------
 
 
-def test_a_turn_ended_by_an_overload_waits_in_retry_then_goes_on_in_its_session(
+def test_a_turn_ended_by_an_overload_waits_in_retry_with_its_error_keeping_its_lease(
     fleet: Fleet, redis_client: redis.Redis
 ) -> None:
-    log = fleet.root / "agent.jsonl"
-    fleet.add_agent(
-        "planner", f"log={log} phase=awaiting_ci {OVERLOADED} phase=done", api_retry_delay=3
-    )
+    fleet.add_agent("planner", f"phase=awaiting_ci {OVERLOADED} phase=done", api_retry_delay=600)
     fleet.write_config()
     fleet.start_worker()
     sent = fleet.send("planner")
@@ -147,6 +144,7 @@ def test_a_turn_ended_by_an_overload_waits_in_retry_then_goes_on_in_its_session(
     waiting = info.result["waiting"]
     assert waiting["error"] == "server_error: API Error: 529 Overloaded"
     assert (waiting["try"], waiting["of"]) == (1, 3)
+    assert waiting["until"] - waiting["since"] == pytest.approx(600, abs=0.01)
     assert info.result["final_phase"] == "PHASE:awaiting_ci"
     env = {**os.environ, "FORMULABEAT_CONFIG": str(fleet.config_path)}
     shown = subprocess.run(
@@ -154,13 +152,29 @@ def test_a_turn_ended_by_an_overload_waits_in_retry_then_goes_on_in_its_session(
     ).stdout
     assert "waiting for the API: server_error: API Error: 529 Overloaded (try 1 of 3)" in shown
     assert redis_client.get("formulabeat:lock:proj:planner") is not None  # the lease is kept
-    result = wait_result(sent, 60)
+    assert len(tmux_sessions(fleet.tmux_socket)) == 1  # a short wait keeps the session
+    registry.request_cancel(redis_client, sent.id, "a test")
+    assert wait_result(sent, 60)["outcome"] == "cancelled"
+    assert held_claims(redis_client) == []
+    assert tmux_sessions(fleet.tmux_socket) == []
+
+
+def test_when_its_wait_is_over_the_agent_goes_on_in_its_session_where_it_stopped(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    log = fleet.root / "agent.jsonl"
+    fleet.add_agent(
+        "planner", f"log={log} phase=awaiting_ci {OVERLOADED} phase=done", api_retry_delay=2
+    )
+    fleet.write_config()
+    fleet.start_worker()
+    result = fleet.run("planner")
     assert result["outcome"] == "done", result
     assert result["api_retries"] == 1
     assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
     (wait,) = result["api_waits"]
     assert wait["went_on"] == "in its session" and not wait["reset_stated"]
-    assert wait["until"] - wait["since"] == pytest.approx(3, abs=0.01)
+    assert wait["until"] - wait["since"] == pytest.approx(2, abs=0.01)
     # One agent process: the prompt, then the short go-on message; no step done twice.
     events = _events(log)
     prompts = [e for e in events if e["event"] == "prompt"]
@@ -274,7 +288,7 @@ def test_a_worker_killed_while_its_run_waits_is_replaced_and_the_run_goes_on(
 ) -> None:
     from tests.test_hosts import _kill_worker
 
-    fleet.add_agent("planner", f"phase=awaiting_ci {OVERLOADED} phase=done", api_retry_delay=6)
+    fleet.add_agent("planner", f"phase=awaiting_ci {OVERLOADED} phase=done", api_retry_delay=10)
     fleet.write_config()
     fleet.start_worker("host-a")
     sent = fleet.send("planner")

@@ -94,7 +94,7 @@ def test_flower_shows_a_run_waiting_for_the_api_as_retry_with_its_error(fleet: F
     fleet.add_agent(
         "planner",
         "phase=awaiting_ci apifail=rate_limit:Request_rejected_(429) phase=done",
-        api_retry_delay=4,
+        api_retry_delay=10,
     )
     _, api = _with_flower(fleet)
     sent = fleet.send("planner")

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -63,7 +64,7 @@ def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
     fleet: Fleet, redis_client: redis.Redis
 ) -> None:
     # The claim saves the run's live state in the same step, so a worker
-    # killed right after it leaves a run its host's next worker ends.
+    # killed right after it leaves a run its host's next worker takes up.
     fleet.add_agent("planner")
     fleet.write_config()
     state = _run(1, state="CLAIMED")
@@ -77,9 +78,10 @@ def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
     assert Lease.acquire(redis_client, agent_lock_key("proj", "planner"), state.id, "host-a", 300)
     assert Slots(redis_client, "default", 300).try_acquire(state.id, 64)
     fleet.start_worker("host-a")
+    # No agent had started: the next worker prepares the run again, and it runs.
     result = wait_result(client_app(load_config(fleet.config_path)).AsyncResult(state.id), 60)
-    assert result["outcome"] == "failed"
-    assert result["reason"] == "the worker on host host-a stopped during CLAIMED"
+    assert result["outcome"] == "done", result
+    assert result["restarts"] == 1
     assert registry.live_states(redis_client, "host-a") == []
     assert held_claims(redis_client) == []
 
@@ -270,3 +272,32 @@ def test_an_ended_run_handed_to_the_watcher_again_keeps_its_outcome(
     assert registry.live_states(redis_client, "host-a") == []
     assert held_claims(redis_client) == []
     assert tmux_sessions(fleet.tmux_socket) == []
+
+
+def test_a_worker_killed_while_starting_the_agent_is_not_the_agents_crash(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    # The agent takes 4 s to start; its worker is killed during that, twice.
+    # Each next worker starts it again without spending the run's one recovery.
+    log = fleet.root / "agent.jsonl"
+    slow = f"{sys.executable} -m workers.scripted_agent --startup-delay 4"
+    fleet.add_agent("planner", f"log={log} phase=done", command=slow, driver="scripted")
+    fleet.write_config()
+    fleet.start_worker("host-a")
+    sent = fleet.send("planner")
+    for restarts in range(2):
+
+        def starting(restarts: int = restarts) -> bool:
+            state = json.loads(redis_client.get(f"formulabeat:state:{sent.id}") or b"{}")
+            return state.get("state") == "STARTING" and state.get("restarts") == restarts
+
+        wait_until(starting, 60, "the agent to be starting")
+        _kill_worker(fleet, "host-a")
+        fleet.start_worker("host-a")
+    result = wait_result(sent, 90)
+    assert result["outcome"] == "done", result
+    assert (result["restarts"], result["recoveries"]) == (2, 0)
+    prompts = [e for e in map(json.loads, log.read_text().splitlines()) if e["event"] == "prompt"]
+    assert len(prompts) == 1
+    assert tmux_sessions(fleet.tmux_socket) == []
+    assert held_claims(redis_client) == []

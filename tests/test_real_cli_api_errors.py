@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.conftest import Fleet, held_claims, tmux_sessions, wait_result, wait_until
@@ -32,19 +33,33 @@ def _served(api: MessagesAPI, run_id: str) -> tuple[list[Exchange], list[Exchang
     return [e for e in exchanges if e.status == 200], [e for e in exchanges if e.status != 200]
 
 
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        ("529", "server_error: API Error: 529 Overloaded"),
+        # No answer at all: the API out of reach.
+        ("0", "server_error: API Error: Unable to connect to API (ECONNRESET)"),
+    ],
+)
 def test_an_overload_past_the_clis_own_retries_is_waited_out_in_its_session(
-    fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI, redis_client
+    fleet: Fleet,
+    claude: Path,
+    claude_home: Path,
+    messages_api: MessagesAPI,
+    redis_client: redis.Redis,
+    status: str,
+    error: str,
 ) -> None:
     # Three failures: the request and the CLI's two retries; then it is served.
-    scenario = "phase=awaiting_ci outage=529:3 phase=done"
-    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=2)
+    scenario = f"phase=awaiting_ci outage={status}:3 phase=done"
+    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=5)
     fleet.write_config()
     fleet.start_worker()
     sent = fleet.send("planner")
     wait_until(lambda: sent.state == "RETRY", 120, "the run to wait for the API")
     assert isinstance(sent.info, RunWaiting)
     waiting = sent.info.result["waiting"]
-    assert waiting["error"].startswith("server_error: API Error: 529 Overloaded")
+    assert waiting["error"].startswith(error), waiting
     result = wait_result(sent, 120)
     assert result["outcome"] == "done", result
     assert result["api_retries"] == 1
@@ -70,7 +85,7 @@ def test_a_session_that_ended_while_waiting_resumes_its_conversation(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI, redis_client
 ) -> None:
     scenario = "phase=awaiting_ci outage=529:3 phase=done"
-    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=6)
+    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=15)
     fleet.write_config()
     fleet.start_worker()
     sent = fleet.send("planner")
@@ -93,7 +108,7 @@ def test_a_long_wait_ends_the_clis_process_and_resumes_its_conversation_after(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI, redis_client
 ) -> None:
     scenario = "phase=awaiting_ci outage=529:3 phase=done"
-    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=4)
+    real_agent(fleet, "planner", scenario, claude, claude_home, messages_api, api_retry_delay=10)
     fleet.write_config(monitor={"park_after": 2})
     fleet.start_worker()
     sent = fleet.send("planner")

@@ -54,6 +54,26 @@ def test_a_session_named_like_ours_neither_masks_a_crash_nor_dies_with_it(
     assert not twin.alive()
 
 
+def test_ids_a_restarted_tmux_server_gives_out_again_name_no_session_of_ours(
+    tmp_path: Path, tmux_socket: str
+) -> None:
+    # A server whose last session ended exits; the next one numbers its
+    # sessions and panes from the start again.
+    sleep = py("import time; time.sleep(120)")
+    gone = start_session(tmux_socket, "proj-planner-aaaaaaaa", tmp_path, sleep)
+    TmuxServer(tmux_socket).cmd("kill-server")
+    other = start_session(tmux_socket, "proj-gardener-bbbbbbbb", tmp_path, sleep)
+    assert (other.session_id, other.pane_id) == (gone.session_id, gone.pane_id)
+    # The old ids now name another run's session: ours is gone, and ending it
+    # does not end theirs.
+    assert gone.status() == (False, "its tmux session is gone")
+    states = TmuxServer(tmux_socket).pane_states()
+    assert gone.status_from(states.get(gone.pane_id) if states else None, known=True)[0] is False
+    gone.kill()
+    assert other.alive()
+    other.kill()
+
+
 def test_an_agent_whose_status_tmux_lost_has_it_from_the_launchers_exit_file(
     tmp_path: Path, tmux_socket: str
 ) -> None:

@@ -277,6 +277,25 @@ def _take_slot(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -
     return True
 
 
+def undo_prepare(run: Run, cfg: Config, client: redis.Redis) -> None:
+    """Give back what a preparation cut short took: its lease, slot and run directory.
+
+    A worker that died while preparing may have made the run directory (and
+    its worktree) without recording it: the run's own are found by name.
+    """
+    release_claims(run, client, cfg)
+    for run_dir in runs_dir(cfg.state_dir).glob(f"{run.id[:8]}-*"):
+        worktree = worktrees.worktree_path(run_dir, run.id)
+        try:
+            ours = worktree.exists() or run.id in (run_dir / rundir.PROMPT).read_text("utf-8")
+        except OSError:
+            ours = str(run_dir) == run.run_dir
+        if not ours:
+            continue
+        worktrees.remove_worktree(cfg.project(run.project).repo_root, worktree)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def release_claims(run: Run, client: redis.Redis, cfg: Config) -> None:
     """Give back the run's lease and session slot, if it still holds them.
 
@@ -546,14 +565,14 @@ def session_watch(
 
 
 def kill_session(run: Run, cfg: Config) -> None:
-    """Kill the run's tmux session (gone already is fine)."""
+    """Kill the run's tmux session (gone already is fine).
+
+    By its exact name, which is the run's own: it also finds a session that
+    a worker created and died before recording.
+    """
+    name = session_name(run.project, run.agent, run.id)
     with contextlib.suppress(SessionError):
-        if run.session_id:
-            session_of(run, cfg).kill()
-        elif run.state in ("STARTING", "PREPARING"):
-            # Its worker died between creating the session and recording it.
-            name = session_name(run.project, run.agent, run.id)
-            TmuxServer(cfg.tmux_socket).cmd("kill-session", "-t", f"={name}")
+        TmuxServer(cfg.tmux_socket).cmd("kill-session", "-t", f"={name}")
 
 
 def may_recover(run: Run, ended: MonitorExit) -> bool:

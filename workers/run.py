@@ -129,6 +129,9 @@ class Run:
     finished_at: str | None = None
     worktree_preserved: bool = False
     recoveries: int = 0
+    # Starts done again because the worker died while starting the agent (not
+    # the agent's crash: they leave its one recovery untouched).
+    restarts: int = 0
     nudges: int = 0
     mode: str = "session"
     output_tail: str | None = None
@@ -214,6 +217,7 @@ class Run:
             "prompt_sha256": self.prompt_sha256,
             "worktree_preserved": self.worktree_preserved,
             "recoveries": self.recoveries,
+            "restarts": self.restarts,
             "recovered_by": self.recovered_by,
             "transcript": self.transcript,
             "cli_cost_usd": self.cli_cost_usd,

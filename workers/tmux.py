@@ -2,9 +2,13 @@
 
 libtmux runs tmux with no timeout, so :class:`TmuxServer` routes every command
 that libtmux's objects issue (``Server.cmd``, which Session and Pane call)
-through ``subprocess.run`` with a timeout and a scrubbed environment. Targets
-are always exact ids (``$3``, ``%7``): a name is a prefix match in tmux, and a
-session named ``<name>-2`` must never be taken for ``<name>``.
+through ``subprocess.run`` with a timeout and a scrubbed environment. Panes are
+targeted by exact id (``%7``), sessions by exact name (``=name``: a bare name
+is a prefix match in tmux, and ``<name>-2`` must never be taken for
+``<name>``). Ids are a server's own: a tmux server that exited (its last
+session ended) and was started again gives them out anew, so a recorded pane
+id is trusted only while the pane belongs to the run's session (its name is
+unique to the run).
 """
 
 from __future__ import annotations
@@ -145,7 +149,8 @@ class TmuxServer(libtmux.Server):
         return result.stdout
 
 
-PANE_STATE_FORMAT = "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}"
+# Session names are letters, digits, "-" and "_" (workers.config): no ":".
+PANE_STATE_FORMAT = "#{session_name}:#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}"
 
 
 @dataclass(frozen=True)
@@ -155,12 +160,14 @@ class PaneState:
     dead: bool
     status: str = ""
     signal: str = ""
+    # The session the pane is in (a pane id alone names it on one server's life only).
+    session: str = ""
 
     @classmethod
     def parse(cls, text: str) -> PaneState:
         """Read the output of :data:`PANE_STATE_FORMAT`."""
-        dead, status, signal = [*text.split(":"), "", ""][:3]
-        return cls(dead=dead == "1", status=status.strip(), signal=signal.strip())
+        session, dead, status, signal = [*text.split(":"), "", "", ""][:4]
+        return cls(dead=dead == "1", status=status.strip(), signal=signal.strip(), session=session)
 
 
 @dataclass(frozen=True)
@@ -255,7 +262,8 @@ class AgentSession:
                 )
                 if result.returncode == 0 and result.stdout:
                     state = PaneState.parse(result.stdout[0])
-            if state is None:
+            if state is None or state.session != self.name:
+                # (A pane of another session: the server was started anew.)
                 return False, "its tmux session is gone"
             if not state.dead:
                 return True, None
@@ -302,8 +310,12 @@ class AgentSession:
         self.server.checked("send-keys", "-t", self.pane_id, *keys)
 
     def kill(self) -> None:
-        """Kill this session (and only it); a session already gone is fine."""
-        self.server.cmd("kill-session", "-t", self.session_id)
+        """Kill this session (and only it); a session already gone is fine.
+
+        By its exact name, never its id: after a tmux server restart the id
+        may be another run's session.
+        """
+        self.server.cmd("kill-session", "-t", f"={self.name}")
 
 
 def session_name(project: str, agent: str, run_id: str) -> str:

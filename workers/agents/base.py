@@ -37,10 +37,14 @@ START_WINDOW = 2.0
 POLL_START = 0.04
 # A TUI may still be taking a paste in; an Enter inside it would be text.
 PASTE_SETTLE = 0.02
-# How long a CLI whose input shows the paste may take to show it.
-PASTE_SHOWN_TIMEOUT = 3.0
-# How often one dialog may be answered before it counts as stuck.
+# How long a CLI whose input shows what it holds may take to show the paste.
+PASTE_WAIT = 5.0
+# A paste still held this long after its Enter gets one more Enter.
+ENTER_AGAIN_AFTER = 3.0
+# How often one dialog may be answered before it counts as stuck, and how long
+# after an answer the same dialog may still show before it is answered again.
 MAX_ANSWERS = 2
+ANSWER_PATIENCE = 3.0
 _BOX_CHARS = "│┃|║ \t"
 
 
@@ -132,6 +136,8 @@ class AgentDriver(Protocol):
     # The programs whose command gets this driver when the agent names none.
     programs: tuple[str, ...]
     hooks: bool
+    # Whether the driver can read what the CLI's input holds off its screen.
+    shows_input: bool
     # Whether a crashed session can be resumed with its conversation (else the
     # prompt is given to a new one); whether formulabeat names the
     # conversation before it starts (else the CLI does, and its hooks tell);
@@ -203,6 +209,8 @@ class PromptDriver:
     transcripts = False
     transcript_format: TranscriptFormat = CLAUDE_TRANSCRIPT
     credentials: tuple[str, ...] = CREDENTIALS
+    # Whether input_state can tell what the CLI's input holds (its screen shows it).
+    shows_input = False
 
     # -- command line and files ----------------------------------------------
     def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
@@ -233,6 +241,8 @@ class PromptDriver:
         deadline = started + timing.ready_timeout
         last, changed_at, poll = None, started, POLL_MIN
         answered: dict[str, int] = {}
+        # A dialog answered a moment ago may still show on a busy machine.
+        answered_at: dict[str, float] = {}
         while True:
             self._alive_or_raise(session, agent, launch, "before it was ready")
             screen = session.capture()
@@ -250,7 +260,9 @@ class PromptDriver:
                 return
             if isinstance(verdict, Refuse):
                 raise SessionError(verdict.reason)
-            if isinstance(verdict, Answer):
+            if isinstance(verdict, Answer) and now - answered_at.get(verdict.what, -1e9) >= (
+                ANSWER_PATIENCE
+            ):
                 count = answered.get(verdict.what, 0)
                 if count >= MAX_ANSWERS:
                     raise SessionError(
@@ -258,6 +270,7 @@ class PromptDriver:
                         f"its screen: {screen_tail(screen)}"
                     )
                 answered[verdict.what] = count + 1
+                answered_at[verdict.what] = now
                 session.press(*verdict.keys)
                 last, poll = None, POLL_MIN
             elif now >= deadline:
@@ -294,7 +307,7 @@ class PromptDriver:
             before = session.capture()
             if not enter_only:
                 session.paste_file(launch.prompt_file, f"formulabeat-{launch.run_id}")
-                self.await_paste(session, launch)
+                self._await_paste(session, launch)
             session.press("Enter")
             if self._await_confirmation(session, agent, launch, before, timing.confirm_timeout):
                 return
@@ -308,28 +321,28 @@ class PromptDriver:
         """What the agent's input holds: nothing, this run's whole prompt, or other text."""
         return EMPTY
 
-    def await_paste(self, session: AgentSession, launch: Launch) -> None:
-        """Let the agent take a paste in before its Enter (which inside it would be text)."""
-        time.sleep(PASTE_SETTLE)
-
-    def await_paste_shown(self, session: AgentSession, launch: Launch) -> None:
-        """For a CLI whose input shows what it holds: wait until it shows the whole paste.
-
-        A paste the input never shows is left to the confirmation (and its
-        second delivery).
-        """
-        deadline = time.monotonic() + PASTE_SHOWN_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.input_state(session.capture(), launch) == PROMPT_HELD:
-                return
-            time.sleep(POLL_MIN)
-
     def clear_input(self, session: AgentSession) -> None:
         """Empty the agent's input (a plain CLI offers no way: nothing to do)."""
 
     def confirmed(self, session: AgentSession, launch: Launch, before: str) -> bool:
         """Whether the agent took the prompt (here: its screen moved since ``before``)."""
         return session.capture() != before
+
+    def _await_paste(self, session: AgentSession, launch: Launch) -> None:
+        """Give the agent the time to take the paste in before Enter follows.
+
+        A CLI whose input shows what it holds is watched until it shows the
+        whole paste (a busy machine can take it in slowly, and an Enter that
+        comes first is text, or nothing); any other gets PASTE_SETTLE.
+        """
+        time.sleep(PASTE_SETTLE)
+        if not self.shows_input:
+            return
+        deadline = time.monotonic() + PASTE_WAIT
+        while time.monotonic() < deadline:
+            if self.input_state(session.capture(), launch) == PROMPT_HELD:
+                return
+            time.sleep(POLL_MIN)
 
     def _await_confirmation(
         self,
@@ -339,13 +352,21 @@ class PromptDriver:
         before: str,
         timeout: float,
     ) -> bool:
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        nudged = not self.shows_input
         while True:
             if self.confirmed(session, launch, before):
                 return True
             self._alive_or_raise(session, agent, launch, "before it confirmed the prompt")
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 return False
+            if not nudged and now - started >= ENTER_AGAIN_AFTER:
+                # Still holding the whole paste: its Enter was not taken.
+                nudged = True
+                if self.input_state(session.capture(), launch) == PROMPT_HELD:
+                    session.press("Enter")
             time.sleep(POLL_MIN)
 
     # -- endings -------------------------------------------------------------------

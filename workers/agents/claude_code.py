@@ -104,6 +104,7 @@ class ClaudeCode(HookedDriver):
     resumes = True
     names_sessions = True
     transcripts = True
+    shows_input = True
 
     # -- command line and files ---------------------------------------------
     def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:

@@ -203,6 +203,7 @@ class Codex(HookedDriver):
 
     name = "codex"
     programs = ("codex",)
+    shows_input = True
     resumes = True
     # It names its conversations; the hooks tell formulabeat the id.
     names_sessions = False

@@ -147,6 +147,7 @@ class Gemini(HookedDriver):
 
     name = "gemini"
     programs = ("gemini",)
+    shows_input = True
     resumes = True
     names_sessions = True
     transcripts = True
@@ -257,9 +258,9 @@ class Gemini(HookedDriver):
         first = prompt.splitlines()[:1]
         return PROMPT_HELD if first and held == first[0].strip() else OTHER_HELD
 
-    def await_paste(self, session: AgentSession, launch: Launch) -> None:
+    def _await_paste(self, session: AgentSession, launch: Launch) -> None:
         """Enter only a while after the input shows the paste (sooner, it is lost)."""
-        self.await_paste_shown(session, launch)
+        super()._await_paste(session, launch)
         time.sleep(ENTER_AFTER_PASTE)
 
     def clear_input(self, session: AgentSession) -> None:

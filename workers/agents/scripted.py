@@ -23,6 +23,7 @@ class Scripted(HookedDriver):
     # writes a transcript (scenario token chatter=S) as Claude Code does.
     resumes = False
     transcripts = True
+    shows_input = True
 
     def input_state(self, screen: str, launch: Launch) -> str:
         """It prints ``[pasted N bytes]`` once a paste arrived (on its prompt's line)."""
