@@ -9,8 +9,14 @@ STAMP  := $(VENV)/.installed-stamp
 CLAUDE_CODE_VERSION := 2.1.197
 CLAUDE_DIR   := .claude-cli
 CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
+# The other agent CLIs formulabeat drives, pinned to the versions measured
+# (README "Agent drivers"), into one npm prefix.
+CODEX_VERSION  := 0.171.0
+GEMINI_VERSION := 0.61.0
+AGENT_CLIS_DIR   := .agent-clis
+AGENT_CLIS_STAMP := $(AGENT_CLIS_DIR)/.installed-codex-$(CODEX_VERSION)-gemini-$(GEMINI_VERSION)
 
-.PHONY: setup system-deps claude-cli demo test lint typecheck unit chaos chaos-real bench compose-check clean
+.PHONY: setup system-deps claude-cli agent-clis demo test lint typecheck unit chaos chaos-real bench compose-check clean
 
 setup: system-deps $(STAMP)
 
@@ -47,6 +53,17 @@ $(CLAUDE_STAMP):
 	  @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) && \
 	$(CLAUDE_DIR)/node_modules/.bin/claude --version && touch $(CLAUDE_STAMP)
 
+# Codex CLI and Gemini CLI, beside Claude Code (tests/real_cli.py looks here).
+agent-clis: system-deps $(AGENT_CLIS_STAMP)
+
+$(AGENT_CLIS_STAMP):
+	@if ! command -v npm >/dev/null 2>&1; then echo "no npm: Codex and Gemini CLIs not installed"; exit 0; fi; \
+	rm -rf $(AGENT_CLIS_DIR) && \
+	npm install --prefix $(AGENT_CLIS_DIR) --no-audit --no-fund --loglevel=error \
+	  @openai/codex@$(CODEX_VERSION) @google/gemini-cli@$(GEMINI_VERSION) && \
+	$(AGENT_CLIS_DIR)/node_modules/.bin/codex --version && \
+	$(AGENT_CLIS_DIR)/node_modules/.bin/gemini --version && touch $(AGENT_CLIS_STAMP)
+
 demo: setup
 	$(BIN)/formulabeat demo
 
@@ -57,7 +74,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-unit: setup claude-cli
+unit: setup claude-cli agent-clis
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
@@ -72,7 +89,7 @@ chaos-real: setup claude-cli
 	$(BIN)/python -m tests.chaos_real
 
 # Latency, idle cost, concurrency and throughput; writes bench/results.json.
-bench: setup claude-cli
+bench: setup claude-cli agent-clis
 	$(BIN)/python -m bench.bench
 
 # Builds deploy/Dockerfile and runs deploy/compose.yaml for real (a run to
@@ -82,4 +99,4 @@ compose-check: setup
 	$(BIN)/python deploy/compose_check.py --claude-code-version $(CLAUDE_CODE_VERSION) $(if $(COLD),--cold)
 
 clean:
-	rm -rf $(VENV) $(CLAUDE_DIR) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(CLAUDE_DIR) $(AGENT_CLIS_DIR) .mypy_cache .ruff_cache .pytest_cache

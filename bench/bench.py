@@ -44,6 +44,7 @@ from typing import Any
 import psutil
 import redis
 
+from bench.agent_clis import bench_agent_cli
 from tasks.app import client_app
 from tasks.demo import commit_all
 from tasks.stack import Stack
@@ -601,6 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-idle", type=float, default=60.0)
     parser.add_argument("--real-spread", type=float, default=30.0)
     parser.add_argument("--no-real", action="store_true", help="skip the real-CLI series")
+    parser.add_argument("--agent-sessions", type=int, default=5, help="idle Codex/Gemini CLIs")
+    parser.add_argument("--agent-runs", type=int, default=8, help="Codex/Gemini runs sent")
+    parser.add_argument("--agent-idle", type=float, default=30.0)
+    parser.add_argument(
+        "--only-agents", action="store_true", help="only the Codex and Gemini CLI series"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
         "--monitor",
@@ -616,13 +623,27 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="formulabeat-bench-") as tmp:
         root = Path(tmp)
-        results.update(bench_start(root / "start", args.start_runs))
-        results.update(
-            bench_throughput(root / "throughput", args.throughput_agents, args.throughput_seconds)
-        )
-        results.update(bench_fleet(root / "fleet", args.sessions, args.idle, args.spread))
-        results.update(bench_usage(root / "usage", args.usage_sessions, args.idle))
-        if not args.no_real:
+        if not args.only_agents:
+            results.update(bench_start(root / "start", args.start_runs))
+            results.update(
+                bench_throughput(
+                    root / "throughput", args.throughput_agents, args.throughput_seconds
+                )
+            )
+            results.update(bench_fleet(root / "fleet", args.sessions, args.idle, args.spread))
+            results.update(bench_usage(root / "usage", args.usage_sessions, args.idle))
+        for name in ("codex", "gemini") if not args.no_real else ():
+            results.update(
+                bench_agent_cli(
+                    name,
+                    root / name,
+                    args.agent_sessions,
+                    args.agent_runs,
+                    args.agent_idle,
+                    sys.modules[__name__],
+                )
+            )
+        if not args.no_real and not args.only_agents:
             results.update(
                 bench_real(
                     root / "real",
@@ -647,31 +668,35 @@ def main(argv: list[str] | None = None) -> int:
     results["date"] = time.strftime("%Y-%m-%d")
     results["monitor_settings"] = MONITOR or "defaults"
     args.output.write_text(json.dumps(results, indent=2) + "\n")
-    rows = [
-        (
-            "phase write → result backend, p50 / p99 (ms)",
-            f"{results['phase_latency_ms_p50']} / {results['phase_latency_ms_p99']}"
-            f" ({results['phase_sessions']} live sessions)",
-            "5030 median",
-        ),
-        (
-            "send → prompt delivered, p50 / p99 (ms)",
-            f"{results['start_latency_ms_p50']} / {results['start_latency_ms_p99']}",
-            "1699 median",
-        ),
-        (
-            "idle CPU-s per session per minute",
-            f"{results['idle_cpu_s_per_session_min']} ({results['idle_sessions']} sessions)",
-            "0.087 (10 s poll)",
-        ),
-        ("concurrent sessions", str(results["max_concurrent_sessions"]), "one bash loop each"),
-        ("runs per minute (agent done at once)", str(results["runs_per_min"]), "-"),
-        (
-            "watcher CPU-s / session / min, transcripts growing 1 line/s",
-            f"{results['usage_cpu_s_per_session_min']} ({results['usage_sessions']} sessions)",
-            "-",
-        ),
-    ]
+    rows = (
+        []
+        if args.only_agents
+        else [
+            (
+                "phase write → result backend, p50 / p99 (ms)",
+                f"{results['phase_latency_ms_p50']} / {results['phase_latency_ms_p99']}"
+                f" ({results['phase_sessions']} live sessions)",
+                "5030 median",
+            ),
+            (
+                "send → prompt delivered, p50 / p99 (ms)",
+                f"{results['start_latency_ms_p50']} / {results['start_latency_ms_p99']}",
+                "1699 median",
+            ),
+            (
+                "idle CPU-s per session per minute",
+                f"{results['idle_cpu_s_per_session_min']} ({results['idle_sessions']} sessions)",
+                "0.087 (10 s poll)",
+            ),
+            ("concurrent sessions", str(results["max_concurrent_sessions"]), "one bash loop each"),
+            ("runs per minute (agent done at once)", str(results["runs_per_min"]), "-"),
+            (
+                "watcher CPU-s / session / min, transcripts growing 1 line/s",
+                f"{results['usage_cpu_s_per_session_min']} ({results['usage_sessions']} sessions)",
+                "-",
+            ),
+        ]
+    )
     if results.get("real_cli_version"):
         rows += [
             (
@@ -697,6 +722,28 @@ def main(argv: list[str] | None = None) -> int:
                 "-",
             ),
         ]
+    for name in ("codex", "gemini"):
+        if results.get(f"{name}_version"):
+            rows += [
+                (
+                    f"{name} {results[f'{name}_version']}: its own start → ready, p50 (ms)",
+                    str(results.get(f"{name}_own_start_ms_p50")),
+                    "-",
+                ),
+                (
+                    f"{name}: send → prompt confirmed, p50 / p99 (ms)",
+                    f"{results.get(f'{name}_start_ms_p50')} / {results.get(f'{name}_start_ms_p99')}"
+                    f" (overhead p50 {results.get(f'{name}_start_overhead_ms_p50')})",
+                    "-",
+                ),
+                (
+                    f"{name} idle CPU-s / session / min: the CLI's, formulabeat's; RSS MiB",
+                    f"{results.get(f'{name}_cli_idle_cpu_s_per_session_min')}, "
+                    f"{results.get(f'{name}_formulabeat_idle_cpu_s_per_session_min')}; "
+                    f"{results.get(f'{name}_cli_rss_mib_per_session')}",
+                    "-",
+                ),
+            ]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure':<{width}}  formulabeat  |  original")
     for name, ours, theirs in rows:

@@ -25,6 +25,7 @@ from kombu.entity import Queue
 
 from beat_schedule import CLEANUP_TASK, DEFAULT_QUEUE, REAP_TASK, RUN_TASK, build_schedule
 from workers import embedded, registry
+from workers.agents import checked
 from workers.config import Config, load_config
 from workers.errors import BrokerError, ConfigError
 
@@ -78,7 +79,7 @@ def config() -> Config:
     global _loaded
     with _config_lock:
         if _loaded is None:
-            cfg = load_config()
+            cfg = checked(load_config())
             _loaded = _Loaded(cfg, _stamp(cfg.path), time.time())
             return cfg
         stamp = _stamp(_loaded.cfg.path)
@@ -86,7 +87,7 @@ def config() -> Config:
             return _loaded.cfg
         old = _loaded.cfg
         try:
-            fresh = load_config(old.path)
+            fresh = checked(load_config(old.path))
         except ConfigError as exc:
             log.error(
                 "%s changed but does not load, still using it as read before: %s", old.path, exc

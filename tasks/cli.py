@@ -37,9 +37,10 @@ _broker_shown: list[str] = []
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from workers.agents import checked
     from workers.config import CONFIG_ENV, load_config
 
-    cfg = load_config(args.config)
+    cfg = checked(load_config(args.config))
     # Children (Celery's commands) and the lazily configured app read the same file.
     os.environ[CONFIG_ENV] = str(cfg.path)
     _broker_shown.append(cfg.broker_url or "")

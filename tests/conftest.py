@@ -28,8 +28,27 @@ from tasks.app import client_app
 from tasks.demo import commit_all
 from tasks.reporting import result_of
 from tasks.stack import Stack
+from tests import messages_api as anthropic
+from tests import scenario
+from tests.gemini_api import GeminiAPI
 from tests.messages_api import MessagesAPI
-from tests.real_cli import claude_binary, run_by_hand_once
+from tests.real_cli import (
+    BYPASS,
+    CODEX_BYPASS,
+    CODEX_MODEL,
+    GEMINI_MODEL,
+    GEMINI_YOLO,
+    AgentCLI,
+    agent_binary,
+    claude_binary,
+    cli_env,
+    codex_env,
+    codex_setup,
+    gemini_env,
+    gemini_setup,
+    run_by_hand_once,
+)
+from tests.responses_api import ResponsesAPI
 from workers import launcher as launcher_module
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
@@ -72,6 +91,78 @@ def claude_home(
         yield home
     finally:
         subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def responses_api() -> Iterator[ResponsesAPI]:
+    """The Responses API stand-in Codex talks to, for the whole test session."""
+    with ResponsesAPI() as api:
+        yield api
+
+
+@pytest.fixture(scope="session")
+def gemini_api() -> Iterator[GeminiAPI]:
+    """The Gemini API stand-in Gemini CLI talks to, for the whole test session."""
+    with GeminiAPI() as api:
+        yield api
+
+
+@pytest.fixture(scope="session")
+def codex(responses_api: ResponsesAPI, tmp_path_factory: pytest.TempPathFactory) -> AgentCLI:
+    """The real Codex CLI, in a HOME whose config names the stand-in as its provider."""
+    home = codex_setup(tmp_path_factory.mktemp("codex-home"), responses_api.base_url)
+    return AgentCLI(
+        driver="codex",
+        binary=agent_binary("codex"),
+        home=home,
+        api=responses_api,
+        model=CODEX_MODEL,
+        flags=CODEX_BYPASS,
+        env=codex_env,
+        billed=scenario.charged,
+        fresh_reason=("Codex is not logged in", "codex login"),
+    )
+
+
+@pytest.fixture(scope="session")
+def gemini(gemini_api: GeminiAPI, tmp_path_factory: pytest.TempPathFactory) -> AgentCLI:
+    """The real Gemini CLI, in a HOME whose settings choose API-key auth."""
+    home = gemini_setup(tmp_path_factory.mktemp("gemini-home"))
+    return AgentCLI(
+        driver="gemini",
+        binary=agent_binary("gemini"),
+        home=home,
+        api=gemini_api,
+        model=GEMINI_MODEL,
+        flags=GEMINI_YOLO,
+        env=lambda home: gemini_env(home, gemini_api.url),
+        billed=scenario.charged,
+        fresh_reason=("asks how to authenticate", "formulabeat doctor --fix"),
+    )
+
+
+@pytest.fixture(scope="session")
+def claude_cli(claude: Path, claude_home: Path, messages_api: MessagesAPI) -> AgentCLI:
+    """The real Claude Code CLI, as an AgentCLI like the others."""
+    return AgentCLI(
+        driver="claude-code",
+        binary=claude,
+        home=claude_home,
+        api=messages_api,
+        model="claude-opus-4-8",
+        flags=BYPASS,
+        env=lambda home: cli_env(home, messages_api.url),
+        billed=anthropic.charged,
+        fresh_reason=("first-run setup",),
+    )
+
+
+@pytest.fixture(params=["claude-code", "codex", "gemini"])
+def agent_cli(request: pytest.FixtureRequest) -> AgentCLI:
+    """Each real agent CLI in turn: a test using it runs once per CLI."""
+    fixture = {"claude-code": "claude_cli", "codex": "codex", "gemini": "gemini"}[request.param]
+    cli: AgentCLI = request.getfixturevalue(fixture)
+    return cli
 
 
 @pytest.fixture

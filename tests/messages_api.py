@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests import scenario
+
 _SCENARIO_RE = re.compile(r"^\s*SCENARIO:\s*(.+?)\s*$", re.MULTILINE)
 # The phase protocol's line, else (a one-shot prompt) the environment block's.
 _PHASE_FILE_RE = re.compile(r"echo 'PHASE:done' > '([^']+)'|^PHASE_FILE=(\S+)$", re.MULTILINE)
@@ -149,14 +151,6 @@ def _tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     body = "\n".join(str(b.get("text", "")) for b in body if isinstance(b, dict))
                 found.append({"is_error": bool(block.get("is_error")), "content": str(body)})
     return found
-
-
-def _spaced(text: str) -> str:
-    return text.replace("_", " ")
-
-
-def _sh_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 # A fault's "status" that answers nothing: the connection is closed unanswered.
@@ -379,48 +373,19 @@ class MessagesAPI:
     ) -> tuple[list[dict[str, Any]], int]:
         """The content blocks (or an HTTP error status) for one action."""
         name, _, arg = action.partition("=")
-        target = _sh_quote(phase_file or "/dev/null")
-
-        def stamped(phase: str) -> str:
-            # The write's time is the phase file's own mtime, read after it.
-            if not stamp:
-                return ""
-            mtime = f'"$(stat -c %.9Y {target})"'
-            return f"; printf '%s %s %s\\n' {target} {phase} {mtime} >> {_sh_quote(stamp)}"
-
+        target = scenario.sh_quote(phase_file or "/dev/null")
         if name == "apifail":
             return [], int(arg)
-        command: str | None = None
-        if name == "phase":
-            phase, _, reason = arg.partition(":")
-            command = (
-                f"printf 'PHASE:{phase}\\nReason: %s\\n' {_sh_quote(_spaced(reason))} > {target}"
-                if reason
-                else f"echo 'PHASE:{phase}' > {target}"
-            ) + stamped(phase)
-        elif name == "phases":
-            command = "; ".join(f"echo 'PHASE:{p}' > {target}{stamped(p)}" for p in arg.split(","))
-        elif name == "waitfor":
-            # inotifywait would need a package; a 1 s poll costs next to nothing.
-            command = f"while [ ! -e {_sh_quote(arg)} ]; do sleep 1; done"
-        elif name == "bash":
-            command = _spaced(arg)
-        elif name == "sleep":
-            command = f"sleep {float(arg):g}"
-        elif name in ("crash", "crash_once"):
-            # The Bash tool's shell is a child of the CLI's process.
-            kill = "kill -KILL $PPID"
-            flag = _sh_quote(f"{phase_file}.crashed")
-            command = kill if name == "crash" else f"[ -e {flag} ] || {{ touch {flag}; {kill}; }}"
+        # The same commands every stand-in plays (tests/scenario.py).
+        command = scenario.command_for(name, arg, phase_file, stamp)
         if command is None:
             text = "I stop here." if name == "idle" else "Done."
             return [{"type": "text", "text": text}], 200
         if trace:
             # The Bash tool's shell is a child of the CLI's process: $PPID is the CLI.
-            line = (
-                f'printf \'%s %s %s %s\\n\' {target} {_sh_quote(action)} "$PPID" "$(date +%s.%N)"'
-            )
-            command = f"{line} >> {_sh_quote(trace)}; {command}"
+            quoted = scenario.sh_quote(action)
+            line = f'printf \'%s %s %s %s\\n\' {target} {quoted} "$PPID" "$(date +%s.%N)"'
+            command = f"{line} >> {scenario.sh_quote(trace)}; {command}"
         tool = {
             "type": "tool_use",
             "id": f"toolu_{abs(hash((command, time.time_ns()))) % 10**12:012d}",

@@ -1,10 +1,11 @@
-"""The real Claude Code CLI in tests: where it is, a HOME it ran in, and its agent config.
+"""The real agent CLIs in tests: where they are, a HOME each ran in, their agent config.
 
-``make test`` installs the pinned CLI into ``.claude-cli/`` of the checkout.
-Without it the real-CLI tests skip, saying why, unless
+``make test`` installs the pinned Claude Code CLI into ``.claude-cli/`` and
+the pinned Codex and Gemini CLIs into ``.agent-clis/`` of the checkout.
+Without them the real-CLI tests skip, saying why, unless
 ``FORMULABEAT_REQUIRE_REAL_CLI=1`` (set by ``.ci/run``) makes that a failure.
-The CLI talks to the Messages API stand-in (tests/messages_api.py) the tests
-start; nothing reaches the internet.
+Each CLI talks to an API stand-in the tests start (tests/messages_api.py,
+tests/responses_api.py, tests/gemini_api.py); nothing reaches the internet.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,3 +144,112 @@ def real_agent(
     for variable in options.pop("drop_env", ()):  # type: ignore[attr-defined]
         settings["env"].pop(variable, None)
     fleet.add_agent(name, scenario, **{**settings, **options})
+
+
+# -- Codex CLI and Gemini CLI --------------------------------------------------------
+
+# `make test` installs both, pinned, into .agent-clis/ (the Makefile's versions).
+AGENT_CLIS = ROOT / ".agent-clis" / "node_modules" / ".bin"
+# What Codex is told to use (its config's model, the stand-in's answer) and the
+# model Gemini CLI's router picks for a simple task (measured with 0.61.0).
+CODEX_MODEL = "stub-model"
+GEMINI_MODEL = "gemini-3.8-flash"
+OPENAI_KEY = "sk-standin-openai-0123456789"
+GEMINI_KEY = "standin-gemini-key-0123456789"
+CODEX_BYPASS = "--dangerously-bypass-approvals-and-sandbox"
+GEMINI_YOLO = "--approval-mode yolo"
+
+
+def agent_binary(name: str) -> Path:
+    """Codex's or Gemini CLI's binary, or a skip (a failure where the CI requires it)."""
+    override = os.environ.get(f"FORMULABEAT_{name.upper()}")
+    binary = Path(override) if override else AGENT_CLIS / name
+    if binary.exists():
+        return binary
+    why = f"the {name} CLI is not installed at {binary}: `make agent-clis` installs it with npm" + (
+        "" if shutil.which("npm") else " (npm not found: apt-get install npm)"
+    )
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def codex_setup(home: Path, base_url: str) -> Path:
+    """Set HOME up as a person does for Codex: a model provider that takes an API key.
+
+    ``~/.codex/config.toml`` names the stand-in as the provider (the
+    Responses API, its key from OPENAI_API_KEY); nothing else: formulabeat
+    records the trust of each repository itself.
+    """
+    codex = home / ".codex"
+    codex.mkdir(parents=True, exist_ok=True)
+    (codex / "config.toml").write_text(
+        f'model = "{CODEX_MODEL}"\nmodel_provider = "standin"\n\n'
+        "[model_providers.standin]\n"
+        'name = "standin"\n'
+        f'base_url = "{base_url}"\n'
+        'env_key = "OPENAI_API_KEY"\n'
+        'wire_api = "responses"\n'
+    )
+    return home
+
+
+def codex_env(home: Path, **extra: str) -> dict[str, str]:
+    """The agent environment of a Codex run: its HOME and the key its provider reads."""
+    return {"HOME": str(home), "OPENAI_API_KEY": OPENAI_KEY, **extra}
+
+
+def gemini_setup(home: Path) -> Path:
+    """Set HOME up as a person does for Gemini CLI with an API key: its auth type chosen."""
+    gemini = home / ".gemini"
+    gemini.mkdir(parents=True, exist_ok=True)
+    settings = {"security": {"auth": {"selectedType": "gemini-api-key"}}}
+    (gemini / "settings.json").write_text(json.dumps(settings))
+    return home
+
+
+def gemini_env(home: Path, api_url: str, **extra: str) -> dict[str, str]:
+    """The agent environment of a Gemini CLI run: its HOME, the stand-in, the key."""
+    return {
+        "HOME": str(home),
+        "GOOGLE_GEMINI_BASE_URL": api_url,
+        "GEMINI_API_KEY": GEMINI_KEY,
+        **extra,
+    }
+
+
+@dataclass
+class AgentCLI:
+    """One real agent CLI, set up for tests: the same scenario runs on each of them."""
+
+    driver: str
+    binary: Path
+    # A HOME where its user set it up (tests/conftest.py makes one per session).
+    home: Path
+    # Its API stand-in: ``for_run``, ``main_exchanges``, ``exchanges``.
+    api: Any
+    # The model its transcript names (what a price is keyed by).
+    model: str
+    # Its command line, beyond the binary.
+    flags: str
+    # The agent environment for a HOME.
+    env: Callable[[Path], dict[str, str]]
+    # What the stand-in billed for some exchanges, by formulabeat's kinds.
+    billed: Callable[[list[Any]], dict[str, int]]
+    # Words the reason of a run in a HOME where the CLI never ran must have.
+    fresh_reason: tuple[str, ...]
+
+    def options(self, home: Path | None = None, **env: str) -> dict[str, Any]:
+        """``[[agents]]`` options for a Fleet agent that runs this CLI."""
+        return {
+            "command": f"{self.binary} {self.flags}",
+            "driver": self.driver,
+            "env": {**self.env(home or self.home), **env},
+        }
+
+    def price_table(self) -> str:
+        """A ``[prices."<model>"]`` table for its model (the same prices for each CLI)."""
+        return (
+            f'\n[prices."{self.model}"]\ninput = 15\noutput = 75\ncache_read = 1.5\n'
+            "cache_creation = 18.75\n"
+        )

@@ -291,3 +291,58 @@ def test_the_readmes_own_project_example_is_a_valid_config_and_formula(tmp_path:
     cfg = parse_config(config_text, tmp_path / "formulabeat.toml")
     assert cfg.warnings == ()
     assert cfg.agent("myproj", "planner").formula == formula
+
+
+# -- the agent's driver: named, or inferred from the command ----------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "driver"),
+    [
+        ("claude --dangerously-skip-permissions", "claude-code"),
+        ("/opt/bin/codex --dangerously-bypass-approvals-and-sandbox", "codex"),
+        ("gemini --approval-mode yolo", "gemini"),
+        ("aider --yes", "plain"),
+    ],
+)
+def test_a_driver_is_inferred_from_the_commands_program(
+    tmp_path: Path, command: str, driver: str
+) -> None:
+    from workers.agents import checked, driver_name
+
+    cfg = checked(parse_config(GOOD + f'command = "{command}"\n', tmp_path / "f.toml"))
+    assert driver_name(cfg.agent("proj", "planner")) == driver
+
+
+def test_an_unknown_driver_names_the_agent_the_key_and_the_drivers(tmp_path: Path) -> None:
+    from workers.agents import checked
+
+    cfg = parse_config(GOOD + 'driver = "codx"\n', tmp_path / "f.toml")
+    with pytest.raises(ConfigError) as raised:
+        checked(cfg)
+    text = str(raised.value)
+    assert "agents[0] (proj/planner).driver" in text and "'codx' is not a driver" in text
+    assert "claude-code, codex, gemini, plain, scripted" in text
+    # And the CLI says so, as for any bad key.
+    config = tmp_path / "f.toml"
+    config.write_text(GOOD + 'driver = "codx"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "--config", str(config), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 4 and "'codx' is not a driver" in proc.stderr
+
+
+def test_the_config_does_not_import_the_drivers() -> None:
+    # Drivers depend on the config, not the other way round.
+    code = (
+        "import sys, workers.config; "
+        "print(any(m.startswith('workers.agents') for m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.strip() == "False"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import commit_files, formula_text
-from tests.real_cli import cli_env
+from tests.real_cli import AgentCLI, cli_env, codex_setup
 from tests.test_service_user import NOLOGIN, as_root, read_only
 from workers.embedded import EmbeddedRedis
 from workers.statedir import new_run_dir
@@ -192,3 +193,64 @@ def test_a_repository_of_another_owner_or_read_only_names_the_fix(
     line = next(line for line in doctor(config).stdout.splitlines() if " repo p " in line)
     assert line.startswith("FIX") and "dubious ownership" in line, line
     assert f"git config --global --add safe.directory {repo}" in line
+
+
+def agent_cli_config(tmp_path: Path, url: str, cli: AgentCLI, home: Path) -> Path:
+    """A config whose one agent runs a real Codex or Gemini CLI in ``home``."""
+    config = write_config(tmp_path, url, command=f"{cli.binary} {cli.flags}")
+    env = ", ".join(f'{k} = "{v}"' for k, v in cli.env(home).items())
+    config.write_text(config.read_text() + f"env = {{ {env} }}\n")
+    return config
+
+
+def cli_lines(proc: subprocess.CompletedProcess[str], driver: str) -> list[str]:
+    return [line for line in proc.stdout.splitlines() if f" {driver} p/a " in line]
+
+
+def test_codex_set_up_with_a_provider_key_is_all_ok_and_fix_trusts_the_repository(
+    tmp_path: Path, redis_server: EmbeddedRedis, codex: AgentCLI
+) -> None:
+    home = codex_setup(tmp_path / "home", codex.api.base_url)
+    config = agent_cli_config(tmp_path, redis_server.url, codex, home)
+    before = doctor(config)
+    lines = cli_lines(before, "codex")
+    assert {line.split()[3] for line in lines} == {"login", "trust", "hooks"}, before.stdout
+    assert before.returncode == 0 and all(line.startswith("ok") for line in lines), before.stdout
+    assert "authenticates with OPENAI_API_KEY" in before.stdout
+    assert "is trusted before the first run" in before.stdout
+    fixed = doctor(config, args=["--fix"])
+    repo = (tmp_path / "repo").resolve()
+    assert f"trusted {repo}" in fixed.stdout
+    assert "ok   codex p/a trust" in fixed.stdout and f"{repo} trusted" in fixed.stdout
+    again = doctor(config, args=["--fix"])
+    assert "fixed " not in again.stdout
+
+
+def test_codex_never_logged_in_names_the_fix(
+    tmp_path: Path, redis_server: EmbeddedRedis, codex: AgentCLI
+) -> None:
+    home = tmp_path / "fresh"
+    home.mkdir()
+    config = write_config(tmp_path, redis_server.url, command=f"{codex.binary} {codex.flags}")
+    config.write_text(config.read_text() + f'env = {{ HOME = "{home}" }}\n')
+    proc = doctor(config, env={"OPENAI_API_KEY": ""})
+    assert proc.returncode == 1
+    assert "FIX  codex p/a login" in proc.stdout and "codex login" in proc.stdout
+
+
+def test_gemini_with_a_key_and_no_auth_type_is_fixed_by_doctor_fix(
+    tmp_path: Path, redis_server: EmbeddedRedis, gemini: AgentCLI
+) -> None:
+    home = tmp_path / "fresh"
+    home.mkdir()
+    config = agent_cli_config(tmp_path, redis_server.url, gemini, home)
+    before = doctor(config)
+    assert before.returncode == 1
+    assert "FIX  gemini p/a login" in before.stdout
+    assert "sets no security.auth.selectedType" in before.stdout
+    fixed = doctor(config, args=["--fix"])
+    assert "security.auth.selectedType = gemini-api-key" in fixed.stdout
+    lines = cli_lines(fixed, "gemini")
+    assert lines and all(line.startswith("ok") for line in lines), fixed.stdout
+    settings = json.loads((home / ".gemini" / "settings.json").read_text())
+    assert settings["security"]["auth"]["selectedType"] == "gemini-api-key"

@@ -2,9 +2,9 @@
 
 Each driver (workers.agents) starts its CLI in a real tmux session through
 the launcher, waits until it is ready, delivers a prompt and sees it
-confirmed, and says why a session that ended did. ``claude-code`` runs the
-real Claude Code CLI against the Messages API stand-in; ``scripted`` runs
-formulabeat's scripted agent; ``plain`` a POSIX sh agent.
+confirmed, and says why a session that ended did. ``claude-code``, ``codex``
+and ``gemini`` run the real CLIs against their API stand-ins; ``scripted``
+runs formulabeat's scripted agent; ``plain`` a POSIX sh agent.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import start_session, wait_until
 from tests.messages_api import MessagesAPI
-from tests.real_cli import API_KEY, BYPASS, cli_env
+from tests.real_cli import API_KEY, BYPASS, AgentCLI, cli_env
 from workers.agents import DRIVERS, Launch
 from workers.agents.base import OTHER_HELD, PROMPT_HELD, HookedDriver, prompt_shown
 from workers.agents.claude_code import config_file, edit_json, read_json, trust, trusted
@@ -60,7 +60,7 @@ class Rig:
             f"rig-{self.driver_name}",
             self.launch.worktree,
             argv,
-            dict(self.launch.env),
+            {**self.launch.env, **driver.launch_env(self.agent, self.launch)},
             self.launch.run_dir / "exit-status",
         )
 
@@ -76,6 +76,7 @@ def make_rig(
     driver: str,
     command: str,
     env: dict[str, str] | None = None,
+    repo_root: Path | None = None,
     **options: object,
 ) -> Rig:
     root = tmp_path / "state" / "runs"
@@ -113,6 +114,7 @@ def make_rig(
         primary_branch="main",
         hook_command=tuple(hook_command()),
         env=full_env,
+        repo_root=repo_root,
     )
     return Rig(driver, agent, launch, socket)
 
@@ -128,9 +130,19 @@ def sh_agent(tmp_path: Path) -> str:
 RigFactory = Callable[..., Rig]
 
 
-@pytest.fixture(params=["claude-code", "scripted", "plain"])
+@pytest.fixture(params=["claude-code", "codex", "gemini", "scripted", "plain"])
 def rig(request: pytest.FixtureRequest, tmp_path: Path, tmux_socket: str, sh_agent: str) -> Rig:
     """A healthy agent of each driver."""
+    if request.param in ("codex", "gemini"):
+        cli: AgentCLI = request.getfixturevalue(request.param)
+        return make_rig(
+            tmp_path,
+            tmux_socket,
+            cli.driver,
+            f"{cli.binary} {cli.flags}",
+            cli.env(cli.home),
+            repo_root=tmp_path / "state" / "runs" / "run-1" / "worktree",
+        )
     if request.param == "claude-code":
         claude = request.getfixturevalue("claude")
         home = request.getfixturevalue("claude_home")
@@ -160,7 +172,8 @@ def test_a_driver_readies_its_agent_and_the_prompt_arrives(rig: Rig) -> None:
         if DRIVERS[rig.driver_name].hooks:
             assert (rig.launch.run_dir / "prompt-submitted").exists()
             # Nothing of formulabeat's lands in the worktree the agent commits from.
-            assert not (rig.launch.worktree / ".claude").exists()
+            for own in (".claude", ".codex", ".gemini"):
+                assert not (rig.launch.worktree / own).exists(), own
     finally:
         session.kill()
 
@@ -502,3 +515,33 @@ def test_claude_config_edits_lose_nothing_while_cli_processes_write_the_same_fil
         if not trusted(read_json(config), root):
             edit_json(config, lambda data, root=root: trust(data, root))
     assert all(trusted(read_json(config), root) for root in roots)
+
+
+def test_each_driver_passes_on_its_own_clis_credentials_and_pass_env_as_for_claude() -> None:
+    from workers.environment import agent_env
+
+    worker = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/w",
+        "ANTHROPIC_API_KEY": "anthropic-key",
+        "OPENAI_API_KEY": "openai-key",
+        "GEMINI_API_KEY": "gemini-key",
+        "HTTPS_PROXY": "http://proxy:3128",
+    }
+    for name, key in (("claude-code", "ANTHROPIC_API_KEY"), ("codex", "OPENAI_API_KEY")):
+        agent = AgentConfig(
+            name="a",
+            project="p",
+            formula=Path("f.toml"),
+            schedule="* * * * *",
+            driver=name,
+            pass_env=("HTTPS_PROXY",),
+            env={"OPENAI_BASE_URL": "https://gateway.internal/v1"},
+        )
+        env = agent_env(agent, worker, DRIVERS[name].credentials)
+        assert env[key] == worker[key]
+        others = {"ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GEMINI_API_KEY"} - {key}
+        assert not others & set(env), env  # a vendor's key reaches its own CLI only
+        assert env["HTTPS_PROXY"] == "http://proxy:3128"
+        assert env["OPENAI_BASE_URL"] == "https://gateway.internal/v1"
+    assert "GEMINI_API_KEY" in DRIVERS["gemini"].credentials

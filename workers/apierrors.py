@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -105,6 +106,18 @@ def read_record(run_dir: Path | str) -> ApiErrorRecord | None:
     return ApiErrorRecord(
         at=at, kind=str(data.get("kind") or "unknown"), message=str(data.get("message") or "")
     )
+
+
+def write_record(run_dir: Path | str, record: ApiErrorRecord) -> None:
+    """Leave an API-error record in the run directory (for a CLI whose hooks do not),
+    replaced whole: the watcher never reads half of one."""
+    path = Path(run_dir) / API_ERROR
+    tmp = path.with_name(f".{API_ERROR}.{os.getpid()}.tmp")
+    data = {"at": record.at, "kind": record.kind, "message": record.message[:4000]}
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def retry_delay(first: float, attempt: int) -> float:

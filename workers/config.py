@@ -82,8 +82,10 @@ class AgentConfig:
     forge_token_env: str = "FORGE_TOKEN"
     ops_commit: tuple[str, ...] = ()
     credential: str = "default"
-    # The agent CLI's driver (workers.agents): "claude-code", "scripted", "plain".
-    driver: str = "plain"
+    # The agent CLI's driver by name (workers.agents), or None: the one whose
+    # program the command runs (else "plain"). The drivers know their names
+    # and programs; this file only carries the choice (workers.agents.checked).
+    driver: str | None = None
     # The agent's environment beyond the basics: literal values, and names
     # copied from the worker's environment (both through the 0600 launch file).
     env: Mapping[str, str] = field(default_factory=dict)
@@ -458,18 +460,6 @@ class _Parser:
             self.check(f"{where}.{key}[{i}]", isinstance(item, str), "must be a string")
         return values
 
-    def _driver(self, table: Mapping[str, Any], where: str, argv: list[str]) -> str:
-        from workers.agents import DRIVERS
-
-        inferred = "claude-code" if Path(argv[0]).name == "claude" else "plain"
-        driver = self.get(table, where, "driver", str, inferred)
-        self.check(
-            f"{where}.driver",
-            driver in DRIVERS,
-            f"{driver!r} is not a driver: use one of {', '.join(sorted(DRIVERS))}",
-        )
-        return driver
-
     def _env(self, table: Mapping[str, Any], where: str) -> dict[str, str]:
         values = self.get(table, where, "env", dict, {})
         for name, value in values.items():
@@ -628,7 +618,6 @@ class _Parser:
         except ValueError as exc:
             raise self.fail(f"{where}.command", f"cannot be split into words: {exc}") from None
         self.check(f"{where}.command", bool(argv), "must not be empty")
-        driver = self._driver(table, where, argv)
         max_tokens, max_cost = self._limit_values(table, where)
         defaults = AgentConfig(name="", project="", formula=Path(), schedule="")
         agent = AgentConfig(
@@ -650,7 +639,7 @@ class _Parser:
             forge_token_env=self.get(table, where, "forge_token_env", str, "FORGE_TOKEN"),
             ops_commit=tuple(self._strings(table, where, "ops_commit")),
             credential=self.get(table, where, "credential", str, defaults.credential),
-            driver=driver,
+            driver=self.get(table, where, "driver", str),
             env=self._env(table, where),
             pass_env=tuple(self._env_names(table, where, "pass_env")),
             approve_api_key=self.get(table, where, "approve_api_key", bool, False),

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import psutil
 import redis
 
-from workers.agents import driver_for
+from workers.agents import driver_for, driver_name
+from workers.agents.base import Setup
 from workers.checks import Check
 from workers.config import Config, redact_url
 from workers.environment import agent_env, login_shell, missing_pass_env, usable_shell
@@ -49,14 +50,15 @@ def check_agents(cfg: Config) -> list[Check]:
     checks = []
     root = runs_path(cfg.state_dir)
     for agent in cfg.agents:
-        env = agent_env(agent)
+        driver = driver_for(agent)
+        env = agent_env(agent, credentials=driver.credentials)
         program = agent.argv()[0]
         found = shutil.which(program, path=env.get("PATH"))
         checks.append(
             Check(
                 f"agent {agent.key}",
                 found is not None,
-                f"{program} → {found} ({agent.driver})"
+                f"{program} → {found} ({driver_name(agent)})"
                 if found
                 else f"{program!r} not found on PATH (agents.command)",
             )
@@ -76,7 +78,7 @@ def check_agents(cfg: Config) -> list[Check]:
                 )
             )
         if found:
-            checks += driver_for(agent.driver).checks(agent, env, root)
+            checks += driver.checks(agent, env, Setup(root, cfg.project(agent.project).repo_root))
     return checks
 
 
@@ -107,7 +109,10 @@ def fix_agents(cfg: Config) -> list[str]:
     root = runs_dir(cfg.state_dir)
     done: list[str] = []
     for agent in cfg.agents:
-        for line in driver_for(agent.driver).fix(agent, agent_env(agent), root):
+        driver = driver_for(agent)
+        env = agent_env(agent, credentials=driver.credentials)
+        where = Setup(root, cfg.project(agent.project).repo_root)
+        for line in driver.fix(agent, env, where):
             if line not in done:
                 done.append(line)
     return done

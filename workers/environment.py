@@ -18,22 +18,31 @@ from pathlib import Path
 from workers.config import AgentConfig
 
 BASICS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR")
-# Credentials an agent CLI needs, passed on when the worker has them.
+# Credentials an agent CLI needs, passed on when the worker has them: Claude
+# Code's (and its stand-ins'); the other CLIs' drivers name their own.
 CREDENTIALS = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
 # A login shell that runs no commands (a service account's) is no SHELL for
 # an agent, whose tools start shells with it.
 _NO_SHELLS = ("nologin", "false")
 
 
-def agent_env(agent: AgentConfig, source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The agent's environment, from the worker's ``source`` (``os.environ``)."""
+def agent_env(
+    agent: AgentConfig,
+    source: Mapping[str, str] | None = None,
+    credentials: tuple[str, ...] = CREDENTIALS,
+) -> dict[str, str]:
+    """The agent's environment, from the worker's ``source`` (``os.environ``).
+
+    ``credentials`` are the variables its CLI authenticates with (its
+    driver's), passed on when the worker has them.
+    """
     source = os.environ if source is None else source
     env = {name: source[name] for name in BASICS if name in source}
     env.update({name: value for name, value in source.items() if name.startswith("LC_")})
     env.setdefault("LANG", "C.UTF-8")
     env.setdefault("HOME", str(Path.home()))
     env["SHELL"] = usable_shell(source.get("SHELL") or login_shell())
-    env.update({name: source[name] for name in CREDENTIALS if name in source})
+    env.update({name: source[name] for name in credentials if name in source})
     if agent.forge_token_env in source:
         env["FORGE_TOKEN"] = source[agent.forge_token_env]
     env.update({name: source[name] for name in agent.pass_env if name in source})

@@ -17,7 +17,8 @@ through files in the run's private directory (names in workers.rundir):
 - ``guard`` (PreToolUse, Bash): denies dangerous commands with exit status 2
   and the reason on stderr, which is what Claude Code shows the model;
 - ``session-end``: writes the ``exited`` marker (fast: its timeout is short);
-- ``session-start``: after a compaction, prints the run's compact context.
+- ``session-start``: writes ``session-started``; after a compaction, prints
+  the run's compact context.
 
 The CLI calls two hooks per tool use, so a hook must start fast: it runs as
 ``python -I -S hooks.py NAME …`` (no site packages), imports only the
@@ -52,6 +53,7 @@ from workers.rundir import (
     PROMPT,
     PROMPT_SUBMITTED,
     RESUME,
+    SESSION_STARTED,
 )
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
@@ -81,14 +83,21 @@ def hook_command() -> list[str]:
     return [sys.executable, "-I", "-S", os.path.realpath(__file__)]
 
 
+def hook_line(
+    hook_command: list[str], name: str, run_dir: str | os.PathLike[str], primary_branch: str
+) -> str:
+    """The command line an agent CLI runs for hook ``name`` of one run."""
+    words = [*hook_command, name, "--run-dir", os.fspath(run_dir)]
+    return shlex.join([*words, "--primary-branch", primary_branch])
+
+
 def settings(
     hook_command: list[str], run_dir: str | os.PathLike[str], primary_branch: str
 ) -> dict[str, object]:
     """Claude Code settings holding formulabeat's hooks for one run (``--settings`` file)."""
     hooks: dict[str, list[dict[str, object]]] = {}
     for event, matcher, name, timeout in HOOKS:
-        words = [*hook_command, name, "--run-dir", os.fspath(run_dir)]
-        command = shlex.join([*words, "--primary-branch", primary_branch])
+        command = hook_line(hook_command, name, run_dir, primary_branch)
         hooks.setdefault(event, []).append(
             {
                 "matcher": matcher,
@@ -344,6 +353,12 @@ def on_stop(run_dir: str, payload: dict[str, object]) -> int:
     "block", "reason": …}``: the CLI gives the reason to the model and goes
     on, with nothing typed into its pane.
     """
+    failed = _turn_failed(payload)
+    if failed is not None:
+        # An API error ended the turn: no nudge (it would fail the same way);
+        # the watcher waits, or fails the run, and says how it goes on.
+        _record_api_error(run_dir, *failed)
+        return 0
     phase_file = os.path.join(run_dir, PHASE)
     text = _phase_text(phase_file)
     nudges_file = os.path.join(run_dir, NUDGES)
@@ -363,9 +378,21 @@ def on_stop(run_dir: str, payload: dict[str, object]) -> int:
     return 0
 
 
+# Other CLIs' names of the tools the hooks judge, as Claude Code's (the names
+# this module speaks): Gemini CLI's shell and file writer (Codex calls its
+# shell tool Bash, as Claude Code does).
+_TOOL_NAMES = {"run_shell_command": "Bash", "write_file": "Write"}
+
+
+def _tool(payload: dict[str, object]) -> tuple[str, object]:
+    """The tool a payload is about, by Claude Code's name, and its input."""
+    name = str(payload.get("tool_name", ""))
+    return _TOOL_NAMES.get(name, name), payload.get("tool_input")
+
+
 def on_post_tool_use(run_dir: str, payload: dict[str, object]) -> int:
     """Journal each phase a tool call wrote, and wake the monitor."""
-    tool, tool_input = str(payload.get("tool_name", "")), payload.get("tool_input")
+    tool, tool_input = _tool(payload)
     cwd = str(payload.get("cwd") or os.getcwd())
     phase_file = os.path.join(run_dir, PHASE)
     if not isinstance(tool_input, dict) or not writes_phase_file(tool, tool_input, cwd, phase_file):
@@ -396,14 +423,66 @@ def on_stop_failure(run_dir: str, payload: dict[str, object]) -> int:
     # The kind is in "error"; the CLI's own text (a reset time, the status) in
     # its last message, or in "error_details" where a version sends that.
     message = payload.get("last_assistant_message") or payload.get("error_details") or ""
-    record = {"at": time.time(), "kind": str(payload.get("error") or "unknown")}
-    record["message"] = str(message)[:4000]
+    _record_api_error(run_dir, time.time(), str(payload.get("error") or "unknown"), str(message))
+    return 0
+
+
+def _record_api_error(run_dir: str, at: float, kind: str, message: str) -> None:
+    """Leave the ``api-error`` record (workers.apierrors reads it)."""
+    record = {"at": at, "kind": kind, "message": message[:4000]}
     path = os.path.join(run_dir, API_ERROR)
     tmp = f"{path}.{os.getpid()}.tmp"
     _write_marker(tmp, json.dumps(record))
     # Replaced whole: the watcher never reads half a record.
     os.replace(tmp, path)
-    return 0
+
+
+# How far back in a transcript the line that ended a turn is looked for.
+_TAIL_BYTES = 65536
+_GEMINI_STATUS = re.compile(r'"status"\s*:\s*"([A-Z_]+)"|"code"\s*:\s*(\d{3})')
+
+
+def _turn_failed(payload: dict[str, object]) -> tuple[float, str, str] | None:
+    """(when, kind, text) of an API error that ended this turn, where only the
+    transcript says so: Gemini CLI's AfterAgent carries "[no response text]"
+    and its chat file ends with ``{"type": "error", "content": "[API Error:
+    …]"}`` (measured with 0.61.0: a 401 ends the turn so; an overload or a
+    429 it retries for minutes)."""
+    path = payload.get("transcript_path")
+    if payload.get("hook_event_name") != "AfterAgent" or not isinstance(path, str):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - _TAIL_BYTES))
+            tail = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        # Bookkeeping, and the notice it shows under an error ("This request failed…").
+        if not isinstance(entry, dict) or "$set" in entry or entry.get("type") == "info":
+            continue
+        content = str(entry.get("content") or "")
+        if entry.get("type") != "error" or not content.startswith("[API Error"):
+            return None
+        found = _GEMINI_STATUS.search(content)
+        kind = (found.group(1) or found.group(2)) if found else "unknown"
+        return _stamp(entry.get("timestamp")), kind, content
+    return None
+
+
+def _stamp(text: object) -> float:
+    """An ISO time of a transcript line as a Unix time (now when it has none): the
+    record's time is the CLI's, so a line read twice is not a second error."""
+    import datetime  # only on a failed turn: the hooks start without it
+
+    try:
+        return datetime.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
 
 
 def on_guard(run_dir: str, payload: dict[str, object], primary_branch: str) -> int:
@@ -412,8 +491,8 @@ def on_guard(run_dir: str, payload: dict[str, object], primary_branch: str) -> i
     if not os.path.exists(live):
         # Tells the monitor that PostToolUse journal entries will follow tool calls.
         _write_marker(live, str(time.time()))
-    tool_input = payload.get("tool_input")
-    if payload.get("tool_name") != "Bash" or not isinstance(tool_input, dict):
+    tool, tool_input = _tool(payload)
+    if tool != "Bash" or not isinstance(tool_input, dict):
         return 0
     cwd = str(payload.get("cwd") or os.getcwd())
     reason = guard_reason(str(tool_input.get("command", "")), cwd, primary_branch)
@@ -431,7 +510,8 @@ def on_session_end(run_dir: str, payload: dict[str, object]) -> int:
 
 
 def on_session_start(run_dir: str, payload: dict[str, object]) -> int:
-    """After a compaction, put the run's compact context back."""
+    """Mark the session started; after a compaction, put the run's compact context back."""
+    _write_marker(os.path.join(run_dir, SESSION_STARTED), str(time.time()))
     if payload.get("source", "compact") != "compact":
         return 0
     try:

@@ -28,7 +28,7 @@ from workers import run as outcomes
 from workers.agents import Launch, driver_for
 from workers.agents.base import OneshotReport
 from workers.analysis import structural_report
-from workers.apierrors import ApiFailure, format_time
+from workers.apierrors import ApiFailure, format_time, write_record
 from workers.config import Config
 from workers.environment import agent_env
 from workers.errors import ConfigError, ContextError, PhaseFileError, RepoError, SessionError
@@ -71,6 +71,7 @@ def prepare(run: Run, cfg: Config, client: redis.Redis, sink: ProgressSink) -> N
     formula = load_run_formula(run, cfg)
     agent = cfg.agent(run.project, run.agent)
     program = agent.argv()[0]
+    driver_for(agent)  # a driver the config names must be known
     if shutil.which(program, path=agent_env(agent).get("PATH")) is None:
         raise SessionError(
             f"agent command {program!r} (agents {agent.key}: command) not found on PATH"
@@ -182,8 +183,8 @@ def make_run_dir(run: Run, cfg: Config, formula: Formula) -> None:
     write_private(run_dir / rundir.CONTEXT, parts.footer + "\n")
     worktrees.add_worktree(project.repo_root, worktree, ref)
     run.worktree = str(worktree)
-    driver = driver_for(agent.driver)
-    if driver.resumes:
+    driver = driver_for(agent)
+    if driver.names_sessions:
         run.session_uuid = str(uuid.uuid4())
     driver.install(agent, launch_of(run, cfg))
     if oneshot:
@@ -194,10 +195,11 @@ def write_launch(run: Run, cfg: Config, resume: bool = False) -> Launch:
     """The launch file of the run's next session: its argv, its whole environment, its cwd."""
     assert run.run_dir and run.worktree
     agent = cfg.agent(run.project, run.agent)
+    driver = driver_for(agent)
     launch = launch_of(run, cfg, resume)
     spec = {
-        "argv": driver_for(agent.driver).command(agent, launch, agent.mode == "oneshot"),
-        "env": dict(launch.env),
+        "argv": driver.command(agent, launch, agent.mode == "oneshot"),
+        "env": {**launch.env, **driver.launch_env(agent, launch)},
         "cwd": run.worktree,
         "exit_file": str(Path(run.run_dir) / rundir.EXIT_STATUS),
         "nice": agent.nice,
@@ -210,8 +212,9 @@ def launch_of(run: Run, cfg: Config, resume: bool = False) -> Launch:
     """What the agent's driver knows of the run (its environment included)."""
     assert run.run_dir and run.worktree and run.phase_file
     agent = cfg.agent(run.project, run.agent)
-    env = agent_env(agent)
-    for name, value in driver_for(agent.driver).environment_defaults().items():
+    driver = driver_for(agent)
+    env = agent_env(agent, credentials=driver.credentials)
+    for name, value in driver.environment_defaults().items():
         env.setdefault(name, value)
     env.update(
         {
@@ -232,6 +235,7 @@ def launch_of(run: Run, cfg: Config, resume: bool = False) -> Launch:
         env=env,
         session_uuid=run.session_uuid,
         resume=resume,
+        repo_root=cfg.project(run.project).repo_root,
     )
 
 
@@ -354,11 +358,34 @@ def start(run: Run, cfg: Config, sink: ProgressSink, resume: bool = False) -> No
     )
     run.session, run.session_id, run.pane_id = session.name, session.session_id, session.pane_id
     sink.progress(run, "STARTING")
-    driver = driver_for(agent.driver)
+    driver = driver_for(agent)
     driver.wait_ready(session, agent, launch, cfg.monitor)
     driver.deliver(session, agent, launch, cfg.monitor)
     (run_dir / rundir.PROMPT_DELIVERED).touch()
+    if driver.resumes:
+        remember_session(run)
     sink.progress(run, "RUNNING")
+
+
+def remember_session(run: Run) -> None:
+    """Record the conversation and its transcript the CLI named to the prompt-submit hook.
+
+    A CLI that names its own conversations (Codex) is resumed by that id
+    after a crash; one formulabeat named (Claude Code, Gemini CLI) confirms
+    the id it was given.
+    """
+    assert run.run_dir
+    try:
+        record = json.loads((Path(run.run_dir) / rundir.PROMPT_SUBMITTED).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict):
+        return
+    session_id, transcript = record.get("session_id"), record.get("transcript_path")
+    if isinstance(session_id, str) and session_id:
+        run.session_uuid = session_id
+    if isinstance(transcript, str) and transcript:
+        run.transcript = transcript
 
 
 def prompt_delivered(run: Run) -> bool:
@@ -419,7 +446,7 @@ def monitor_oneshot(
     message where it can, else with the whole prompt.
     """
     agent = cfg.agent(run.project, run.agent)
-    driver = driver_for(agent.driver)
+    driver = driver_for(agent)
     assert run.run_dir
 
     def cancelled() -> str | None:
@@ -433,11 +460,14 @@ def monitor_oneshot(
     reports: list[OneshotReport] = []
     while True:
         ended = run_oneshot(run, agent, cfg.monitor, on_phase, renew, cancelled, stdin)
-        report = driver.oneshot_report(_read_output(run))
+        report = driver.oneshot_report(_read_output(run), launch_of(run, cfg))
         if report is not None:
             reports.append(report)
         if ended.outcome != outcomes.FAILED or _terminal_phase(run):
             break
+        failed = driver.oneshot_api_error(_read_output(run), launch_of(run, cfg))
+        if failed is not None:
+            write_record(run.run_dir, failed)
         verdict = judge_api_error(run, agent, driver.api_failure)
         if verdict is None:
             break
@@ -485,13 +515,17 @@ def _oneshot_go_on(run: Run, cfg: Config) -> Path:
     """The next one-shot run of the CLI after a wait: its launch file; what it reads."""
     assert run.run_dir
     run_dir = Path(run.run_dir)
-    driver = driver_for(cfg.agent(run.project, run.agent).driver)
-    # The CLI took the prompt, so a conversation exists to resume.
-    resume = driver.resumes and (run_dir / rundir.PROMPT_SUBMITTED).exists()
+    driver = driver_for(cfg.agent(run.project, run.agent))
+    # The CLI took the prompt, so a conversation may exist to resume (by the id
+    # its prompt-submit hook named): one its transcript still holds (Gemini CLI
+    # keeps none of a session whose only turn failed, measured with 0.61.0).
+    if driver.resumes and (run_dir / rundir.PROMPT_SUBMITTED).exists():
+        remember_session(run)
+    resume = resumable(run, cfg)
     if resume:
         write_private(run_dir / rundir.RESUME, go_on_message(run) + "\n")
-    elif driver.resumes:
-        run.session_uuid = str(uuid.uuid4())
+    else:
+        _new_conversation(run, driver.names_sessions)
     write_launch(run, cfg, resume)
     if run.api_waits:
         run.api_waits[-1]["went_on"] = "resumed" if resume else "reinjected"
@@ -509,12 +543,12 @@ def session_watch(
     """What the host's watcher needs to follow the run's session (count its tokens, and
     judge the API errors that end its turns)."""
     agent = cfg.agent(run.project, run.agent)
-    driver = driver_for(agent.driver)
+    driver = driver_for(agent)
 
     def explain(how: str, screen: str) -> str:
         return driver.ended(how, screen, agent, launch_of(run, cfg))
 
-    meter = Meter(run, cfg.prices) if driver.transcripts else None
+    meter = Meter(run, cfg.prices, driver.transcript_format) if driver.transcripts else None
     return SessionWatch(
         run,
         session_of(run, cfg),
@@ -593,17 +627,21 @@ def recover(run: Run, cfg: Config, sink: ProgressSink) -> None:
 
 def resumable(run: Run, cfg: Config) -> bool:
     """Whether the run's CLI can go on with its conversation in a new session."""
-    driver = driver_for(cfg.agent(run.project, run.agent).driver)
-    return driver.resumes and run.transcript is not None and Path(run.transcript).exists()
+    driver = driver_for(cfg.agent(run.project, run.agent))
+    return (
+        driver.resumes
+        and run.session_uuid is not None
+        and run.transcript is not None
+        and Path(run.transcript).exists()
+    )
 
 
 def restart(run: Run, cfg: Config, sink: ProgressSink, resume: bool) -> str:
     """Start the run's agent in a new session: "resumed" (its conversation, told what
     resume.md says) or "reinjected" (a new conversation, the whole prompt)."""
-    driver = driver_for(cfg.agent(run.project, run.agent).driver)
+    driver = driver_for(cfg.agent(run.project, run.agent))
     if not resume:
-        if driver.resumes:
-            run.session_uuid = str(uuid.uuid4())
+        _new_conversation(run, driver.names_sessions)
         start(run, cfg, sink)
         return "reinjected"
     try:
@@ -614,9 +652,14 @@ def restart(run: Run, cfg: Config, sink: ProgressSink, resume: bool) -> str:
         # conversation found"): a new conversation gets the whole prompt.
         log.warning("run %s: could not resume (%s); giving the prompt again", run.id, exc)
         kill_session(run, cfg)
-        run.session_uuid = str(uuid.uuid4())
+        _new_conversation(run, driver.names_sessions)
         start(run, cfg, sink)
         return "reinjected"
+
+
+def _new_conversation(run: Run, named: bool) -> None:
+    """Forget the run's conversation: the next session starts a new one (named by us or not)."""
+    run.session_uuid = str(uuid.uuid4()) if named else None
 
 
 def finish(run: Run, cfg: Config, client: redis.Redis) -> None:

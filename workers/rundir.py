@@ -31,6 +31,9 @@ HOOKS_LIVE = "hooks-live"
 IDLE = "idle"
 EXITED = "exited"
 NUDGES = "nudges"
+# The CLI started its session (SessionStart): a CLI that draws its input box
+# before it takes input (Gemini CLI) is ready only once this is there.
+SESSION_STARTED = "session-started"
 # A turn ended on an API error (Claude Code's StopFailure hook): a JSON object
 # {"at", "kind", "message"}, replaced whole by the next one. The watcher decides
 # whether the run waits and goes on, or fails (workers.apierrors).
@@ -61,4 +64,4 @@ WAKE_NAMES = frozenset(
 )
 
 # Stale after a session ends: a recovered session must earn them again.
-SESSION_MARKERS = (EXIT_STATUS, PROMPT_DELIVERED, PROMPT_SUBMITTED, EXITED, IDLE)
+SESSION_MARKERS = (EXIT_STATUS, PROMPT_DELIVERED, PROMPT_SUBMITTED, EXITED, IDLE, SESSION_STARTED)

@@ -1,13 +1,15 @@
 """Tokens and cost of a run: read from the agent's transcript as it grows.
 
-Claude Code writes each API response to the session's transcript (JSONL) as
-``assistant`` lines carrying ``message.id``, ``message.model`` and
-``message.usage``; a response with several content blocks is several lines
-with the same id, counted once. The reader keeps its place (an offset) and
-the ids it has counted, so it reads each new line once, survives a line cut
-short (read again when it is complete), a line that is not JSON (skipped), a
-file that was rewritten or replaced (read again from the start, each id
-still counted once), and a transcript that does not exist yet.
+Each CLI writes its API responses to the session's transcript (JSONL), each
+with an id, a model and the tokens used; its driver names the format
+(:class:`TranscriptFormat`): Claude Code's ``assistant`` lines here (a
+response with several content blocks is several lines with the same id),
+Codex's and Gemini CLI's in their drivers. Each id is counted once. The
+reader keeps its place (an offset) and the ids it has counted, so it reads
+each new line once, survives a line cut short (read again when it is
+complete), a line that is not JSON (skipped), a file that was rewritten or
+replaced (read again from the start, each id still counted once), and a
+transcript that does not exist yet.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from workers.apierrors import ApiErrorRecord, write_record
 from workers.run import Run
 from workers.rundir import PROMPT_SUBMITTED, USAGE
 
@@ -95,27 +98,79 @@ def from_result(result: Mapping[str, Any]) -> Usage:
         for model, counts in per_model.items():
             if isinstance(counts, dict):
                 name = _VARIANT.sub("", str(model))
-                add(usage, name, {k: _int(counts.get(f)) for k, f in _RESULT_FIELDS.items()})
+                add(usage, name, {k: tokens_of(counts.get(f)) for k, f in _RESULT_FIELDS.items()})
     return usage
 
 
-def _int(value: object) -> int:
+def tokens_of(value: object) -> int:
+    """A token count from a usage field (0 for anything but a positive integer)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+Counted = tuple[str, str, dict[str, int]]  # (response id, model, kind -> tokens)
+
+
+class TranscriptFormat(Protocol):
+    """How one CLI's transcript lines carry the tokens of its responses."""
+
+    def wanted(self, line: bytes) -> bool:
+        """Whether a raw line may carry usage (most lines are tool output: skipped unparsed)."""
+
+    def counted(self, entry: dict[str, Any], context: dict[str, str]) -> Counted | None:
+        """The response a parsed line records, if it does. ``context`` carries what
+        earlier lines said (the model of the turn), kept with the reader's state."""
+
+    def api_error(self, entry: dict[str, Any]) -> ApiErrorRecord | None:
+        """The API error that ended a turn, for a CLI whose transcript is where it says
+        so (None: not such a line, or the CLI's hooks report it)."""
+
+
+class ClaudeTranscript:
+    """Claude Code's transcript (and the scripted agent's): ``assistant`` lines."""
+
+    def wanted(self, line: bytes) -> bool:
+        """Assistant lines with a usage."""
+        return b'"assistant"' in line and b'"usage"' in line
+
+    def counted(self, entry: dict[str, Any], context: dict[str, str]) -> Counted | None:
+        """``message.id``, ``message.model`` and ``message.usage`` of an assistant line."""
+        if entry.get("type") != "assistant":
+            return None
+        message = entry.get("message")
+        if not isinstance(message, dict) or not isinstance(message.get("usage"), dict):
+            return None
+        message_id = message.get("id")
+        if not isinstance(message_id, str) or not message_id:
+            return None
+        usage = message["usage"]
+        counts = {kind: tokens_of(usage.get(name)) for kind, name in _TRANSCRIPT_FIELDS.items()}
+        return message_id, str(message.get("model") or "unknown"), counts
+
+    def api_error(self, entry: dict[str, Any]) -> ApiErrorRecord | None:
+        """None: Claude Code's StopFailure hook reports its API errors."""
+        return None
+
+
+CLAUDE_TRANSCRIPT = ClaudeTranscript()
 
 
 @dataclass
 class TranscriptReader:
     """Follows one run's transcripts (a resumed session may write a new one)."""
 
+    fmt: TranscriptFormat = CLAUDE_TRANSCRIPT
     path: str | None = None
     offset: int = 0
     # The file's inode at ``offset``: another file there is read from its start.
     inode: int = 0
     counted: list[str] = field(default_factory=list)
     usage: Usage = field(default_factory=dict)
+    context: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._seen = set(self.counted)
+        # API errors read since the caller last took them (not kept).
+        self.api_errors: list[ApiErrorRecord] = []
 
     def follow(self, path: str) -> None:
         """Read ``path`` from now on (a new session's transcript)."""
@@ -149,9 +204,18 @@ class TranscriptReader:
         seen = self._seen
         for line in data[:end].splitlines():
             # Most lines are tool output: look before parsing.
-            if b'"assistant"' not in line or b'"usage"' not in line:
+            if not self.fmt.wanted(line):
                 continue
-            found = _assistant_usage(line)
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            failed = self.fmt.api_error(entry)
+            if failed is not None:
+                self.api_errors.append(failed)
+            found = self.fmt.counted(entry, self.context)
             if found is None or found[0] in seen:
                 continue
             message_id, model, counts = found
@@ -163,6 +227,14 @@ class TranscriptReader:
                 add(self.usage, model, counts)
         return fresh
 
+    def read_all(self) -> Usage:
+        """Read the transcript to its end (a one-shot run's, once it is over); the usage."""
+        while True:
+            offset, inode = self.offset, self.inode
+            self.read()
+            if (self.offset, self.inode) == (offset, inode):
+                return self.usage
+
     def to_dict(self) -> dict[str, Any]:
         """The reader's state, to pick it up again after a worker restart."""
         return {
@@ -171,17 +243,22 @@ class TranscriptReader:
             "inode": self.inode,
             "counted": self.counted,
             "usage": self.usage,
+            "context": self.context,
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TranscriptReader:
+    def from_dict(
+        cls, data: Mapping[str, Any], fmt: TranscriptFormat = CLAUDE_TRANSCRIPT
+    ) -> TranscriptReader:
         """Rebuild a reader saved with :meth:`to_dict`."""
         return cls(
+            fmt=fmt,
             path=data.get("path"),
             offset=int(data.get("offset", 0)),
             inode=int(data.get("inode", 0)),
             counted=list(data.get("counted", [])),
             usage={m: dict(k) for m, k in dict(data.get("usage", {})).items()},
+            context={str(k): str(v) for k, v in dict(data.get("context", {})).items()},
         )
 
     def save(self, path: Path) -> None:
@@ -193,47 +270,34 @@ class TranscriptReader:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> TranscriptReader:
+    def load(cls, path: Path, fmt: TranscriptFormat = CLAUDE_TRANSCRIPT) -> TranscriptReader:
         """A reader saved in ``path``, or a new one when there is none (or it is unreadable)."""
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), fmt)
         except (OSError, ValueError, TypeError, AttributeError):
-            return cls()
-
-
-def _assistant_usage(line: bytes) -> tuple[str, str, dict[str, int]] | None:
-    try:
-        entry = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(entry, dict) or entry.get("type") != "assistant":
-        return None
-    message = entry.get("message")
-    if not isinstance(message, dict) or not isinstance(message.get("usage"), dict):
-        return None
-    message_id = message.get("id")
-    if not isinstance(message_id, str) or not message_id:
-        return None
-    usage = message["usage"]
-    counts = {kind: _int(usage.get(name)) for kind, name in _TRANSCRIPT_FIELDS.items()}
-    return message_id, str(message.get("model") or "unknown"), counts
+            return cls(fmt=fmt)
 
 
 class Meter:
     """Counts one run's tokens from its CLI's transcript into the run, and prices them.
 
-    The transcript is the one the CLI named to the UserPromptSubmit hook
+    The transcript is the one the CLI named to the prompt-submit hook
     (``prompt-submitted`` in the run directory); the reader's place is kept
     beside it (``usage.json``), so a worker that adopts the run goes on
     counting where the last one stopped.
     """
 
-    def __init__(self, run: Run, prices: Mapping[str, Mapping[str, float]]) -> None:
+    def __init__(
+        self,
+        run: Run,
+        prices: Mapping[str, Mapping[str, float]],
+        fmt: TranscriptFormat = CLAUDE_TRANSCRIPT,
+    ) -> None:
         assert run.run_dir is not None
         self.run = run
         self.prices = prices
         self.run_dir = Path(run.run_dir)
-        self.reader = TranscriptReader.load(self.run_dir / USAGE)
+        self.reader = TranscriptReader.load(self.run_dir / USAGE, fmt)
         if self.reader.usage and not run.usage:
             run.usage = {m: dict(k) for m, k in self.reader.usage.items()}
         self._marker_stamp: tuple[int, int] | None = None
@@ -244,6 +308,10 @@ class Meter:
         """Read what the transcript gained; the tokens newly counted (empty: none)."""
         self._follow_marker()
         fresh = self.reader.read()
+        for failed in self.reader.api_errors:
+            # Stamped with the CLI's own time: read again, it is not news.
+            write_record(self.run_dir, failed)
+        self.reader.api_errors.clear()
         if fresh:
             self.run.usage = {m: dict(k) for m, k in self.reader.usage.items()}
             self.run.cost_usd = cost_usd(self.run.usage, self.prices)

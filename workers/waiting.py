@@ -52,7 +52,7 @@ def go_on(run: Run, cfg: Config, sink: lifecycle.ProgressSink) -> str:
         for marker in (rundir.PROMPT_SUBMITTED, rundir.PROMPT_DELIVERED, rundir.IDLE):
             (run_dir / marker).unlink(missing_ok=True)
         agent = cfg.agent(run.project, run.agent)
-        driver = driver_for(agent.driver)
+        driver = driver_for(agent)
         session = lifecycle.session_of(run, cfg)
         launch = lifecycle.launch_of(run, cfg, resume=True)
         driver.wait_ready(session, agent, launch, cfg.monitor)

@@ -15,16 +15,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
-from workers.apierrors import ApiFailure, classify
+from workers.apierrors import ApiErrorRecord, ApiFailure, classify
 from workers.checks import Check
 from workers.config import AgentConfig, MonitorConfig
+from workers.environment import CREDENTIALS
 from workers.errors import SessionError
-from workers.hooks import settings
+from workers.hooks import HOOKS, hook_line, settings
 from workers.rundir import AGENT_SETTINGS, PROMPT, PROMPT_SUBMITTED, RESUME
 from workers.statedir import write_private
 from workers.tmux import AgentSession, screen_tail
+from workers.usage import CLAUDE_TRANSCRIPT, TranscriptFormat
 
 POLL_MIN = 0.02
 POLL_MAX = 0.25
@@ -57,17 +59,30 @@ class Launch:
     worktree_root: Path
     primary_branch: str
     hook_command: tuple[str, ...]
-    # The agent's whole environment, as the launch file gives it.
+    # The agent's whole environment, as the launch file gives it (before the
+    # driver's own additions, workers.agents.base.AgentDriver.launch_env).
     env: Mapping[str, str]
     # The conversation id formulabeat gives the CLI, and whether this session
     # resumes it (told to go on, not given the whole prompt again).
     session_uuid: str | None = None
     resume: bool = False
+    # The project's repository (a CLI may trust it, rather than the worktree).
+    repo_root: Path | None = None
 
     @property
     def prompt_file(self) -> Path:
         """What this session is given: the prompt, or the resume message."""
         return self.run_dir / (RESUME if self.resume else PROMPT)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where an agent's runs happen, for ``formulabeat doctor``."""
+
+    # Where formulabeat makes every worktree of this host.
+    worktree_root: Path
+    # The agent's project repository.
+    repo_root: Path
 
 
 @dataclass(frozen=True)
@@ -118,17 +133,29 @@ class AgentDriver(Protocol):
     """One agent CLI, as formulabeat drives it."""
 
     name: str
+    # The programs whose command gets this driver when the agent names none.
+    programs: tuple[str, ...]
     hooks: bool
     # Whether the driver can read what the CLI's input holds off its screen.
     shows_input: bool
     # Whether a crashed session can be resumed with its conversation (else the
-    # prompt is given to a new one), and whether the CLI writes a transcript
-    # whose assistant lines carry the tokens used (workers.usage).
+    # prompt is given to a new one); whether formulabeat names the
+    # conversation before it starts (else the CLI does, and its hooks tell);
+    # whether the CLI writes a transcript carrying the tokens used, and in
+    # what format (workers.usage).
     resumes: bool
+    names_sessions: bool
     transcripts: bool
+    transcript_format: TranscriptFormat
+    # The worker's variables the agent gets when the worker has them (its
+    # vendor's keys), before its pass_env and env.
+    credentials: tuple[str, ...]
 
     def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
         """The agent's argument vector for this session."""
+
+    def launch_env(self, agent: AgentConfig, launch: Launch) -> dict[str, str]:
+        """Variables the driver adds to the agent's environment for this run."""
 
     def install(self, agent: AgentConfig, launch: Launch) -> None:
         """Put what the CLI needs for this run in place (hooks, trust); raises SessionError."""
@@ -146,19 +173,20 @@ class AgentDriver(Protocol):
     def ended(self, how: str, screen: str, agent: AgentConfig, launch: Launch) -> str:
         """Why a session ended, from its last screen (with the fix when the screen is known)."""
 
-    def checks(
-        self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path
-    ) -> list[Check]:
+    def checks(self, agent: AgentConfig, env: Mapping[str, str], where: Setup) -> list[Check]:
         """What ``formulabeat doctor`` checks for this agent (empty when nothing applies)."""
 
-    def fix(self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path) -> list[str]:
+    def fix(self, agent: AgentConfig, env: Mapping[str, str], where: Setup) -> list[str]:
         """Apply the setup fixes a user may delegate; what was changed, a line each."""
 
-    def oneshot_report(self, output: str) -> OneshotReport | None:
+    def oneshot_report(self, output: str, launch: Launch) -> OneshotReport | None:
         """What a one-shot run's output says it used and cost (None: it says nothing)."""
 
     def api_failure(self, kind: str, message: str, now: float) -> ApiFailure:
         """How an API error that ended a turn is judged: wait and go on, or fail with the fix."""
+
+    def oneshot_api_error(self, output: str, launch: Launch) -> ApiErrorRecord | None:
+        """The API error a one-shot run ended on, where no hook of the CLI records it."""
 
     def environment_defaults(self) -> Mapping[str, str]:
         """Variables the CLI gets unless the agent's ``env`` or ``pass_env`` gives them."""
@@ -174,9 +202,13 @@ class PromptDriver:
     """
 
     name = "plain"
+    programs: tuple[str, ...] = ()
     hooks = False
     resumes = False
+    names_sessions = False
     transcripts = False
+    transcript_format: TranscriptFormat = CLAUDE_TRANSCRIPT
+    credentials: tuple[str, ...] = CREDENTIALS
     # Whether input_state can tell what the CLI's input holds (its screen shows it).
     shows_input = False
 
@@ -184,6 +216,10 @@ class PromptDriver:
     def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
         """The configured command, with ``--model`` when a model is set."""
         return agent.argv()
+
+    def launch_env(self, agent: AgentConfig, launch: Launch) -> dict[str, str]:
+        """Nothing beyond the run's environment."""
+        return {}
 
     def install(self, agent: AgentConfig, launch: Launch) -> None:
         """Nothing to install for a plain CLI."""
@@ -354,17 +390,15 @@ class PromptDriver:
             raise SessionError(reason)
 
     # -- doctor ----------------------------------------------------------------------
-    def checks(
-        self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path
-    ) -> list[Check]:
+    def checks(self, agent: AgentConfig, env: Mapping[str, str], where: Setup) -> list[Check]:
         """Nothing to check beyond the command itself."""
         return []
 
-    def fix(self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path) -> list[str]:
+    def fix(self, agent: AgentConfig, env: Mapping[str, str], where: Setup) -> list[str]:
         """Nothing to fix."""
         return []
 
-    def oneshot_report(self, output: str) -> OneshotReport | None:
+    def oneshot_report(self, output: str, launch: Launch) -> OneshotReport | None:
         """A plain CLI's output is text."""
         return None
 
@@ -372,21 +406,60 @@ class PromptDriver:
         """The common judgement (workers.apierrors.classify)."""
         return classify(kind, message, now)
 
+    def oneshot_api_error(self, output: str, launch: Launch) -> ApiErrorRecord | None:
+        """None: a plain CLI says nothing formulabeat reads (Claude Code's hook does)."""
+        return None
+
     def environment_defaults(self) -> Mapping[str, str]:
         """Nothing beyond what the agent's config says."""
         return {}
 
 
-class HookedDriver(PromptDriver):
-    """A CLI that runs Claude Code's hooks: they confirm delivery and report phases.
+@dataclass(frozen=True)
+class Hook:
+    """One of formulabeat's hooks (workers.hooks) as a CLI's event calls it."""
 
-    formulabeat's hooks go into a settings file in the run directory, given
-    to the CLI with ``--settings``: the worktree the agent commits from holds
-    nothing of formulabeat's, and a repository's own ``.claude/settings.json``
-    keeps working beside them.
+    event: str
+    # Which occurrences of the event (tools by name): "" for all of them.
+    matcher: str
+    name: str
+    # The command line the CLI runs (a shell word list, joined).
+    command: str
+    timeout: int
+
+
+class HookedDriver(PromptDriver):
+    """A CLI with hooks shaped like Claude Code's: they confirm delivery and report phases.
+
+    Every such CLI calls formulabeat's hooks (workers.hooks) on its events:
+    the prompt taken (which confirms delivery and names the conversation and
+    its transcript), the turn ended (the nudges), a shell command about to
+    run (the guard) and run (the phase journal), the session over. A driver
+    says which of its events each hook goes on (:attr:`events`) and how the
+    CLI is given them (:meth:`command`, :meth:`install`), never in the
+    worktree the agent commits from. Here: Claude Code's settings file,
+    given with ``--settings``, beside which a repository's own
+    ``.claude/settings.json`` keeps working.
     """
 
     hooks = True
+    # formulabeat's hook name -> (the CLI's event, its matcher); a hook left
+    # out is not installed (the CLI has no such event).
+    events: ClassVar[dict[str, tuple[str, str]]] = {
+        name: (event, matcher) for event, matcher, name, _ in HOOKS
+    }
+
+    def hooks_of(self, launch: Launch) -> list[Hook]:
+        """formulabeat's hooks for this run, in this CLI's events."""
+        found = []
+        for _, _, name, timeout in HOOKS:
+            if name in self.events:
+                event, matcher = self.events[name]
+                command = hook_line(
+                    list(launch.hook_command), name, launch.run_dir, launch.primary_branch
+                )
+                found.append(Hook(event, matcher, name, command, timeout))
+        return found
 
     def command(self, agent: AgentConfig, launch: Launch, oneshot: bool) -> list[str]:
         """The configured command, with the run's hook settings (and ``-p`` for one-shot)."""
@@ -401,7 +474,7 @@ class HookedDriver(PromptDriver):
         write_private(launch.run_dir / AGENT_SETTINGS, json.dumps(text, indent=2) + "\n")
 
     def confirmed(self, session: AgentSession, launch: Launch, before: str) -> bool:
-        """The UserPromptSubmit hook saw this run's prompt."""
+        """The prompt-submit hook saw this run's prompt."""
         return (launch.run_dir / PROMPT_SUBMITTED).exists()
 
 

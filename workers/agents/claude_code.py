@@ -40,6 +40,7 @@ from workers.agents.base import (
     OneshotReport,
     Ready,
     Refuse,
+    Setup,
     Verdict,
     Wait,
 )
@@ -99,7 +100,9 @@ class ClaudeCode(HookedDriver):
     """Claude Code's CLI (driver ``claude-code``, the default for a ``claude`` command)."""
 
     name = "claude-code"
+    programs = ("claude",)
     resumes = True
+    names_sessions = True
     transcripts = True
     shows_input = True
 
@@ -114,7 +117,7 @@ class ClaudeCode(HookedDriver):
             argv += ["--output-format", "json"]
         return argv
 
-    def oneshot_report(self, output: str) -> OneshotReport | None:
+    def oneshot_report(self, output: str, launch: Launch) -> OneshotReport | None:
         """The ``result`` object ``--output-format json`` ends with: usage, cost, answer."""
         for line in reversed(output.strip().splitlines()):
             try:
@@ -271,10 +274,9 @@ class ClaudeCode(HookedDriver):
         )
 
     # -- doctor ------------------------------------------------------------
-    def checks(
-        self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path
-    ) -> list[Check]:
+    def checks(self, agent: AgentConfig, env: Mapping[str, str], where: Setup) -> list[Check]:
         """Onboarding, login or key approval, bypass acceptance, root, trust: a line each."""
+        worktree_root = where.worktree_root
         name = f"claude {agent.key}"
         config_path = config_file(env)
         config = read_json(config_path)
@@ -360,8 +362,9 @@ class ClaudeCode(HookedDriver):
             'the agent an API key (pass_env = ["ANTHROPIC_API_KEY"])',
         )
 
-    def fix(self, agent: AgentConfig, env: Mapping[str, str], worktree_root: Path) -> list[str]:
+    def fix(self, agent: AgentConfig, env: Mapping[str, str], where: Setup) -> list[str]:
         """Trust, onboarding (with key or token auth), key approval, bypass acceptance."""
+        worktree_root = where.worktree_root
         done = []
         config = config_file(env)
         key = env.get("ANTHROPIC_API_KEY")
@@ -600,3 +603,6 @@ def _take_lock(lock: Path) -> None:
         if time.monotonic() >= deadline:
             raise SessionError(f"{lock} stayed locked for {LOCK_WAIT_SECONDS:g} s")
         time.sleep(0.02)
+
+
+DRIVER = ClaudeCode()

@@ -33,3 +33,6 @@ class Scripted(HookedDriver):
             return EMPTY
         size = len(launch.prompt_file.read_bytes())
         return PROMPT_HELD if int(shown.group(1)) == size else OTHER_HELD
+
+
+DRIVER = Scripted()
