@@ -132,9 +132,13 @@ def start_session(
 
 def held_claims(client: redis.Redis) -> list[str]:
     """Leases and session slots still held: after every run has ended, none may be."""
-    held = [k.decode() for k in client.keys("formulabeat:lock:*")]
+
+    def text(value: bytes | str) -> str:
+        return value.decode() if isinstance(value, bytes) else value
+
+    held = [text(k) for k in client.keys("formulabeat:lock:*")]
     for key in client.keys("formulabeat:slots:*"):
-        held += [f"{key.decode()}/{m.decode()}" for m in client.zrange(key, 0, -1)]
+        held += [f"{text(key)}/{text(m)}" for m in client.zrange(key, 0, -1)]
     return held
 
 
@@ -185,8 +189,13 @@ class Fleet:
         commit_files(self.repo, {f"formulas/{name}.toml": formula_text(name, scenario)})
         self.agents[name] = options
 
-    def write_config(self, extra: str = "", metrics_port: int = 0) -> Config:
-        """Write formulabeat.toml for the agents added so far and load it."""
+    def write_config(
+        self, extra: str = "", metrics_port: int = 0, monitor: dict[str, float] | None = None
+    ) -> Config:
+        """Write formulabeat.toml for the agents added so far and load it.
+
+        ``monitor``: [monitor] settings beside the tests' own.
+        """
         broker = f'[broker]\nurl = "{self.redis_url}"\n' if self.redis_url else ""
         agents = []
         for name, options in self.agents.items():
@@ -207,7 +216,9 @@ class Fleet:
         text = (
             f'state_dir = "state"\n{broker}\n[worker]\nconcurrency = 8\n\n'
             f'[tmux]\nsocket = "{self.tmux_socket}"\n\n'
-            "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n\n"
+            "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n"
+            + "".join(f"{key} = {value!r}\n" for key, value in (monitor or {}).items())
+            + "\n"
             f"[metrics]\nport = {metrics_port}\n\n"
             '[[projects]]\nname = "proj"\nrepo_root = "project"\nops_repo_root = "ops"\n'
             'forge_url = "http://127.0.0.1:9"\nprimary_branch = "main"\n\n'
