@@ -54,7 +54,7 @@ from workers.agents.claude_code import edit_json, input_box, trust
 from workers.config import load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
 from workers.run import FINAL_STATES
-from workers.tmux import screen_tail
+from workers.tmux import TmuxServer, screen_tail
 
 RESULTS = Path(__file__).with_name("results.json")
 START_TIMEOUT = 900.0
@@ -139,12 +139,7 @@ def _bench_host(
         yield stack, server
     finally:
         stack.stop()
-        subprocess.run(
-            ["tmux", "-L", cfg.tmux_socket or "", "kill-server"],
-            check=False,
-            capture_output=True,
-            timeout=30,
-        )
+        TmuxServer(cfg.tmux_socket).shut_down()
         stop_redis(server)
 
 
@@ -457,7 +452,7 @@ def bench_real(root: Path, sessions: int, runs: int, idle: float, spread: float)
             run_by_hand_once(binary, home, api.url, socket)
             ready = _cli_ready_ms(binary, home, api, socket, runs, root)
         finally:
-            subprocess.run(["tmux", "-L", socket, "kill-server"], timeout=30, check=False)
+            TmuxServer(socket).shut_down()
         how = _real_how(binary, home, api)
         results["real_cli_ready_ms_p50"] = round(statistics.median(ready), 1)
         results["real_cli_ready_ms_p99"] = round(_pct(ready, 0.99), 1)
