@@ -34,12 +34,18 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 class Up:
-    """`formulabeat up` in its own process, on the fleet's config, with one live run."""
+    """`formulabeat up` in its own process, on the fleet's config, until it exits.
+
+    Used as a context: leaving it waits for up's exit (its status in
+    ``code``), after a Ctrl-C when the test itself failed first.
+    """
 
     def __init__(self, fleet: Fleet, *args: str) -> None:
         self.fleet = fleet
         self.env = {**os.environ, "FORMULABEAT_CONFIG": str(fleet.config_path)}
         self.state = fleet.root / "state"
+        self.code: int | None = None
+        # Flower executes ./flowerconfig.py as it starts: up runs in the fleet's root.
         with (fleet.root / "up.log").open("wb") as log:
             self.proc = subprocess.Popen(
                 [*FORMULABEAT, "up", *args],
@@ -48,6 +54,14 @@ class Up:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+
+    def __enter__(self) -> Up:
+        return self
+
+    def __exit__(self, failed: type[BaseException] | None, *_: object) -> None:
+        if failed is not None and self.proc.poll() is None:
+            self.interrupt()
+        self.code = self.proc.wait(timeout=240)
 
     @property
     def log(self) -> str:
@@ -68,11 +82,12 @@ class Up:
         assert len(tmux_sessions(self.fleet.tmux_socket)) == 1
         return run_id
 
+    def started(self) -> None:
+        """Wait until up has started all its parts."""
+        wait_until(lambda: "(Ctrl-C stops)" in self.log, 60, "up to have started")
+
     def interrupt(self) -> None:
         self.proc.send_signal(signal.SIGINT)
-
-    def wait(self) -> int:
-        return self.proc.wait(timeout=240)
 
 
 def _fleet_of_one(fleet: Fleet, extra: str = "", **monitor: float) -> None:
@@ -102,28 +117,22 @@ def assert_ended_as_cancelled(up: Up, run_id: str) -> None:
 
 def test_ctrl_c_on_up_ends_the_live_runs_and_their_sessions(fleet: Fleet) -> None:
     _fleet_of_one(fleet)
-    up = Up(fleet, "--no-flower")
-    try:
+    with Up(fleet, "--no-flower") as up:
         run_id = up.live_run()
-        wait_until(lambda: "(Ctrl-C stops)" in up.log, 60, "up to have started")
-    finally:
+        up.started()
         up.interrupt()
-        code = up.wait()
-    assert code == 0, up.log
+    assert up.code == 0, up.log
     assert_ended_as_cancelled(up, run_id)
 
 
 def test_ctrl_c_while_up_still_starts_ends_the_run_its_worker_took(fleet: Fleet) -> None:
     _fleet_of_one(fleet, f"\n[flower]\nport = {free_port()}\n")
     (fleet.root / "flowerconfig.py").write_text(FLOWER_NEVER_LISTENS)
-    up = Up(fleet)
-    try:
+    with Up(fleet) as up:
         run_id = up.live_run()
         assert "(Ctrl-C stops)" not in up.log  # still starting: Flower never listens
-    finally:
         up.interrupt()
-        code = up.wait()
-    assert code == 0, up.log
+    assert up.code == 0, up.log
     assert_ended_as_cancelled(up, run_id)
 
 
@@ -131,35 +140,24 @@ def test_a_second_ctrl_c_while_up_stops_still_ends_the_live_runs(fleet: Fleet) -
     # The watcher looks for cancel requests only every liveness_interval: at
     # this one, never while the test runs, so up must end the run itself.
     _fleet_of_one(fleet, liveness_interval=3600)
-    up = Up(fleet, "--no-flower")
-    try:
+    with Up(fleet, "--no-flower") as up:
         run_id = up.live_run()
-        wait_until(lambda: "(Ctrl-C stops)" in up.log, 60, "up to have started")
+        up.started()
         up.interrupt()
         wait_until(lambda: "stopping" in up.log, 60, "up to begin stopping")
-    finally:
         up.interrupt()
-        code = up.wait()
-    assert code == 0, up.log
+    assert up.code == 0, up.log
     assert_ended_as_cancelled(up, run_id)
 
 
 def test_up_whose_worker_died_ends_the_runs_it_left(fleet: Fleet) -> None:
     _fleet_of_one(fleet)
-    up = Up(fleet, "--no-flower")
-    try:
+    with Up(fleet, "--no-flower") as up:
         run_id = up.live_run()
-        wait_until(lambda: "(Ctrl-C stops)" in up.log, 60, "up to have started")
-        worker = next(
-            child for child in psutil.Process(up.proc.pid).children() if "worker" in child.cmdline()
-        )
-        worker.kill()
-        code = up.wait()
-    finally:
-        if up.proc.poll() is None:
-            up.interrupt()
-            up.wait()
-    assert code == 1, up.log  # one of its processes exited
+        up.started()
+        parts = psutil.Process(up.proc.pid).children()
+        next(part for part in parts if "worker" in part.cmdline()).kill()
+    assert up.code == 1, up.log  # one of its processes exited
     assert "worker exited; stopping" in up.log
     assert_ended_as_cancelled(up, run_id)
 
