@@ -10,7 +10,7 @@ CLAUDE_CODE_VERSION := 2.1.197
 CLAUDE_DIR   := .claude-cli
 CLAUDE_STAMP := $(CLAUDE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
 
-.PHONY: setup system-deps claude-cli demo test lint typecheck unit chaos bench compose-check clean
+.PHONY: setup system-deps claude-cli demo test lint typecheck unit chaos bench soak compose-check clean
 
 setup: system-deps $(STAMP)
 
@@ -69,6 +69,13 @@ chaos: setup
 # Latency, idle cost, concurrency and throughput; writes bench/results.json.
 bench: setup claude-cli
 	$(BIN)/python -m bench.bench
+
+# 300 scripted sessions on one host for MINUTES, runs ending and starting all
+# the time; fails when the worker's, tmux's or Redis's resources grow (see the
+# README's Soak section, whose figures come from MINUTES=60). Writes bench/soak.json.
+MINUTES ?= 10
+soak: setup
+	$(BIN)/python -m bench.soak --minutes $(MINUTES)
 
 # Builds deploy/Dockerfile and runs deploy/compose.yaml for real (a run to
 # done, Flower's login), then removes the stack; not part of `make test`.
