@@ -188,6 +188,11 @@ class PromptDriver:
         deadline = started + timing.ready_timeout
         last, changed_at, poll = None, started, POLL_MIN
         answered: dict[str, int] = {}
+        # The screen an answer was pressed on, and when: until the agent draws
+        # another (or stays silent for settle_seconds: the key was lost), the
+        # dialog it still shows is the one answered. A loaded machine is slow
+        # to redraw, and a second key would land on the next screen.
+        pressed_on: tuple[str, float] | None = None
         while True:
             self._alive_or_raise(session, agent, launch, "before it was ready")
             screen = session.capture()
@@ -205,7 +210,12 @@ class PromptDriver:
                 return
             if isinstance(verdict, Refuse):
                 raise SessionError(verdict.reason)
-            if isinstance(verdict, Answer):
+            reacting = (
+                pressed_on is not None
+                and pressed_on[0] == screen
+                and now - pressed_on[1] < timing.settle_seconds
+            )
+            if isinstance(verdict, Answer) and not reacting:
                 count = answered.get(verdict.what, 0)
                 if count >= MAX_ANSWERS:
                     raise SessionError(
@@ -214,6 +224,7 @@ class PromptDriver:
                     )
                 answered[verdict.what] = count + 1
                 session.press(*verdict.keys)
+                pressed_on = (screen, now)
                 last, poll = None, POLL_MIN
             elif now >= deadline:
                 raise SessionError(
@@ -280,9 +291,14 @@ class PromptDriver:
     ) -> bool:
         deadline = time.monotonic() + timeout
         while True:
+            # Alive first: an agent that confirmed and ended at once (a loaded
+            # machine polls late) took its prompt, and its end is the monitor's
+            # to judge (a crash is recovered), not a start that failed.
+            alive, _ = session.status()
             if self.confirmed(session, launch, before):
                 return True
-            self._alive_or_raise(session, agent, launch, "before it confirmed the prompt")
+            if not alive:
+                self._alive_or_raise(session, agent, launch, "before it confirmed the prompt")
             if time.monotonic() >= deadline:
                 return False
             time.sleep(POLL_MIN)
