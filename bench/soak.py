@@ -69,8 +69,8 @@ RUN_INDEX = "formulabeat:runs"  # a sorted set with one member per run, kept as 
 # - RSS: a leak of 1 KiB per run is 5 to 10 MiB an hour at this churn
 #   (5000-8000 runs an hour); the allocator's own settling stays well below.
 # - fds: any steady growth is a leak (one a run would be thousands an hour);
-#   each sample is the least of a few reads, so a subprocess's pipes in
-#   flight do not count.
+#   each sample is the floor of a minute's reads (see FdFloor), so a
+#   subprocess's pipes in flight do not count.
 # - Redis beyond the kept records: everything else is live state (about one
 #   set of keys per live run) or bounded; 1 MiB an hour is 150 bytes a run.
 # - watcher CPU: with as many sessions and as much churn, the watcher's
@@ -123,7 +123,8 @@ def scenarios(root: Path, sessions: int) -> dict[str, str]:
         name = f"s{i:03d}"
         wait = f"phase=awaiting_ci wait={root / 'release' / name} phase=done"
         if i % 20 == 7:
-            wait = f"crash_once {wait}"  # its first session dies; the recovered one goes on
+            # Its first session dies once at work; the recovered one goes on.
+            wait = f"phase=awaiting_ci crash_once {wait}"
         elif i % 10 == 3:
             wait = f"phase=awaiting_ci chatter=20 {wait}"  # a transcript, its tokens counted
         agents[name] = wait
@@ -175,13 +176,44 @@ def redis_memory(client: redis.Redis) -> dict[str, float]:
     }
 
 
-def least_fds(proc: psutil.Process, reads: int = 5) -> int:
-    """The fewest open fds over a few reads: a subprocess's pipes come and go."""
-    counts = []
-    for _ in range(reads):
-        counts.append(proc.num_fds())
-        time.sleep(0.2)
-    return min(counts)
+def fd_kinds(pid: int) -> dict[str, int]:
+    """A process's open fds by kind: socket, pipe, anon_inode (inotify, eventfd), file."""
+    kinds: dict[str, int] = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue  # closed meanwhile
+        kind = target.split(":", 1)[0]
+        kind = kind if kind in ("socket", "pipe", "anon_inode") else "file"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+class FdFloor:
+    """The fewest open fds of a process seen since the last sample.
+
+    Read every second: at any one moment a few of the worker's threads run
+    a subprocess (git, tmux, a hook's pipes) whose fds come and go; the
+    floor over a minute is what the process holds for good.
+    """
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self.proc = proc
+        self.least: int | None = None
+        self.kinds: dict[str, int] = {}
+
+    def read(self) -> None:
+        count = self.proc.num_fds()
+        if self.least is None or count < self.least:
+            self.least = count
+            self.kinds = fd_kinds(self.proc.pid)
+
+    def take(self) -> tuple[int | None, dict[str, int]]:
+        """The floor and its kinds since the last take; starts a new window."""
+        least, kinds = self.least, self.kinds
+        self.least, self.kinds = None, {}
+        return least, kinds
 
 
 def thread_cpu(proc: psutil.Process, thread_id: int | None) -> float | None:
@@ -270,6 +302,7 @@ def sample(
     soak: Soak,
     client: redis.Redis,
     worker: psutil.Process,
+    fds: FdFloor,
     watcher_id: int | None,
     socket: str,
     started: float,
@@ -290,10 +323,13 @@ def sample(
             return None
         return (value - earlier) / minutes
 
+    fds.read()
+    least_fds, kinds = fds.take()
     row: dict[str, Any] = {
         "t_s": round(now - started, 1),
         "worker_rss_mib": worker.memory_info().rss / 2**20,
-        "worker_fds": least_fds(worker),
+        "worker_fds": least_fds,
+        "worker_fd_kinds": kinds,
         "tmux_rss_mib": tmux.memory_info().rss / 2**20 if tmux else None,
         **redis_memory(client),
         "worker_cpu_s_per_min": per_minute(cpu, "cpu"),
@@ -387,6 +423,7 @@ def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         client = server.client()
         socket = stack.cfg.tmux_socket or ""
         worker = psutil.Process(next(p.pid for n, p in stack.procs if n == "worker"))
+        fds = FdFloor(worker)
         started = time.monotonic()
         end = started + args.minutes * 60
         for agent in soak.agents:
@@ -399,9 +436,10 @@ def run_soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             soak.end_due(client, now)
             for agent in soak.collect(client):
                 soak.launch(app, agent)
+            fds.read()
             if now >= next_sample:
                 watcher_id = watcher_id or watcher_thread(root / "logs" / "worker.log")
-                row = sample(soak, client, worker, watcher_id, socket, started, last)
+                row = sample(soak, client, worker, fds, watcher_id, socket, started, last)
                 soak.samples.append(row)
                 print_row(row)
                 next_sample += args.sample
