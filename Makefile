@@ -16,7 +16,7 @@ GEMINI_VERSION := 0.61.0
 AGENT_CLIS_DIR   := .agent-clis
 AGENT_CLIS_STAMP := $(AGENT_CLIS_DIR)/.installed-codex-$(CODEX_VERSION)-gemini-$(GEMINI_VERSION)
 
-.PHONY: setup system-deps claude-cli agent-clis demo test lint typecheck unit chaos chaos-real bench compose-check clean
+.PHONY: setup system-deps claude-cli agent-clis demo test lint typecheck unit chaos chaos-real bench soak compose-check clean
 
 setup: system-deps $(STAMP)
 
@@ -91,6 +91,13 @@ chaos-real: setup claude-cli
 # Latency, idle cost, concurrency and throughput; writes bench/results.json.
 bench: setup claude-cli agent-clis
 	$(BIN)/python -m bench.bench
+
+# 300 scripted sessions on one host for MINUTES, runs ending and starting all
+# the time; fails when the worker's, tmux's or Redis's resources grow (see the
+# README's Soak section, whose figures come from MINUTES=60). Writes bench/soak.json.
+MINUTES ?= 10
+soak: setup
+	$(BIN)/python -m bench.soak --minutes $(MINUTES)
 
 # Builds deploy/Dockerfile and runs deploy/compose.yaml for real (a run to
 # done, Flower's login), then removes the stack; not part of `make test`.

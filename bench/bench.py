@@ -55,7 +55,7 @@ from workers.agents.claude_code import edit_json, input_box, trust
 from workers.config import load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
 from workers.run import FINAL_STATES
-from workers.tmux import screen_tail
+from workers.tmux import TmuxServer, screen_tail
 
 RESULTS = Path(__file__).with_name("results.json")
 START_TIMEOUT = 900.0
@@ -126,7 +126,7 @@ def _config(root: Path, url: str, agents: dict[str, str], sessions: int, how: st
 
 
 @contextmanager
-def _bench_host(
+def bench_host(
     root: Path, agents: dict[str, str], sessions: int, how: str = SCRIPTED
 ) -> Iterator[tuple[Any, Any]]:
     """A private Redis and one worker for ``agents`` (name → scenario), run as ``how`` says."""
@@ -140,12 +140,7 @@ def _bench_host(
         yield stack, server
     finally:
         stack.stop()
-        subprocess.run(
-            ["tmux", "-L", cfg.tmux_socket or "", "kill-server"],
-            check=False,
-            capture_output=True,
-            timeout=30,
-        )
+        TmuxServer(cfg.tmux_socket).shut_down()
         stop_redis(server)
 
 
@@ -155,7 +150,7 @@ def _events(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def _send(app: Any, agent: str) -> str:
+def send_run(app: Any, agent: str) -> str:
     """Send a run; its result is read from Redis, not through Celery's subscriber."""
     result = app.send_task(
         "formulabeat.run", args=["bench", agent], queue="formulabeat", ignore_result=True
@@ -163,7 +158,8 @@ def _send(app: Any, agent: str) -> str:
     return str(result.id)
 
 
-def _ended(client: redis.Redis, run_id: str) -> bool:
+def run_ended(client: redis.Redis, run_id: str) -> bool:
+    """Whether the run's result is stored in a final state."""
     raw = client.get(f"celery-task-meta-{run_id}")
     return bool(raw) and json.loads(raw).get("status") in FINAL_STATES
 
@@ -179,7 +175,8 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _wait(predicate: Any, timeout: float) -> bool:
+def wait_for(predicate: Any, timeout: float) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -191,7 +188,7 @@ def _wait(predicate: Any, timeout: float) -> bool:
 def bench_start(root: Path, runs: int) -> dict[str, float]:
     """Send → prompt delivered, one run at a time, agent ready at once."""
     log = root / "agent.jsonl"
-    with _bench_host(root, {"starter": f"log={log} phase=done"}, 1) as (stack, _server):
+    with bench_host(root, {"starter": f"log={log} phase=done"}, 1) as (stack, _server):
         app = client_app(stack.cfg)
         sent: dict[str, float] = {}
         for _ in range(runs):
@@ -200,7 +197,7 @@ def bench_start(root: Path, runs: int) -> dict[str, float]:
                 "formulabeat.run", args=["bench", "starter"], queue="formulabeat"
             )
             sent[result.id] = at
-            _wait(result.ready, 120)
+            wait_for(result.ready, 120)
         prompts = {e["run"]: e["at"] for e in _events(log) if e["event"] == "prompt"}
     latencies = [(prompts[r] - t) * 1000 for r, t in sent.items() if r in prompts]
     return {
@@ -210,7 +207,8 @@ def bench_start(root: Path, runs: int) -> dict[str, float]:
     }
 
 
-def _tmux_server(socket: str) -> psutil.Process | None:
+def tmux_server_process(socket: str) -> psutil.Process | None:
+    """The process of the tmux server on ``socket`` (None when none runs)."""
     out = subprocess.run(
         ["tmux", "-L", socket, "display-message", "-p", "#{pid}"],
         capture_output=True,
@@ -221,7 +219,8 @@ def _tmux_server(socket: str) -> psutil.Process | None:
     return psutil.Process(int(out.stdout.strip())) if out.returncode == 0 else None
 
 
-def _cpu(procs: list[psutil.Process]) -> float:
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User and system CPU seconds the processes have used."""
     return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
 
 
@@ -241,36 +240,36 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
         )
         for i, offset in enumerate(offsets)
     }
-    with _bench_host(root, agents, sessions) as (stack, server):
+    with bench_host(root, agents, sessions) as (stack, server):
         cfg = stack.cfg
         app = client_app(cfg)
         observer = Observer(server.client())
         client = server.client()
         started = time.monotonic()
-        ids = {_send(app, name) for name in agents}
+        ids = {send_run(app, name) for name in agents}
 
         def live() -> int:
             return sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
 
         # A run that failed to start ends: wait for each to be live or over.
-        _wait(
-            lambda: all((i, "AWAITING_CI") in observer.seen or _ended(client, i) for i in ids),
+        wait_for(
+            lambda: all((i, "AWAITING_CI") in observer.seen or run_ended(client, i) for i in ids),
             START_TIMEOUT,
         )
         concurrent = live()
         up_after = time.monotonic() - started
         worker = psutil.Process(next(p.pid for n, p in stack.procs if n == "worker"))
-        tmux = _tmux_server(cfg.tmux_socket or "")
+        tmux = tmux_server_process(cfg.tmux_socket or "")
         procs = [p for p in (worker, tmux) if p is not None]
         time.sleep(5)  # the last starts settle
-        before, t0 = _cpu(procs), time.monotonic()
-        worker_before = _cpu([worker])
+        before, t0 = cpu_seconds(procs), time.monotonic()
+        worker_before = cpu_seconds([worker])
         time.sleep(idle)
-        cpu = _cpu(procs) - before
-        worker_cpu = _cpu([worker]) - worker_before
+        cpu = cpu_seconds(procs) - before
+        worker_cpu = cpu_seconds([worker]) - worker_before
         elapsed = time.monotonic() - t0
         go.touch()
-        _wait(lambda: all(_over(observer, i) for i in ids), spread + 120)
+        wait_for(lambda: all(_over(observer, i) for i in ids), spread + 120)
         observer.close()
         outcomes: dict[str, int] = {}
         for run_id in ids:
@@ -309,7 +308,7 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
 def bench_throughput(root: Path, agents_count: int, seconds: float) -> dict[str, float]:
     """Runs per minute with agents that finish at once."""
     agents = {f"t{i:02d}": "phase=done" for i in range(agents_count)}
-    with _bench_host(root, agents, agents_count) as (stack, server):
+    with bench_host(root, agents, agents_count) as (stack, server):
         app = client_app(stack.cfg)
         client = server.client()
         busy: dict[str, str] = {}
@@ -318,11 +317,11 @@ def bench_throughput(root: Path, agents_count: int, seconds: float) -> dict[str,
         while time.monotonic() - started < seconds:
             for name in agents:
                 run_id = busy.get(name)
-                if run_id is not None and _ended(client, run_id):
+                if run_id is not None and run_ended(client, run_id):
                     done += 1
                     del busy[name]
                 if name not in busy:
-                    busy[name] = _send(app, name)
+                    busy[name] = send_run(app, name)
             time.sleep(0.02)
         elapsed = time.monotonic() - started
     return {"runs_per_min": round(done / elapsed * 60, 1), "throughput_agents": agents_count}
@@ -334,14 +333,14 @@ def bench_usage(root: Path, sessions: int, seconds: float) -> dict[str, Any]:
         f"u{i:03d}": f"phase=awaiting_ci chatter={seconds + 60:.0f} phase=done"
         for i in range(sessions)
     }
-    with _bench_host(root, agents, sessions) as (stack, server):
+    with bench_host(root, agents, sessions) as (stack, server):
         ids, observer = _start_all(stack, server, agents, "AWAITING_CI")
         live = sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
         worker = psutil.Process(next(p.pid for n, p in stack.procs if n == "worker"))
         time.sleep(5)
-        before, t0 = _cpu([worker]), time.monotonic()
+        before, t0 = cpu_seconds([worker]), time.monotonic()
         time.sleep(seconds)
-        cpu = _cpu([worker]) - before
+        cpu = cpu_seconds([worker]) - before
         minutes = (time.monotonic() - t0) / 60
         client = server.client()
         counted = 0
@@ -352,7 +351,7 @@ def bench_usage(root: Path, sessions: int, seconds: float) -> dict[str, Any]:
                 counted += 1
         for run_id in ids:
             registry.request_cancel(client, run_id, "the benchmark")
-        _wait(lambda: all(_ended(client, i) for i in ids), 120)
+        wait_for(lambda: all(run_ended(client, i) for i in ids), 120)
         observer.close()
     return {
         "usage_cpu_s_per_session_min": round(cpu / live / minutes, 5) if live else None,
@@ -458,20 +457,20 @@ def bench_real(root: Path, sessions: int, runs: int, idle: float, spread: float)
             run_by_hand_once(binary, home, api.url, socket)
             ready = _cli_ready_ms(binary, home, api, socket, runs, root)
         finally:
-            subprocess.run(["tmux", "-L", socket, "kill-server"], timeout=30, check=False)
+            TmuxServer(socket).shut_down()
         how = _real_how(binary, home, api)
         results["real_cli_ready_ms_p50"] = round(statistics.median(ready), 1)
         results["real_cli_ready_ms_p99"] = round(_pct(ready, 0.99), 1)
-        with _bench_host(root / "start", {"starter": "phase=done"}, 1, how) as (stack, server):
+        with bench_host(root / "start", {"starter": "phase=done"}, 1, how) as (stack, server):
             app = client_app(stack.cfg)
             observer = Observer(server.client())
             client = server.client()
             sent = {}
             for _ in range(runs):
                 at = time.time()
-                run_id = _send(app, "starter")
+                run_id = send_run(app, "starter")
                 sent[run_id] = at
-                _wait(lambda run_id=run_id: _ended(client, run_id), 120)
+                wait_for(lambda run_id=run_id: run_ended(client, run_id), 120)
             observer.close()
         starts = [
             (observer.seen[(r, "RUNNING")] - t) * 1000
@@ -495,15 +494,17 @@ def _start_all(
     app = client_app(stack.cfg)
     observer = Observer(server.client())
     client = server.client()
-    ids = {_send(app, name) for name in agents}
-    _wait(lambda: all((i, state) in observer.seen or _ended(client, i) for i in ids), START_TIMEOUT)
+    ids = {send_run(app, name) for name in agents}
+    wait_for(
+        lambda: all((i, state) in observer.seen or run_ended(client, i) for i in ids), START_TIMEOUT
+    )
     return ids, observer
 
 
 def _real_idle(root: Path, how: str, sessions: int, idle: float) -> dict[str, Any]:
     """CLIs at their input box after a phase: their CPU, and the worker's and tmux's."""
     agents = {f"i{i:02d}": "phase=awaiting_ci idle" for i in range(sessions)}
-    with _bench_host(root, agents, sessions, how + f"idle_timeout = {idle + 600}\n") as (
+    with bench_host(root, agents, sessions, how + f"idle_timeout = {idle + 600}\n") as (
         stack,
         server,
     ):
@@ -511,14 +512,14 @@ def _real_idle(root: Path, how: str, sessions: int, idle: float) -> dict[str, An
         live = sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
         socket = stack.cfg.tmux_socket or ""
         worker = psutil.Process(next(p.pid for n, p in stack.procs if n == "worker"))
-        tmux = _tmux_server(socket)
+        tmux = tmux_server_process(socket)
         ours = [p for p in (worker, tmux) if p is not None]
         time.sleep(10)  # the Stop hooks and the last starts settle
-        cli_before, ours_before, t0 = _cli_cpu(socket), _cpu(ours), time.monotonic()
+        cli_before, ours_before, t0 = _cli_cpu(socket), cpu_seconds(ours), time.monotonic()
         time.sleep(idle)
         minutes = (time.monotonic() - t0) / 60
         cli = (_cli_cpu(socket) - cli_before) / live / minutes
-        formulabeat = (_cpu(ours) - ours_before) / live / minutes
+        formulabeat = (cpu_seconds(ours) - ours_before) / live / minutes
         rss = 0
         for pid in subprocess.run(
             ["tmux", "-L", socket, "list-panes", "-a", "-F", "#{pane_pid}"],
@@ -534,7 +535,7 @@ def _real_idle(root: Path, how: str, sessions: int, idle: float) -> dict[str, An
         client = server.client()
         for run_id in ids:
             registry.request_cancel(client, run_id, "the benchmark")
-        _wait(lambda: all(_ended(client, i) for i in ids), 120)
+        wait_for(lambda: all(run_ended(client, i) for i in ids), 120)
         observer.close()
     return {
         "real_idle_sessions": live,
@@ -558,11 +559,11 @@ def _real_phases(root: Path, how: str, sessions: int, spread: float) -> dict[str
         for i, offset in enumerate(offsets)
     }
     root.mkdir(parents=True, exist_ok=True)
-    with _bench_host(root, agents, sessions, how) as (stack, server):
+    with bench_host(root, agents, sessions, how) as (stack, server):
         ids, observer = _start_all(stack, server, agents, "AWAITING_CI")
         live = sum(1 for i in ids if (i, "AWAITING_CI") in observer.seen)
         go.touch()
-        _wait(lambda: all(_over(observer, i) for i in ids), spread + 180)
+        wait_for(lambda: all(_over(observer, i) for i in ids), spread + 180)
         observer.close()
         client = server.client()
         by_phase_file = {}
@@ -584,6 +585,30 @@ def _real_phases(root: Path, how: str, sessions: int, spread: float) -> dict[str
         "real_phase_latency_ms_p50": round(statistics.median(latencies), 1) if latencies else None,
         "real_phase_latency_ms_p99": round(_pct(latencies, 0.99), 1) if latencies else None,
         "real_phase_samples": len(latencies),
+    }
+
+
+def where_and_when(redis_version: str | None = None) -> dict[str, Any]:
+    """The machine, the versions measured and the date, for a results file."""
+    return {
+        "machine": {
+            "cores": psutil.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "tmux": subprocess.run(
+                ["tmux", "-V"], capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip(),
+            **({"redis_server": redis_version} if redis_version else {}),
+            **{
+                name: metadata.version(name)
+                for name in ("formulabeat", "celery", "redis", "libtmux")
+            },
+        },
+        "date": time.strftime("%Y-%m-%d"),
     }
 
 
@@ -653,19 +678,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.real_spread,
                 )
             )
-    results["machine"] = {
-        "cores": psutil.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "platform": platform.platform(),
-    }
-    results["versions"] = {
-        "python": platform.python_version(),
-        "tmux": subprocess.run(
-            ["tmux", "-V"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout.strip(),
-        **{name: metadata.version(name) for name in ("formulabeat", "celery", "redis", "libtmux")},
-    }
-    results["date"] = time.strftime("%Y-%m-%d")
+    results.update(where_and_when())
     results["monitor_settings"] = MONITOR or "defaults"
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     rows = (

@@ -22,6 +22,7 @@ from tasks.demo import make_demo_project
 from tasks.stack import Stack
 from workers import registry
 from workers.config import CONFIG_ENV, load_config
+from workers.tmux import TmuxServer
 
 OUT = Path(__file__).resolve().parent / "flower.png"
 
@@ -78,9 +79,7 @@ def main() -> int:
         return 0
     finally:
         stack.stop()
-        subprocess.run(
-            ["tmux", "-L", cfg.tmux_socket or "", "kill-server"], capture_output=True, timeout=10
-        )
+        TmuxServer(cfg.tmux_socket).shut_down()
         shutil.rmtree(root, ignore_errors=True)
 
 

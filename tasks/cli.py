@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from workers.errors import FormulabeatError
 
 if TYPE_CHECKING:
+    from tasks.stack import Stack
     from workers.config import Config
 
 # Hooks run through this module on every tool call of every agent: it imports
@@ -54,33 +55,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tasks.stack import Stack
 
     cfg = _config(args)
-    stack = Stack(cfg, flower=not args.no_flower)
-    stopping = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    # Checks the settings before anything starts, and stops what it started
-    # if it fails: nothing is live yet to stop below.
-    stack.start()
+    stack = Stack(cfg, flower=not args.no_flower, end_runs=True)
+    # From here a Ctrl-C (or TERM) is counted, not raised: one that comes
+    # while the parts start, or a second one while they stop, must not cut a
+    # step in half and leave a live run behind (see tasks.stack).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stack.interrupt())
+    # A part that fails to start stops them all (its runs ended) and raises.
+    started = stack.start()
     try:
-        parts = "worker, beat" + ("" if args.no_flower else f", Flower at {stack.flower_url}")
-        print(f"formulabeat up: {parts} for {cfg.path} (Ctrl-C stops)", file=sys.stderr)
-        while not stopping:
-            dead = stack.alive()
-            if dead:
-                print(f"formulabeat up: {', '.join(dead)} exited; stopping", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        return _watch_up(stack, args) if started else 0
     finally:
         print("formulabeat up: stopping (live runs end as cancelled)", file=sys.stderr)
-        ended = stack.stop(end_runs=True)
+        ended = stack.stop()
         if ended:
             print(f"formulabeat up: cancelled {', '.join(ended)}", file=sys.stderr)
+
+
+def _watch_up(stack: Stack, args: argparse.Namespace) -> int:
+    """Until a Ctrl-C (0) or a part's exit (1)."""
+    parts = "worker, beat" + ("" if args.no_flower else f", Flower at {stack.flower_url}")
+    print(f"formulabeat up: {parts} for {stack.cfg.path} (Ctrl-C stops)", file=sys.stderr)
+    while not stack.interrupts:
+        dead = stack.alive()
+        if dead:
+            print(f"formulabeat up: {', '.join(dead)} exited; stopping", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ import git
 
 from workers import embedded, registry
 from workers.config import Config, load_config
+from workers.tmux import TmuxServer
 
 # agent -> (scenario for the scripted agent, expected outcome)
 SCENARIOS = {
@@ -202,9 +202,4 @@ def run_demo(keep: bool = False, timeout: float = 120.0) -> int:
 
 def _kill_tmux(cfg: Config) -> None:
     if cfg.tmux_socket:
-        subprocess.run(
-            ["tmux", "-L", cfg.tmux_socket, "kill-server"],
-            capture_output=True,
-            timeout=10,
-            check=False,
-        )
+        TmuxServer(cfg.tmux_socket).shut_down()

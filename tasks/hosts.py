@@ -6,11 +6,13 @@ sessions go to its watcher, which finds each still running, or ended, and
 reports the right outcome; tmux sessions of runs that no longer
 exist are killed, so no session outlives its run record. Any host's worker
 reaps the runs of hosts whose heartbeat stopped: they end as ``lost`` and
-their leases are freed, so the next schedule runs the agent elsewhere. The
-reaper also sends again a run step (the run, or its session step) whose
-message the broker lost: unclaimed a visibility timeout after it was sent,
-in no queue and not unacked; and it sends the runs deferred past a
-credential's reset (``on_limit = "defer"``) when they are due.
+their leases are freed, so the next schedule runs the agent elsewhere. A
+host stopped with its runs (``formulabeat up``) ends what its worker left
+live once that worker is gone. The reaper also sends again a run step (the
+run, or its session step) whose message the broker lost: unclaimed a
+visibility timeout after it was sent, in no queue and not unacked; and it
+sends the runs deferred past a credential's reset (``on_limit = "defer"``)
+when they are due.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from celery.signals import worker_init, worker_ready
 
 from beat_schedule import DEFAULT_QUEUE, REAP_TASK, RUN_TASK
 from tasks import watching
-from tasks.app import VISIBILITY_TIMEOUT, app, config, redis_client
-from tasks.reporting import Reporter
-from workers import quota, registry
+from tasks.app import VISIBILITY_TIMEOUT, app, client_app, config, redis_client
+from tasks.reporting import Reporter, worker_name
+from workers import lifecycle, quota, registry
 from workers import run as outcomes
+from workers.config import Config
 from workers.lifecycle import release_claims
-from workers.run import Run, now_iso
+from workers.run import FINAL_STATES, Run, now_iso
 from workers.tmux import TmuxServer
 
 log = logging.getLogger("formulabeat.hosts")
@@ -222,3 +225,39 @@ def _broker_messages(client: redis.Redis) -> list[bytes]:
     for key in client.scan_iter(match=f"{DEFAULT_QUEUE}*", _type="list"):
         held.append(client.lrange(key, 0, -1))
     return [m if isinstance(m, bytes) else m.encode() for part in held for m in part]
+
+
+def end_runs_left(cfg: Config, who: str) -> list[str]:
+    """End the runs still live on this host once its worker has stopped; their ids.
+
+    Each ends as its watcher would have ended it: session killed (also one
+    its worker began but did not record), lease and slot freed, worktree
+    removed, outcome ``cancelled`` stored under the run id. A run the worker
+    had decided but not finished reporting keeps that verdict, and what is
+    missing of its end is done. Only for a host whose worker is gone: a live
+    watcher would end the same runs at once.
+    """
+    client = redis_client(cfg)
+    sender = client_app(cfg)
+    reporter = Reporter(sender, cfg, worker_name(cfg.host))
+    ended = []
+    try:
+        for state in registry.live_states(client, cfg.host):
+            run = Run.from_dict(state)
+            lifecycle.kill_session(run, cfg)
+            earlier = registry.get(client, run.id) or {}
+            if earlier.get("outcome"):
+                run.end(earlier["outcome"], earlier.get("reason"))
+                lifecycle.finish(run, cfg, client)
+                if sender.AsyncResult(run.id).state in FINAL_STATES:
+                    registry.forget(client, run.id, run.host)
+                else:
+                    reporter.finished(run, earlier)
+            else:
+                run.end(outcomes.CANCELLED, f"cancelled by {who}, after the worker stopped")
+                reporter.finished(run, reporter.conclude(run))
+            log.warning("run %s: ended %s after this host's worker stopped", run.id, run.outcome)
+            ended.append(run.id)
+    finally:
+        sender.close()
+    return ended

@@ -109,22 +109,29 @@ class Reporter:
         return result
 
     def finished(self, run: Run, result: dict[str, Any]) -> None:
-        """Store the result under the run id in the state its outcome calls for, and say so
-        as Celery does (``task-succeeded``, ``task-failed``, ``task-revoked``)."""
+        """Store the result under the run id in the state its outcome calls for, say so
+        as Celery does (``task-succeeded``, ``task-failed``, ``task-revoked``), and drop
+        the run from its host's live runs."""
         state = final_state(run.outcome)
         with self.app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
             if state == "SUCCESS":
                 self.app.backend.store_result(run.id, result, state)
                 dispatcher.send("task-succeeded", uuid=run.id, result=repr(result), runtime=0.0)
-                return
-            ended = RunEnded(result)
-            self.app.backend.store_result(run.id, ended, state)
-            if state == "REVOKED":
-                dispatcher.send("task-revoked", uuid=run.id, terminated=False, expired=False)
             else:
-                dispatcher.send(
-                    "task-failed", uuid=run.id, exception=f"RunEnded({str(ended)!r})", traceback=""
-                )
+                ended = RunEnded(result)
+                self.app.backend.store_result(run.id, ended, state)
+                if state == "REVOKED":
+                    dispatcher.send("task-revoked", uuid=run.id, terminated=False, expired=False)
+                else:
+                    dispatcher.send(
+                        "task-failed",
+                        uuid=run.id,
+                        exception=f"RunEnded({str(ended)!r})",
+                        traceback="",
+                    )
+        # Last: while its live state stands, whoever stops this host (`formulabeat
+        # up`) sees a run whose end is not stored yet, and stores it.
+        registry.forget(redis_client(self.cfg), run.id, run.host)
 
     def event(self, run: Run, name: str) -> None:
         """Send the task event ``task-<name>`` for the run (Flower shows ``<NAME>``)."""
@@ -134,7 +141,8 @@ class Reporter:
             log.exception("run %s: could not send event task-%s", run.id, name)
 
     def record(self, run: Run, snapshot: dict[str, object]) -> None:
-        """Store the snapshot in the run registry; keep or drop the live run's state."""
+        """Store the snapshot in the run registry, and a live run's state (:meth:`finished`
+        drops an ended run's)."""
         try:
             self._record(run, snapshot)
         except Exception:
@@ -147,7 +155,5 @@ class Reporter:
     def _record(self, run: Run, snapshot: dict[str, object]) -> None:
         client = redis_client(self.cfg)
         registry.record(client, dict(snapshot))
-        if run.ended and run.finished_at:
-            registry.forget(client, run.id, run.host)
-        elif not run.ended:
+        if not run.ended:
             registry.save_state(client, run.to_dict())

@@ -5,12 +5,20 @@ own process group, so a Ctrl-C reaches ``up`` alone, which then stops the
 parts in order: Flower and beat first (no new runs), then this host's live
 runs (cancelled, their sessions killed), the worker next, Redis last (so no
 run loses its broker before its worker is down).
+
+``up`` counts its Ctrl-Cs (:meth:`Stack.interrupt`) instead of raising them
+in the middle of a step: one while it starts stops the starting, one more
+while it stops cuts the wait for the watcher short. Whatever the worker did
+not end (cut short, killed, dead already), ``up`` ends itself once the
+worker is gone, so no run of its host outlives it live, with a session or a
+lease.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -29,6 +37,7 @@ from workers.config import CONFIG_ENV, HOST_ENV, Config
 from workers.errors import BrokerError, FormulabeatError
 from workers.statedir import private_dir
 
+log = logging.getLogger("formulabeat.stack")
 CELERY = [sys.executable, "-m", "celery", "-A", "tasks.app"]
 
 
@@ -92,8 +101,15 @@ class Stack:
         beat: bool = True,
         log_dir: Path | None = None,
         wrap: list[str] | None = None,
+        end_runs: bool = False,
     ) -> None:
         self.cfg = cfg
+        # `formulabeat up`: stopping ends this host's live runs. Otherwise (a
+        # worker restart, a test's or the benchmark's worker) they live on for
+        # the next worker to adopt.
+        self.end_runs = end_runs
+        # Ctrl-Cs (and TERMs) so far: see interrupt().
+        self.interrupts = 0
         # A command each part runs under (``nice -n 5``, ``ip netns exec NS``).
         self.wrap = wrap or []
         self.with_flower = flower
@@ -122,8 +138,20 @@ class Stack:
                     f"{self.cfg.flower_address}: {exc.strerror}: choose another port"
                 ) from None
 
-    def start(self, ready_timeout: float = 60.0) -> None:
-        """Check the settings, start every part and wait until the worker answers a ping."""
+    def interrupt(self) -> None:
+        """A Ctrl-C (a signal handler calls this): a start stops starting, a stop hurries.
+
+        Counted, never raised: a step (Redis, a ping, a cancel request) is
+        never left half done.
+        """
+        self.interrupts += 1
+
+    def start(self, ready_timeout: float = 60.0) -> bool:
+        """Check the settings, start every part and wait until the worker answers a ping.
+
+        False when :meth:`interrupt` came first: the parts started so far run
+        on for the caller to :meth:`stop`. A part that fails stops them all.
+        """
         self.check()
         private_dir(self.cfg.state_dir)
         try:
@@ -136,18 +164,23 @@ class Stack:
                     )
                 self.redis = embedded.start_redis(self.cfg.state_dir / "redis")
                 embedded.publish(self.cfg.state_dir, self.redis)
+            if self.interrupts:
+                return False
             self._spawn("worker", worker_argv(self.cfg), child_env(self.cfg))
-            self._wait_worker(ready_timeout)
+            if not self._wait_worker(ready_timeout):
+                return False
             # Flower before beat: it builds task pages from events, and a run
             # that beat starts at once must not happen before it listens.
             if self.with_flower:
                 self._spawn("flower", flower_argv(self.cfg), child_env(self.cfg, flower=True))
-                self._wait_flower(ready_timeout)
+                if not self._wait_flower(ready_timeout):
+                    return False
             if self.with_beat:
                 self._spawn("beat", beat_argv(self.cfg), child_env(self.cfg))
         except BaseException:
             self.stop()
             raise
+        return True
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         out: IO[bytes] | None = None
@@ -165,34 +198,36 @@ class Stack:
         )
         self.procs.append((name, proc))
 
-    def _wait_worker(self, timeout: float) -> None:
+    def _wait_worker(self, timeout: float) -> bool:
+        """True once the worker answers a ping; False when interrupted first."""
         app = client_app(self.cfg)
         node = f"formulabeat@{self.cfg.host}"
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
-                for name, proc in self.procs:
-                    if proc.poll() is not None:
-                        raise FormulabeatError(
-                            f"the {name} exited at start (status {proc.returncode})"
-                        )
+                self._check_children()
+                if self.interrupts:
+                    return False
                 try:
                     if app.control.ping(destination=[node], timeout=0.5):
-                        return
+                        return True
                 except (OperationalError, redis.exceptions.ConnectionError):
                     time.sleep(0.2)  # Redis restarting: ask again
             raise FormulabeatError(f"the worker {node} did not answer within {timeout:g} s")
         finally:
             app.close()
 
-    def _wait_flower(self, timeout: float) -> None:
+    def _wait_flower(self, timeout: float) -> bool:
+        """True once Flower listens; False when interrupted first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_children()
+            if self.interrupts:
+                return False
             try:
                 with socket.create_connection((self.cfg.flower_address, self.cfg.flower_port), 0.5):
                     time.sleep(0.5)  # listening on HTTP; its event consumer follows at once
-                    return
+                    return True
             except OSError:
                 time.sleep(0.1)
         raise FormulabeatError(f"Flower did not listen on {self.flower_url} within {timeout:g} s")
@@ -206,46 +241,69 @@ class Stack:
         """Names of parts that have exited (empty while all run)."""
         return [name for name, proc in self.procs if proc.poll() is not None]
 
-    def stop(self, grace: float = 15.0, end_runs: bool = False) -> list[str]:
+    def stop(self, grace: float = 15.0) -> list[str]:
         """Stop every part: Flower and beat, then the worker, then Redis.
 
         With ``end_runs``, this host's live runs are cancelled in between, once
-        no beat can start more, and their sessions end with them: without it
-        (a worker restart) they live on for the next worker to adopt. Returns
-        the ids of the runs it ended.
+        no beat can start more, and their sessions end with them: the worker's
+        watcher is asked to end them, and what it left when it stopped (an
+        interrupt cut the wait short, it died) is ended here, with Redis still
+        up. Returns the ids of the runs it ended.
         """
+        at_entry = self.interrupts
         order = {"flower": 0, "beat": 1, "worker": 2}
-        ended: list[str] = []
+        ended: set[str] = set()
         for name, proc in sorted(self.procs, key=lambda item: order.get(item[0], 3)):
-            if name == "worker" and end_runs and proc.poll() is None:
-                # A second Ctrl-C, or no broker: stop without waiting.
-                with contextlib.suppress(KeyboardInterrupt, redis.exceptions.RedisError):
-                    ended = self._end_live_runs(grace * 4)
+            if name == "worker" and self.end_runs and proc.poll() is None:
+                try:
+                    ended.update(self._cancel_live_runs(proc, grace * 4, at_entry))
+                except redis.exceptions.RedisError as exc:
+                    log.warning("could not ask this host's runs to stop: %s", exc)
             _terminate(proc, grace if name == "worker" else 10.0)
+        stopped_parts = bool(self.procs) or self.redis is not None
         self.procs.clear()
+        if self.end_runs and stopped_parts:
+            from tasks.hosts import end_runs_left
+
+            try:
+                ended.update(end_runs_left(self.cfg, self._who()))
+            except redis.exceptions.RedisError as exc:
+                log.warning("could not end this host's live runs: %s", exc)
         if self.redis is not None:
             embedded.stop_redis(self.redis)
             embedded.unpublish(self.cfg.state_dir)
             self.redis = None
-        for log in self._logs:
-            log.close()
+        for log_file in self._logs:
+            log_file.close()
         self._logs.clear()
-        return ended
+        return sorted(ended)
 
-    def _end_live_runs(self, timeout: float) -> list[str]:
+    def _who(self) -> str:
+        return f"formulabeat up stopping on host {self.cfg.host}"
+
+    def _cancel_live_runs(
+        self, worker: subprocess.Popen[bytes], timeout: float, at_entry: int
+    ) -> set[str]:
+        """Ask the worker's watcher to cancel this host's live runs; wait while it does.
+
+        The wait ends when no run is live, the worker exited, ``timeout``
+        passed, or an interrupt came: another since the stop began, or a
+        second in all ("a second Ctrl-C stops without waiting").
+        """
         client = redis_client(self.cfg)
-        who = f"formulabeat up stopping on host {self.cfg.host}"
         ended: set[str] = set()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and worker.poll() is None:
+            if self.interrupts > at_entry or self.interrupts >= 2:
+                break
             live = [state["id"] for state in registry.live_states(client, self.cfg.host)]
             if not live:
                 break
             for run_id in set(live) - ended:
-                registry.request_cancel(client, run_id, who)
+                registry.request_cancel(client, run_id, self._who())
             ended.update(live)
             time.sleep(0.2)
-        return sorted(ended)
+        return ended
 
 
 def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:

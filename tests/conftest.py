@@ -11,8 +11,10 @@ import dataclasses
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -53,7 +55,7 @@ from workers import launcher as launcher_module
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
 from workers.run import FINAL_STATES, final_state
-from workers.tmux import AgentSession, TmuxServer
+from workers.tmux import AgentSession, TmuxServer, socket_dir
 
 AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
 
@@ -85,12 +87,12 @@ def claude_home(
 ) -> Iterator[Path]:
     """A HOME where ``claude`` was run once by hand: its dialogs answered as a person does."""
     home = tmp_path_factory.mktemp("claude-home")
-    socket = f"fbtest-byhand-{secrets.token_hex(4)}"
+    by_hand = f"fbtest-byhand-{secrets.token_hex(4)}"
     try:
-        run_by_hand_once(claude, home, messages_api.url, socket)
+        run_by_hand_once(claude, home, messages_api.url, by_hand)
         yield home
     finally:
-        subprocess.run(["tmux", "-L", socket, "kill-server"], capture_output=True, timeout=10)
+        TmuxServer(by_hand).shut_down()
 
 
 @pytest.fixture(scope="session")
@@ -176,12 +178,55 @@ def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def tmux_socket() -> Iterator[str]:
-    """A private tmux socket name; its server is killed after the test."""
+    """A private tmux socket name; its server is killed and its socket removed after the test."""
     name = f"fbtest-{secrets.token_hex(6)}"
     yield name
-    subprocess.run(
-        ["tmux", "-L", name, "kill-server"], capture_output=True, timeout=10, check=False
-    )
+    TmuxServer(name).shut_down()
+
+
+# Each tmux socket seen in the session's socket directory, and the first test
+# after which it was there: who to blame for one left at the end.
+_SOCKETS_SEEN: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tmux_socket_dir() -> Iterator[Path]:
+    """The tmux socket directory of this test session: private, and empty at its end.
+
+    Every tmux the tests start (theirs, the workers', the namespaces') finds
+    its socket through ``$TMUX_TMPDIR``, so other suites on this machine do
+    not mix theirs in, and a socket left behind (tmux leaves a dead server's
+    file) fails the run, naming the test it appeared in.
+    """
+    # Short and random: a socket's path has at most 107 bytes.
+    tmpdir = Path(tempfile.mkdtemp(prefix="fbtmux-"))
+    previous = os.environ.get("TMUX_TMPDIR")
+    os.environ["TMUX_TMPDIR"] = str(tmpdir)
+    try:
+        yield socket_dir()
+        left = sorted(_socket_files())
+        for path in left:
+            TmuxServer(str(path)).shut_down()
+        blame = [f"{p.name} (there after {_SOCKETS_SEEN.get(p.name, '?')})" for p in left]
+        assert not left, f"the test session left tmux sockets behind: {', '.join(blame)}"
+    finally:
+        if previous is None:
+            del os.environ["TMUX_TMPDIR"]
+        else:
+            os.environ["TMUX_TMPDIR"] = previous
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _tmux_sockets_seen(request: pytest.FixtureRequest, tmux_socket_dir: Path) -> Iterator[None]:
+    yield
+    for path in _socket_files():
+        _SOCKETS_SEEN.setdefault(path.name, request.node.nodeid)
+
+
+def _socket_files() -> list[Path]:
+    directory = socket_dir()
+    return list(directory.iterdir()) if directory.is_dir() else []
 
 
 def tmux_sessions(socket: str) -> list[str]:
@@ -223,9 +268,13 @@ def start_session(
 
 def held_claims(client: redis.Redis) -> list[str]:
     """Leases and session slots still held: after every run has ended, none may be."""
-    held = [k.decode() for k in client.keys("formulabeat:lock:*")]
+
+    def text(value: bytes | str) -> str:
+        return value.decode() if isinstance(value, bytes) else value
+
+    held = [text(k) for k in client.keys("formulabeat:lock:*")]
     for key in client.keys("formulabeat:slots:*"):
-        held += [f"{key.decode()}/{m.decode()}" for m in client.zrange(key, 0, -1)]
+        held += [f"{text(key)}/{text(m)}" for m in client.zrange(key, 0, -1)]
     return held
 
 
@@ -281,9 +330,8 @@ class Fleet:
     ) -> Config:
         """Write formulabeat.toml for the agents added so far and load it.
 
-        ``monitor``: ``[monitor]`` keys beside the tests' own.
+        ``monitor``: [monitor] settings beside the tests' own.
         """
-        timings = {"poll_interval": 0.1, "ready_quiet": 0.2, **(monitor or {})}
         broker = f'[broker]\nurl = "{self.redis_url}"\n' if self.redis_url else ""
         agents = []
         for name, options in self.agents.items():
@@ -304,7 +352,9 @@ class Fleet:
         text = (
             f'state_dir = "state"\n{broker}\n[worker]\nconcurrency = 8\n\n'
             f'[tmux]\nsocket = "{self.tmux_socket}"\n\n'
-            "[monitor]\n" + "".join(f"{k} = {v}\n" for k, v in timings.items()) + "\n"
+            "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n"
+            + "".join(f"{key} = {value!r}\n" for key, value in (monitor or {}).items())
+            + "\n"
             f"[metrics]\nport = {metrics_port}\n\n"
             '[[projects]]\nname = "proj"\nrepo_root = "project"\nops_repo_root = "ops"\n'
             'forge_url = "http://127.0.0.1:9"\nprimary_branch = "main"\n\n'

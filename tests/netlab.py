@@ -23,6 +23,7 @@ from pathlib import Path
 from tasks.stack import Stack
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+from workers.tmux import TmuxServer
 
 AGENT = f"{sys.executable} -m workers.scripted_agent --dangerously-skip-permissions"
 
@@ -210,12 +211,7 @@ class NetLab:
     def kill_host(self, host: LabHost) -> None:
         """The whole host goes: worker and tmux server (with its agents) killed."""
         self.kill_worker(host)
-        subprocess.run(
-            ["tmux", "-L", host.tmux_socket, "kill-server"],
-            capture_output=True,
-            timeout=10,
-            check=False,
-        )
+        TmuxServer(host.tmux_socket).shut_down()
 
     def restart_redis(self, down_seconds: float) -> None:
         """Stop Redis, wait, and start it again on the same port with the same data."""
@@ -241,12 +237,7 @@ class NetLab:
         for host in self.hosts.values():
             if host.stack is not None:
                 host.stack.stop(grace=5)
-            subprocess.run(
-                ["tmux", "-L", host.tmux_socket, "kill-server"],
-                capture_output=True,
-                timeout=10,
-                check=False,
-            )
+            TmuxServer(host.tmux_socket).shut_down()
             if self.isolated:
                 _ip("netns", "del", host.netns, check=False)
         if self.redis is not None:

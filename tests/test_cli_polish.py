@@ -29,6 +29,7 @@ from tests.conftest import Fleet, commit_files, wait_result, wait_until
 from workers import registry
 from workers.config import load_config
 from workers.embedded import EmbeddedRedis
+from workers.tmux import TmuxServer
 
 FORMULABEAT = [sys.executable, "-m", "tasks.cli"]
 
@@ -55,9 +56,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis)
     yield fleet
     for stack in fleet.stacks:
         stack.stop()
-    subprocess.run(
-        ["tmux", "-L", fleet.tmux_socket, "kill-server"], capture_output=True, timeout=10
-    )
+    TmuxServer(fleet.tmux_socket).shut_down()
 
 
 @pytest.fixture(scope="module")

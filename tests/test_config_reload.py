@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import time
 from typing import Any
 
 import redis
@@ -72,7 +71,14 @@ def test_beat_schedules_the_agents_of_the_changed_file_and_survives_sighup(
     fleet.write_config()
     wait_until(lambda: scheduled() == {"proj/newbie"}, 30, "the new agent's entry, not the old")
     beat = next(proc for name, proc in stack.procs if name == "beat")
+    log = fleet.root / "logs" / "beat.log"
+
+    def reschedules() -> int:
+        return log.read_text().count("beat: schedule of")
+
+    before = reschedules()
     beat.send_signal(signal.SIGHUP)
-    time.sleep(1)
+    # It reads the file again at its next tick, and lives on.
+    wait_until(lambda: reschedules() > before, 30, "beat to reschedule on SIGHUP")
     assert beat.poll() is None, "SIGHUP stopped beat"
     assert stack.alive() == []

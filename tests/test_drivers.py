@@ -33,7 +33,10 @@ from workers.hooks import hook_command
 from workers.rundir import PHASE, PROMPT, PROMPT_SUBMITTED, RESUME
 from workers.tmux import AgentSession
 
-TIMING = MonitorConfig(ready_quiet=0.2, confirm_timeout=5.0, settle_seconds=2.0)
+# Otherwise the production defaults: a loaded machine must not fail a healthy agent.
+TIMING = MonitorConfig(ready_quiet=0.2)
+# For an agent that never takes its prompt: time only passes, however loaded the machine.
+NEVER_CONFIRMED = MonitorConfig(ready_quiet=0.2, confirm_timeout=5.0)
 SCRIPTED = f"{sys.executable} -m workers.scripted_agent {BYPASS}"
 # Shows a prompt, echoes what is typed, and writes each line it reads to a file.
 SH_AGENT = r"""#!/bin/sh
@@ -64,10 +67,10 @@ class Rig:
             self.launch.run_dir / "exit-status",
         )
 
-    def ready_and_deliver(self, session: AgentSession) -> None:
+    def ready_and_deliver(self, session: AgentSession, timing: MonitorConfig = TIMING) -> None:
         driver = DRIVERS[self.driver_name]
-        driver.wait_ready(session, self.agent, self.launch, TIMING)
-        driver.deliver(session, self.agent, self.launch, TIMING)
+        driver.wait_ready(session, self.agent, self.launch, timing)
+        driver.deliver(session, self.agent, self.launch, timing)
 
 
 def make_rig(
@@ -247,7 +250,7 @@ def test_a_prompt_the_agent_never_takes_is_pasted_twice_then_not_accepted(
     session = rig.start()
     try:
         with pytest.raises(SessionError, match=r"prompt not accepted.*within 5 s \(tried twice\)"):
-            rig.ready_and_deliver(session)
+            rig.ready_and_deliver(session, NEVER_CONFIRMED)
     finally:
         session.kill()
 
@@ -376,6 +379,43 @@ def test_claude_trust_dialog_for_a_worktree_is_answered_when_it_still_shows(
     try:
         wait_until(lambda: "trust this folder" in session.capture(), 30, "the trust dialog")
         rig.ready_and_deliver(session)
+    finally:
+        session.kill()
+
+
+# Claude Code's trust dialog, slow to take its answer as on a loaded machine;
+# every key it gets is written to the file named first.
+SLOW_TRUST_DIALOG = r"""
+import os, sys, termios, time, tty
+keys = open(sys.argv[1], "ab")
+print("Accessing workspace:\n\n " + os.getcwd() + "\n\n Quick safety check: Is this a"
+      " project you created or one you trust?\n\n ❯ 1. Yes, I trust this folder\n"
+      "   2. No, exit\n\n Enter to confirm · Esc to cancel", flush=True)
+saved = termios.tcgetattr(0)
+tty.setraw(0)
+keys.write(os.read(0, 1))
+time.sleep(1)  # busy with the answer: the dialog still shows
+os.set_blocking(0, False)
+try:
+    keys.write(os.read(0, 1024))  # what was pressed meanwhile
+except BlockingIOError:
+    pass
+keys.close()
+termios.tcsetattr(0, termios.TCSADRAIN, saved)
+print("\033[2J\033[H" + "─" * 40 + "\n❯ \n" + "─" * 40 + "\n  ? for shortcuts", flush=True)
+time.sleep(120)
+"""
+
+
+def test_claude_dialog_slow_to_redraw_is_answered_once(tmp_path: Path, tmux_socket: str) -> None:
+    script = tmp_path / "dialog.py"
+    script.write_text(SLOW_TRUST_DIALOG)
+    keys = tmp_path / "keys"
+    rig = make_rig(tmp_path, tmux_socket, "claude-code", f"{sys.executable} {script} {keys}")
+    session = rig.start()
+    try:
+        DRIVERS["claude-code"].wait_ready(session, rig.agent, rig.launch, TIMING)
+        assert keys.read_bytes() == b"1"  # not again while the dialog was busy with it
     finally:
         session.kill()
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
+import dataclasses
 
 import redis
 
-from tests.conftest import Fleet, wait_result
+from tests.conftest import Fleet, wait_result, wait_until
 from workers.locks import Lease, agent_lock_key, fence_key, holder, release_run
 
 
@@ -27,9 +27,11 @@ def test_a_lease_has_one_owner_and_only_it_extends_or_releases(redis_client: red
 
 def test_fencing_tokens_grow_and_a_stale_lease_knows_it(redis_client: redis.Redis) -> None:
     key = agent_lock_key("p", "fenced")
-    old = Lease.acquire(redis_client, key, "run-1", "host-a", 0.2)
+    old = Lease.acquire(redis_client, key, "run-1", "host-a", 30)
     assert old is not None and old.still_ours(redis_client)
-    time.sleep(0.4)  # the lease expires: its owner stalled
+    # Its owner stalled: the lease runs out (last renewed for a millisecond).
+    assert dataclasses.replace(old, ttl_ms=1).extend(redis_client)
+    wait_until(lambda: redis_client.get(key) is None, 10, "the lease to run out")
     new = Lease.acquire(redis_client, key, "run-2", "host-b", 30)
     assert new is not None and new.fence == old.fence + 1
     assert not old.still_ours(redis_client)

@@ -105,6 +105,12 @@ def _reap_until(net: NetLab, run_id: str, timeout: float = 60) -> dict[str, Any]
     return result
 
 
+def _log(host: LabHost) -> str:
+    """What the host's workers logged (each worker started appends to it)."""
+    path = host.config_path.parent / f"logs-{host.name}" / "worker.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def _other(net: NetLab, host: LabHost) -> LabHost:
     return next(h for h in net.hosts.values() if h is not host)
 
@@ -157,7 +163,11 @@ def test_a_host_cut_off_longer_than_the_lease_stops_its_own_run(lab: NetLab) -> 
     finally:
         lab.restore(host)
     # Back on the network, the host finds its run given up and leaves it so.
-    time.sleep(LEASE_SECONDS)
+    wait_until(
+        lambda: f"run {sent.id}: already ended lost; lost_lease not reported" in _log(host),
+        60,
+        "the host to find its run given up",
+    )
     assert _record(lab, sent.id)["outcome"] == "lost"
     _assert_clean(lab)
 
@@ -182,7 +192,13 @@ def test_a_run_delivered_twice_starts_one_session(lab: NetLab) -> None:
     first = _send(lab, "planner")
     _send(lab, "planner", task_id=first.id)
     host = _wait_live(lab, first.id)
-    time.sleep(2)  # the second delivery has been taken by now, and ignored
+    wait_until(
+        lambda: any(
+            f"run {first.id}: delivered again; ignored" in _log(h) for h in lab.hosts.values()
+        ),
+        60,
+        "the second delivery to be taken and ignored",
+    )
     sessions = _sessions(lab)
     assert sum(len(names) for names in sessions.values()) == 1, sessions
     assert len(sessions[host.name]) == 1

@@ -169,3 +169,13 @@ def test_every_tmux_command_has_a_timeout(tmp_path: Path) -> None:
     server.timeout = 0.5
     with pytest.raises(SessionError, match=r"did not answer within 0\.5 s"):
         server.cmd("list-sessions")
+
+
+def test_a_shut_down_server_leaves_no_socket_file(tmux_socket: str) -> None:
+    # tmux 3.3 leaves the socket of a server that exited: a dead file per test once.
+    server = TmuxServer(tmux_socket)
+    server.checked("new-session", "-d", "-s", "one", "sleep 60")
+    assert server.socket_file().is_socket()
+    server.shut_down()
+    assert server.session_names() == []
+    assert not server.socket_file().exists()

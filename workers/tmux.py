@@ -31,8 +31,14 @@ from workers.errors import SessionError
 
 TMUX_TIMEOUT = 15.0
 # The tmux server inherits the environment of the client that starts it, and
-# every later pane sees that environment: pass on only what a terminal needs.
-_ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TMPDIR", "TERM")
+# every later pane sees that environment: pass on only what a terminal needs,
+# and where the sockets are (so `tmux -L NAME attach` finds formulabeat's).
+_ENV_KEEP = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "TMPDIR", "TERM", "TMUX_TMPDIR")
+
+
+def socket_dir() -> Path:
+    """Where tmux keeps the socket of a server named with ``-L``, as tmux decides it."""
+    return Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
 
 
 class TmuxResult(tmux_cmd):
@@ -65,6 +71,25 @@ class TmuxServer(libtmux.Server):
         else:
             super().__init__()
         self.timeout = timeout
+
+    def socket_file(self) -> Path:
+        """The socket this server listens on (or would)."""
+        if self.socket_path:
+            return Path(self.socket_path)
+        return socket_dir() / (self.socket_name or "default")
+
+    def shut_down(self) -> None:
+        """Kill this private server, if it runs, and remove its socket file.
+
+        tmux 3.3 leaves the file of a server that exited: one dead file per
+        private server (a test's, the benchmark's, the demo's) otherwise.
+        The default server (no socket named) is the user's: left alone.
+        """
+        if not (self.socket_name or self.socket_path):
+            return
+        self.cmd("kill-server")
+        # A server that does not answer in time (SessionError above) keeps its file.
+        self.socket_file().unlink(missing_ok=True)
 
     def base_argv(self) -> list[str]:
         """``tmux`` and the options that select this server."""

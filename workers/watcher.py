@@ -98,6 +98,8 @@ class HostWatcher:
             os.write(self._wake_w, b"x")
 
     def _loop(self) -> None:
+        # Its thread id, for `top -H -p <worker>` and `make soak` (its CPU alone).
+        log.info("watcher thread %d follows this host's sessions", threading.get_native_id())
         next_check = time.monotonic()
         while not self._stop.is_set():
             timeout = max(0.0, next_check - time.monotonic())

@@ -41,10 +41,8 @@ PASTE_SETTLE = 0.02
 PASTE_WAIT = 5.0
 # A paste still held this long after its Enter gets one more Enter.
 ENTER_AGAIN_AFTER = 3.0
-# How often one dialog may be answered before it counts as stuck, and how long
-# after an answer the same dialog may still show before it is answered again.
+# How often one dialog may be answered before it counts as stuck.
 MAX_ANSWERS = 2
-ANSWER_PATIENCE = 3.0
 _BOX_CHARS = "│┃|║ \t"
 
 
@@ -241,8 +239,11 @@ class PromptDriver:
         deadline = started + timing.ready_timeout
         last, changed_at, poll = None, started, POLL_MIN
         answered: dict[str, int] = {}
-        # A dialog answered a moment ago may still show on a busy machine.
-        answered_at: dict[str, float] = {}
+        # The screen an answer was pressed on, and when: until the agent draws
+        # another (or stays silent for settle_seconds: the key was lost), the
+        # dialog it still shows is the one answered. A loaded machine is slow
+        # to redraw, and a second key would land on the next screen.
+        pressed_on: tuple[str, float] | None = None
         while True:
             self._alive_or_raise(session, agent, launch, "before it was ready")
             screen = session.capture()
@@ -260,9 +261,12 @@ class PromptDriver:
                 return
             if isinstance(verdict, Refuse):
                 raise SessionError(verdict.reason)
-            if isinstance(verdict, Answer) and now - answered_at.get(verdict.what, -1e9) >= (
-                ANSWER_PATIENCE
-            ):
+            reacting = (
+                pressed_on is not None
+                and pressed_on[0] == screen
+                and now - pressed_on[1] < timing.settle_seconds
+            )
+            if isinstance(verdict, Answer) and not reacting:
                 count = answered.get(verdict.what, 0)
                 if count >= MAX_ANSWERS:
                     raise SessionError(
@@ -270,8 +274,8 @@ class PromptDriver:
                         f"its screen: {screen_tail(screen)}"
                     )
                 answered[verdict.what] = count + 1
-                answered_at[verdict.what] = now
                 session.press(*verdict.keys)
+                pressed_on = (screen, now)
                 last, poll = None, POLL_MIN
             elif now >= deadline:
                 raise SessionError(
@@ -356,9 +360,14 @@ class PromptDriver:
         deadline = started + timeout
         nudged = not self.shows_input
         while True:
+            # Alive first: an agent that confirmed and ended at once (a loaded
+            # machine polls late) took its prompt, and its end is the monitor's
+            # to judge (a crash is recovered), not a start that failed.
+            alive, _ = session.status()
             if self.confirmed(session, launch, before):
                 return True
-            self._alive_or_raise(session, agent, launch, "before it confirmed the prompt")
+            if not alive:
+                self._alive_or_raise(session, agent, launch, "before it confirmed the prompt")
             now = time.monotonic()
             if now >= deadline:
                 return False
