@@ -24,7 +24,7 @@ from celery.utils import uuid
 from kombu.entity import Queue
 
 from beat_schedule import CLEANUP_TASK, DEFAULT_QUEUE, REAP_TASK, RUN_TASK, build_schedule
-from workers import embedded, registry
+from workers import embedded, registry, sentinel
 from workers.agents import checked
 from workers.config import Config, load_config
 from workers.errors import BrokerError, ConfigError
@@ -149,7 +149,18 @@ def redis_client(cfg: Config, timeout: float = 10.0) -> redis.Redis:
     One per URL and timeout, shared by the threads of a process: its pool
     keeps connections open instead of one TCP and AUTH handshake per report.
     """
-    return _client_for(broker_url(cfg), timeout)
+    url = broker_url(cfg)
+    if sentinel.is_sentinel_url(url) and cfg.master_name:
+        key = (f"{url}#{cfg.master_name}", timeout)
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = sentinel.master_client(
+                    url, cfg.master_name, cfg.sentinel_password, timeout
+                )
+                _clients[key] = client
+            return client
+    return _client_for(url, timeout)
 
 
 def _client_for(url: str, timeout: float) -> redis.Redis:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from workers import sentinel
 from workers.errors import ConfigError
 
 CONFIG_ENV = "FORMULABEAT_CONFIG"
@@ -197,6 +198,9 @@ class Config:
     prices: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     budgets: tuple[Budget, ...] = ()
     history_keep_days: int = 30
+    # Only with a sentinel:// broker_url: the master the Sentinels name, their own password.
+    master_name: str | None = None
+    sentinel_password: str | None = None
     warnings: tuple[str, ...] = field(default=())
 
     def project(self, name: str) -> ProjectConfig:
@@ -378,19 +382,37 @@ class _Parser:
             state_dir = Path(os.environ[STATE_DIR_ENV]).expanduser().resolve()
 
         broker = self.table("broker")
-        self.unknown("[broker]", broker, {"url", "result_backend"})
+        self.unknown(
+            "[broker]", broker, {"url", "result_backend", "master_name", "sentinel_password"}
+        )
         broker_url = self.get(broker, "broker", "url", str)
         url_where = "broker.url"
         if os.environ.get(BROKER_URL_ENV):
             broker_url, url_where = os.environ[BROKER_URL_ENV], f"${BROKER_URL_ENV}"
         result_backend = self.get(broker, "broker", "result_backend", str)
         for where, url in ((url_where, broker_url), ("broker.result_backend", result_backend)):
-            if url is not None:
+            if url is not None and not sentinel.is_sentinel_url(url):
                 self.check(
                     where,
                     url.startswith(("redis://", "rediss://", "unix://")),
-                    f"{redact_url(url)!r} is not a Redis URL (redis://, rediss:// or unix://)",
+                    f"{redact_url(url)!r} is not a Redis URL "
+                    "(redis://, rediss://, unix:// or sentinel://)",
                 )
+        master_name = self.get(broker, "broker", "master_name", str)
+        sentinel_password = self.get(broker, "broker", "sentinel_password", str)
+        if broker_url is not None and sentinel.is_sentinel_url(broker_url):
+            try:
+                sentinel.parse(broker_url)
+            except ValueError as exc:
+                raise self.fail(url_where, f"not a Sentinel URL: {exc}") from None
+            if not master_name:
+                raise self.fail("broker.master_name", "required with a sentinel:// url")
+        else:
+            # A master name beside a plain URL would be silently unused: say so.
+            self.check("broker.master_name", master_name is None, "only with a sentinel:// url")
+            self.check(
+                "broker.sentinel_password", sentinel_password is None, "only with a sentinel:// url"
+            )
 
         worker = self.table("worker")
         self.unknown("[worker]", worker, {"host", "concurrency"})
@@ -436,6 +458,8 @@ class _Parser:
             state_dir=state_dir,
             broker_url=broker_url,
             result_backend=result_backend,
+            master_name=master_name,
+            sentinel_password=sentinel_password,
             host=host,
             concurrency=concurrency,
             tmux_socket=tmux_socket,
