@@ -74,9 +74,12 @@ def test_a_quiet_stop_is_nudged_by_the_clis_stop_hook_then_idle_prompt(
 def test_a_crash_is_resumed_in_its_conversation_and_finishes(
     fleet: Fleet, agent_cli: AgentCLI
 ) -> None:
-    # The model's second tool call kills the CLI (SIGKILL); the session is
-    # started again on the same conversation and told to go on.
-    agent(fleet, agent_cli, "fragile", "phase=awaiting_ci crash_once phase=done")
+    # The model's third tool call kills the CLI (SIGKILL); the session is
+    # started again on the same conversation and told to go on. Claude Code
+    # writes its transcript a moment after each turn: the sleep lets the turns
+    # before the crash reach it (on a busy machine a kill right after a turn
+    # loses that turn, and the model, resumed, does it again).
+    agent(fleet, agent_cli, "fragile", "phase=awaiting_ci sleep=2 crash_once phase=done")
     fleet.write_config(agent_cli.price_table())
     fleet.start_worker()
     result = fleet.run("fragile", timeout=180)
@@ -142,6 +145,7 @@ def test_a_home_where_the_cli_never_ran_fails_within_60_s_naming_the_fix(
     assert result["phases"] == []
 
 
+@pytest.mark.long  # make long; test_oneshot_and_upkeep and test_usage cover it
 def test_a_oneshot_run_takes_its_usage_from_the_clis_own_report(
     fleet: Fleet, agent_cli: AgentCLI
 ) -> None:
@@ -186,6 +190,7 @@ def test_the_repositorys_own_hooks_run_and_nothing_of_formulabeats_is_committed(
     assert marker.exists(), "the repository's own hook did not run"
 
 
+@pytest.mark.long  # make long; test_oneshot_and_upkeep and test_usage cover it
 def test_a_run_past_max_tokens_is_stopped_and_counted_in_the_days_usage(
     fleet: Fleet, agent_cli: AgentCLI, redis_client
 ) -> None:

@@ -234,13 +234,16 @@ def test_a_runs_tokens_are_the_stand_ins_figures_everywhere_they_show(
     assert json.loads(by_model)[MODEL]["tokens"] == total
 
 
+@pytest.mark.long  # make long: test_agent_clis' crash and bill tests cover it in make test
 def test_a_crash_is_resumed_with_its_conversation_and_counted_once(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI
 ) -> None:
     real_agent(
         fleet,
         "resumed",
-        "phase=awaiting_ci crash_once phase=done",
+        # The sleep lets the turns before the crash reach Claude Code's
+        # transcript, which it writes a moment after each turn.
+        "phase=awaiting_ci sleep=2 crash_once phase=done",
         claude,
         claude_home,
         messages_api,
@@ -256,7 +259,7 @@ def test_a_crash_is_resumed_with_its_conversation_and_counted_once(
     # The model saw the conversation again: the first prompt was not given a
     # second time, and the scenario went on from where it stood.
     assert sum(1 for e in exchanges if e.cursor == 0) == 1
-    assert "phase=done" in [e.action for e in exchanges[2:]]
+    assert "phase=done" in [e.action for e in exchanges[3:]]
     # The response whose tool call killed the CLI may or may not have reached
     # the transcript before the kill (no reader of it can count it then);
     # every other is there, and each is counted once.
@@ -266,7 +269,7 @@ def test_a_crash_is_resumed_with_its_conversation_and_counted_once(
         for entry in map(json.loads, lines)
         if entry.get("type") == "assistant"
     }
-    killer = exchanges[1]
+    killer = exchanges[2]
     assert killer.action == "crash_once"
     assert {e.message_id for e in exchanges} - recorded <= {killer.message_id}
     counted = [e for e in exchanges if e.message_id in recorded]
