@@ -16,7 +16,7 @@ GEMINI_VERSION := 0.61.0
 AGENT_CLIS_DIR   := .agent-clis
 AGENT_CLIS_STAMP := $(AGENT_CLIS_DIR)/.installed-codex-$(CODEX_VERSION)-gemini-$(GEMINI_VERSION)
 
-.PHONY: setup system-deps claude-cli agent-clis demo test lint typecheck unit long sentinel chaos chaos-real bench soak compose-check clean
+.PHONY: setup system-deps claude-cli agent-clis demo test lint typecheck unit long chaos chaos-real bench soak compose-check clean
 
 setup: system-deps $(STAMP)
 
@@ -78,12 +78,7 @@ typecheck: setup
 # two cores and halve the suite's time; each has its own Redis, tmux socket
 # directory and API stand-ins (the fixtures are per process).
 unit: setup claude-cli agent-clis
-	$(BIN)/pytest -q -n 2 -m "not long and not sentinel"
-
-# Failovers of a Sentinel group (a master, two replicas, three Sentinels)
-# while runs are live; not part of CI yet (README "Redis behind Sentinel").
-sentinel: setup
-	$(BIN)/pytest -q -m sentinel
+	$(BIN)/pytest -q -n 2 -m "not long"
 
 # The scenarios make test leaves out (marked long): each CLI's one-shot run and
 # budget, the counted resume; not part of CI.

@@ -149,28 +149,31 @@ def redis_client(cfg: Config, timeout: float = 10.0) -> redis.Redis:
     One per URL and timeout, shared by the threads of a process: its pool
     keeps connections open instead of one TCP and AUTH handshake per report.
     """
-    return _client_for(broker_url(cfg), timeout, cfg.master_name, cfg.sentinel_password)
+    url = broker_url(cfg)
+    if sentinel.is_sentinel_url(url) and cfg.master_name:
+        key = (f"{url}#{cfg.master_name}", timeout)
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = sentinel.master_client(
+                    url, cfg.master_name, cfg.sentinel_password, timeout
+                )
+                _clients[key] = client
+            return client
+    return _client_for(url, timeout)
 
 
-def _client_for(
-    url: str,
-    timeout: float,
-    master_name: str | None = None,
-    sentinel_password: str | None = None,
-) -> redis.Redis:
-    key = (f"{url}#{master_name or ''}", timeout)
+def _client_for(url: str, timeout: float) -> redis.Redis:
+    key = (url, timeout)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            if sentinel.is_sentinel_url(url) and master_name:
-                client = sentinel.master_client(url, master_name, sentinel_password, timeout)
-            else:
-                client = redis.Redis.from_url(
-                    url,
-                    socket_timeout=timeout,
-                    socket_connect_timeout=timeout,
-                    health_check_interval=30,
-                )
+            client = redis.Redis.from_url(
+                key[0],
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                health_check_interval=30,
+            )
             _clients[key] = client
         return client
 
@@ -178,7 +181,7 @@ def _client_for(
 def celery_settings(cfg: Config) -> dict[str, Any]:
     """Celery settings for ``cfg``; each choice is explained in the README."""
     url = broker_url(cfg)
-    settings: dict[str, Any] = {
+    return {
         "broker_url": url,
         "result_backend": cfg.result_backend or url,
         "broker_connection_retry_on_startup": True,
@@ -227,35 +230,6 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
     }
-    if sentinel.is_sentinel_url(url):
-        _follow_sentinels(settings, cfg, url)
-    return settings
-
-
-def _follow_sentinels(settings: dict[str, Any], cfg: Config, url: str) -> None:
-    """Point the broker, the result backend and redbeat at the master the Sentinels name.
-
-    Each of the three asks the Sentinels again after a lost connection, so a
-    failover needs no restart; each takes the master's name and the Sentinels'
-    own password in its own option (README "Redis behind Sentinel").
-    """
-    parsed = sentinel.parse(url)
-    asked = {"password": cfg.sentinel_password} if cfg.sentinel_password else {}
-    options = {"master_name": cfg.master_name, "sentinel_kwargs": asked}
-    settings["broker_transport"] = "tasks.transport:SentinelTransport"
-    settings["broker_transport_options"] = {**settings["broker_transport_options"], **options}
-    if settings["result_backend"] == url:
-        settings["result_backend_transport_options"] = dict(options)
-    # redbeat 2.4.2 takes the Sentinel route only for a URL that starts with
-    # "redis-sentinel" and reads the Sentinels and master from its options.
-    settings["redbeat_redis_url"] = "redis-sentinel://"
-    settings["redbeat_redis_options"] = {
-        "sentinels": list(parsed.sentinels),
-        "service_name": cfg.master_name,
-        "password": parsed.password,
-        "sentinel_kwargs": asked,
-        "socket_timeout": 10,
-    }
 
 
 # Upkeep every host runs often (the reaper every 15 s): no task events, so
@@ -300,13 +274,7 @@ class FormulabeatCelery(Celery):
                 "kwargs": dict(kwargs or {}),
                 "queue": options.get("queue") or DEFAULT_QUEUE,
             }
-            # A Sentinel URL's master name and the Sentinels' password are
-            # in the transport options (see _follow_sentinels).
-            options = self.conf.broker_transport_options or {}
-            asked = options.get("sentinel_kwargs") or {}
-            client = _client_for(
-                self.conf.broker_url, 10.0, options.get("master_name"), asked.get("password")
-            )
+            client = _client_for(self.conf.broker_url, 10.0)
             registry.note_sent(client, LEDGER_STEPS[name](task_id), message)
         return super().send_task(name, args, kwargs, **options)
 
