@@ -151,30 +151,32 @@ def redis_client(cfg: Config, timeout: float = 10.0) -> redis.Redis:
     """
     url = broker_url(cfg)
     if sentinel.is_sentinel_url(url) and cfg.master_name:
-        key = (f"{url}#{cfg.master_name}", timeout)
-        with _clients_lock:
-            client = _clients.get(key)
-            if client is None:
-                client = sentinel.master_client(
-                    url, cfg.master_name, cfg.sentinel_password, timeout
-                )
-                _clients[key] = client
-            return client
+        master_name, password = cfg.master_name, cfg.sentinel_password
+        return _cached(
+            (f"{url}#{master_name}", timeout),
+            lambda: sentinel.master_client(url, master_name, password, timeout),
+        )
     return _client_for(url, timeout)
 
 
 def _client_for(url: str, timeout: float) -> redis.Redis:
-    key = (url, timeout)
+    return _cached(
+        (url, timeout),
+        lambda: redis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=30,
+        ),
+    )
+
+
+def _cached(key: tuple[str, float], make: Callable[[], redis.Redis]) -> redis.Redis:
+    """The process's client under ``key``, made by ``make`` the first time."""
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = redis.Redis.from_url(
-                key[0],
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                health_check_interval=30,
-            )
-            _clients[key] = client
+            client = _clients[key] = make()
         return client
 
 
