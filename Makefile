@@ -74,14 +74,14 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-# Two test processes: most tests wait on a CLI, tmux or Redis, so two share
-# two cores and halve the suite's time; each has its own Redis, tmux socket
-# directory and API stand-ins (the fixtures are per process).
+# Two test processes: most tests wait on a CLI, tmux or Redis, and one process
+# left the two cores half idle; each has its own Redis, tmux socket directory
+# and API stand-ins (the fixtures are per process).
 unit: setup claude-cli agent-clis
 	$(BIN)/pytest -q -n 2 -m "not long"
 
-# The scenarios make test leaves out (marked long): each CLI's one-shot run and
-# budget, the counted resume; not part of CI.
+# The scenarios make test leaves out (marked long): each CLI's one-shot run
+# and the counted resume, each checked in make test by another test; not in CI.
 long: setup claude-cli agent-clis
 	$(BIN)/pytest -q -m long
 

@@ -145,7 +145,9 @@ def test_a_home_where_the_cli_never_ran_fails_within_60_s_naming_the_fix(
     assert result["phases"] == []
 
 
-@pytest.mark.long  # make long; test_oneshot_and_upkeep and test_usage cover it
+# make long: in make test, each CLI's one-shot usage is checked by
+# test_usage (Claude Code) and test_agent_cli_api_errors (Codex, Gemini CLI).
+@pytest.mark.long
 def test_a_oneshot_run_takes_its_usage_from_the_clis_own_report(
     fleet: Fleet, agent_cli: AgentCLI
 ) -> None:
@@ -190,7 +192,6 @@ def test_the_repositorys_own_hooks_run_and_nothing_of_formulabeats_is_committed(
     assert marker.exists(), "the repository's own hook did not run"
 
 
-@pytest.mark.long  # make long; test_oneshot_and_upkeep and test_usage cover it
 def test_a_run_past_max_tokens_is_stopped_and_counted_in_the_days_usage(
     fleet: Fleet, agent_cli: AgentCLI, redis_client
 ) -> None:

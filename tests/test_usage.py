@@ -234,7 +234,9 @@ def test_a_runs_tokens_are_the_stand_ins_figures_everywhere_they_show(
     assert json.loads(by_model)[MODEL]["tokens"] == total
 
 
-@pytest.mark.long  # make long: test_agent_clis' crash and bill tests cover it in make test
+# make long: in make test, test_agent_clis resumes a crash and
+# test_real_cli_api_errors counts a resumed conversation's tokens once.
+@pytest.mark.long
 def test_a_crash_is_resumed_with_its_conversation_and_counted_once(
     fleet: Fleet, claude: Path, claude_home: Path, messages_api: MessagesAPI
 ) -> None:
