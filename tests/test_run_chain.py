@@ -27,9 +27,12 @@ def test_done_run_reports_each_phase_and_cleans_up(fleet: Fleet, redis_client: r
     sent = fleet.send("planner")
 
     # While it lives, the run id shows the phase as a custom state with meta.
+    # One read of the backend for both: `sent.state` then `sent.info` are two,
+    # and on a busy machine the run moved on between them.
     def awaiting() -> dict[str, object] | None:
-        info = sent.info
-        return info if sent.state == "AWAITING_CI" and isinstance(info, dict) else None
+        stored = sent.backend.get_task_meta(sent.id)
+        info = stored["result"]
+        return info if stored["status"] == "AWAITING_CI" and isinstance(info, dict) else None
 
     meta = wait_until(awaiting, 60, "state AWAITING_CI")
     assert meta["host"] == "host-a"
