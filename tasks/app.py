@@ -149,17 +149,21 @@ def redis_client(cfg: Config, timeout: float = 10.0) -> redis.Redis:
     One per URL and timeout, shared by the threads of a process: its pool
     keeps connections open instead of one TCP and AUTH handshake per report.
     """
-    url = broker_url(cfg)
-    if sentinel.is_sentinel_url(url) and cfg.master_name:
-        master_name, password = cfg.master_name, cfg.sentinel_password
+    return _client_for(broker_url(cfg), timeout, cfg.master_name, cfg.sentinel_password)
+
+
+def _client_for(
+    url: str,
+    timeout: float,
+    master_name: str | None = None,
+    sentinel_password: str | None = None,
+) -> redis.Redis:
+    if sentinel.is_sentinel_url(url) and master_name:
+        name = master_name
         return _cached(
-            (f"{url}#{master_name}", timeout),
-            lambda: sentinel.master_client(url, master_name, password, timeout),
+            (f"{url}#{name}", timeout),
+            lambda: sentinel.master_client(url, name, sentinel_password, timeout),
         )
-    return _client_for(url, timeout)
-
-
-def _client_for(url: str, timeout: float) -> redis.Redis:
     return _cached(
         (url, timeout),
         lambda: redis.Redis.from_url(
@@ -183,7 +187,7 @@ def _cached(key: tuple[str, float], make: Callable[[], redis.Redis]) -> redis.Re
 def celery_settings(cfg: Config) -> dict[str, Any]:
     """Celery settings for ``cfg``; each choice is explained in the README."""
     url = broker_url(cfg)
-    return {
+    settings: dict[str, Any] = {
         "broker_url": url,
         "result_backend": cfg.result_backend or url,
         "broker_connection_retry_on_startup": True,
@@ -232,6 +236,35 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
     }
+    if sentinel.is_sentinel_url(url):
+        _follow_sentinels(settings, cfg, url)
+    return settings
+
+
+def _follow_sentinels(settings: dict[str, Any], cfg: Config, url: str) -> None:
+    """Point the broker, the result backend and redbeat at the master the Sentinels name.
+
+    Each of the three asks the Sentinels again after a lost connection, so a
+    failover needs no restart; each takes the master's name and the Sentinels'
+    own password in its own option (README "Redis behind Sentinel").
+    """
+    parsed = sentinel.parse(url)
+    asked = {"password": cfg.sentinel_password} if cfg.sentinel_password else {}
+    options = {"master_name": cfg.master_name, "sentinel_kwargs": asked}
+    settings["broker_transport"] = "tasks.transport:SentinelTransport"
+    settings["broker_transport_options"] = {**settings["broker_transport_options"], **options}
+    if settings["result_backend"] == url:
+        settings["result_backend_transport_options"] = dict(options)
+    # redbeat 2.4.2 takes the Sentinel route only for a URL that starts with
+    # "redis-sentinel" and reads the Sentinels and master from its options.
+    settings["redbeat_redis_url"] = "redis-sentinel://"
+    settings["redbeat_redis_options"] = {
+        "sentinels": list(parsed.sentinels),
+        "service_name": cfg.master_name,
+        "password": parsed.password,
+        "sentinel_kwargs": asked,
+        "socket_timeout": 10,
+    }
 
 
 # Upkeep every host runs often (the reaper every 15 s): no task events, so
@@ -276,7 +309,13 @@ class FormulabeatCelery(Celery):
                 "kwargs": dict(kwargs or {}),
                 "queue": options.get("queue") or DEFAULT_QUEUE,
             }
-            client = _client_for(self.conf.broker_url, 10.0)
+            # A Sentinel URL's master name and the Sentinels' password are
+            # in the transport options (see _follow_sentinels).
+            transport = self.conf.broker_transport_options or {}
+            asked = transport.get("sentinel_kwargs") or {}
+            client = _client_for(
+                self.conf.broker_url, 10.0, transport.get("master_name"), asked.get("password")
+            )
             registry.note_sent(client, LEDGER_STEPS[name](task_id), message)
         return super().send_task(name, args, kwargs, **options)
 

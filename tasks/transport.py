@@ -36,3 +36,20 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport (``redis://`` and ``rediss://``) with :class:`Channel`."""
 
     Channel = Channel
+
+
+class SentinelChannel(kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel, failing like a lost connection once its connection is closed."""
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        transport = self.connection
+        if transport is None or transport.client is None:
+            raise redis.exceptions.ConnectionError("this channel's broker connection was closed")
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        return params
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport (``sentinel://``) with :class:`SentinelChannel`."""
+
+    Channel = SentinelChannel

@@ -310,6 +310,8 @@ class Fleet:
     redis_url: str | None
     tmux_socket: str
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # More [broker] settings (a Sentinel URL's master_name).
+    broker_settings: str = ""
     stacks: list[Stack] = field(default_factory=list)
 
     @property
@@ -333,6 +335,7 @@ class Fleet:
         ``monitor``: [monitor] settings beside the tests' own.
         """
         broker = f'[broker]\nurl = "{self.redis_url}"\n' if self.redis_url else ""
+        broker += self.broker_settings
         agents = []
         for name, options in self.agents.items():
             settings = {

@@ -11,6 +11,9 @@ still connected to it wrote there (issue 21 is not done).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -18,6 +21,12 @@ import redis
 from redis.sentinel import Sentinel
 
 SCHEMES = ("sentinel://", "sentinels://")
+# How often a client asks the Sentinels who the master is. After a failover
+# the old master keeps accepting writes until the Sentinels turn it into a
+# replica (measured: more than 10 s after SENTINEL FAILOVER), and those
+# writes are lost when it resyncs: a client must leave it as soon as the
+# Sentinels name another master, not when it first refuses a write.
+FOLLOW_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,4 +95,24 @@ def master_client(
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         master_name, health_check_interval=30
     )
+    threading.Thread(
+        target=_follow, args=(client,), name=f"sentinel-follow-{master_name}", daemon=True
+    ).start()
     return client
+
+
+def _follow(client: redis.Redis) -> None:
+    """Close every connection of ``client`` the moment the Sentinels name a new master.
+
+    Connections in use are closed too: their command fails as a lost
+    connection, which redis-py and formulabeat's lanes retry, on the new master.
+    """
+    pool = client.connection_pool
+    known = None
+    while True:
+        with contextlib.suppress(redis.RedisError):
+            address = pool.get_master_address()  # type: ignore[attr-defined]
+            if known is not None and address != known:
+                pool.disconnect(inuse_connections=True)
+            known = address
+        time.sleep(FOLLOW_SECONDS)
