@@ -388,7 +388,8 @@ def cmd_enable(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check tmux, git, the agent commands, Redis, clocks, memory and the state dir."""
     from tasks.app import broker_url, redis_client
-    from workers.doctor import fix_agents, run_checks
+    from workers import sentinel
+    from workers.doctor import fix_agents, run_checks, sentinel_check
 
     cfg = _config(args)
     if args.fix:
@@ -398,6 +399,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         url: str | None = broker_url(cfg)
     except FormulabeatError:
         url = None
+    if url is not None and sentinel.is_sentinel_url(url):
+        check = sentinel_check(url, cfg.master_name or "", cfg.sentinel_password)
+        print(f"{'ok  ' if check.ok else 'FIX '} {check.name:<22} {check.detail}")
+        if not check.ok:
+            return EXIT_ERROR
     checks = run_checks(cfg, url, lambda: redis_client(cfg))
     for check in checks:
         print(f"{'ok  ' if check.ok else 'FIX '} {check.name:<22} {check.detail}")

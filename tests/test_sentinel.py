@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,3 +69,29 @@ def test_live_runs_come_through_a_new_master(ha_fleet: Fleet, lab: SentinelLab, 
     assert tmux_sessions(ha_fleet.tmux_socket) == []
     # The worker still serves on the new master.
     assert ha_fleet.run("first", timeout=120)["outcome"] == "done"
+
+
+def test_doctor_names_the_master_the_sentinels_agree_on_and_fails_an_unknown_one(
+    tmp_path: Path, lab: SentinelLab
+) -> None:
+    def doctor(master_name: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "formulabeat.toml"
+        config.write_text(
+            f'state_dir = "state"\n[broker]\nurl = "{lab.url}"\nmaster_name = "{master_name}"\n'
+        )
+        return subprocess.run(
+            [sys.executable, "-m", "tasks.cli", "--config", str(config), "doctor"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    known = doctor(MASTER_NAME)
+    line = f"master '{MASTER_NAME}' at 127.0.0.1:{lab.master_port()}: 3 of 3 Sentinels answered"
+    assert line in known.stdout and "3 agree; 2 replicas" in known.stdout, known.stdout
+    assert lab.password not in known.stdout + known.stderr
+    unknown = doctor("nope")
+    assert unknown.returncode == 4, unknown.stdout + unknown.stderr
+    assert "knows no master 'nope'" in unknown.stdout
+    assert "Traceback" not in unknown.stderr

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import psutil
 import redis
 
+from workers import sentinel
 from workers.agents import driver_for, driver_name
 from workers.agents.base import Setup
 from workers.checks import Check
@@ -116,6 +117,23 @@ def fix_agents(cfg: Config) -> list[str]:
             if line not in done:
                 done.append(line)
     return done
+
+
+def sentinel_check(url: str, master_name: str, sentinel_password: str | None) -> Check:
+    """The master the Sentinels of ``url`` name, how many answered and agree, its replicas."""
+    found = sentinel.survey(url, master_name, sentinel_password, timeout=5.0)
+    master = found.master
+    if master is None:
+        why = "; ".join(found.problems) or "no Sentinel named a master"
+        return Check("sentinel", False, f"master {master_name!r}: {why}")
+    agree = found.masters[master]
+    detail = (
+        f"master {master_name!r} at {master[0]}:{master[1]}: {found.answered} of "
+        f"{found.asked} Sentinels answered, {agree} agree; {found.replicas} replicas"
+    )
+    if len(found.masters) > 1:
+        return Check("sentinel", False, f"{detail}; the Sentinels disagree: {found.masters}")
+    return Check("sentinel", True, detail + "".join(f"; {p}" for p in found.problems))
 
 
 def check_redis(url: str, client_factory: Callable[[], redis.Redis]) -> list[Check]:

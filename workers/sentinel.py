@@ -15,6 +15,7 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -116,3 +117,53 @@ def _follow(client: redis.Redis) -> None:
                 pool.disconnect(inuse_connections=True)
             known = address
         time.sleep(FOLLOW_SECONDS)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What the Sentinels of a URL say of one master."""
+
+    asked: int
+    answered: int
+    masters: dict[tuple[str, int], int]  # address -> how many Sentinels name it
+    replicas: int
+    problems: tuple[str, ...]
+
+    @property
+    def master(self) -> tuple[str, int] | None:
+        """The address most Sentinels name, if any does."""
+        return max(self.masters, key=lambda a: self.masters[a]) if self.masters else None
+
+
+def survey(url: str, master_name: str, sentinel_password: str | None, timeout: float) -> Survey:
+    """Ask each Sentinel of ``url`` for ``master_name``: who it is, its replicas, who agrees."""
+    parsed = parse(url)
+    masters: dict[tuple[str, int], int] = {}
+    problems: list[str] = []
+    answered = replicas = 0
+    for host, port in parsed.sentinels:
+        client = redis.Redis(
+            host=host,
+            port=port,
+            password=sentinel_password,
+            ssl=parsed.ssl,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+        )
+        try:
+            info = cast(dict[str, object], client.sentinel_master(master_name))
+        except redis.ResponseError as exc:
+            answered += 1
+            problems.append(f"{host}:{port} knows no master {master_name!r} ({exc})")
+            continue
+        except redis.RedisError as exc:
+            problems.append(f"{host}:{port} did not answer ({type(exc).__name__})")
+            continue
+        finally:
+            client.close()
+        answered += 1
+        address = (str(info["ip"]), int(str(info["port"])))
+        masters[address] = masters.get(address, 0) + 1
+        replicas = max(replicas, int(str(info.get("num-slaves", 0))))
+    return Survey(len(parsed.sentinels), answered, masters, replicas, tuple(problems))
