@@ -19,7 +19,7 @@ from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 SCHEMES = ("sentinel://", "sentinels://")
 # How often a client asks the Sentinels who the master is. After a failover
@@ -28,6 +28,33 @@ SCHEMES = ("sentinel://", "sentinels://")
 # writes are lost when it resyncs: a client must leave it as soon as the
 # Sentinels name another master, not when it first refuses a write.
 FOLLOW_SECONDS = 1.0
+
+
+class EpochSentinel(Sentinel):
+    """redis-py's Sentinel, following the master of the latest failover.
+
+    redis-py takes the master the first Sentinel that answers names. Right
+    after a failover, a Sentinel that has not yet heard of it names the old
+    master, which still takes writes (and loses them when it is made a
+    replica): here every Sentinel is asked, and the master of the highest
+    ``config-epoch`` (the newest failover) wins.
+    """
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        best: tuple[int, tuple[str, int]] | None = None
+        for each in self.sentinels:
+            try:
+                masters = cast(dict[str, dict[str, object]], each.sentinel_masters())
+                state = masters.get(service_name)
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+            if state and self.check_master_state(state, service_name):  # type: ignore[no-untyped-call]
+                epoch = int(str(state.get("config-epoch", 0)))
+                if best is None or epoch > best[0]:
+                    best = (epoch, (str(state["ip"]), int(str(state["port"]))))
+        if best is None:
+            raise MasterNotFoundError(f"No master found for {service_name!r}")
+        return best[1]
 
 
 @dataclass(frozen=True)
@@ -85,7 +112,7 @@ def master_client(
     if sentinel_password:
         sentinel_kwargs["password"] = sentinel_password
     # redis-py's Sentinel API carries no annotations.
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = EpochSentinel(  # type: ignore[no-untyped-call]
         list(parsed.sentinels),
         sentinel_kwargs=sentinel_kwargs,
         socket_timeout=timeout,
