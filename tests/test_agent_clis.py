@@ -52,6 +52,12 @@ def test_a_run_ends_done_with_both_phases_and_the_whole_prompt(
     assert result["prompt_sha256"] in shas
     # The conversation the CLI named (or was given) is recorded, with its transcript.
     assert result["session_uuid"] and result["transcript"]
+    # The driver saw its paste whole in the CLI's input (misread, every start
+    # waits out PASTE_WAIT before its Enter).
+    assert (
+        "did not show the whole paste"
+        not in (fleet.root / "logs-host-a" / "worker.log").read_text()
+    )
     assert held_claims(redis_client) == []
     assert tmux_sessions(fleet.tmux_socket) == []
 

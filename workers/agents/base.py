@@ -11,6 +11,7 @@ the session machinery knows nothing of any CLI.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from workers.rundir import AGENT_SETTINGS, PROMPT, PROMPT_SUBMITTED, RESUME
 from workers.statedir import write_private
 from workers.tmux import AgentSession, screen_tail
 from workers.usage import CLAUDE_TRANSCRIPT, TranscriptFormat
+
+log = logging.getLogger("formulabeat.agents")
 
 POLL_MIN = 0.02
 POLL_MAX = 0.25
@@ -347,6 +350,14 @@ class PromptDriver:
             if self.input_state(session.capture(), launch) == PROMPT_HELD:
                 return
             time.sleep(POLL_MIN)
+        # Costs every start PASTE_WAIT: a screen this driver misreads.
+        log.warning(
+            "run %s: the agent's input did not show the whole paste within %g s; Enter anyway; "
+            "its screen: %s",
+            launch.run_id,
+            PASTE_WAIT,
+            screen_tail(session.capture()),
+        )
 
     def _await_confirmation(
         self,

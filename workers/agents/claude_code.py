@@ -214,7 +214,8 @@ class ClaudeCode(HookedDriver):
         text = launch.prompt_file.read_text(encoding="utf-8")
         shown = _PASTED.fullmatch(held)
         if shown:
-            same = int(shown.group(1)) == text.strip().count("\n")
+            # Its count is of the newlines pasted, a final one included (2.1.197).
+            same = int(shown.group(1)) in (text.count("\n"), text.strip().count("\n"))
         else:
             # A one-line text (the resume message) shows itself, wrapped.
             same = held.split() == text.split()

@@ -445,14 +445,25 @@ class Codex(HookedDriver):
 
 
 def input_box(lines: list[str]) -> int | None:
-    """The index of the input line: ``›`` at column 0, its footer's ``? for shortcuts`` below."""
+    """The index of the input line: ``›`` at column 0, its footer below.
+
+    The footer is ``? for shortcuts`` (``esc to interrupt`` while it works)
+    under the status line ``<model> <effort> · <cwd>``; the first goes while
+    the input holds text (0.171.0), the status line stays.
+    """
     for index in range(len(lines) - 1, -1, -1):
         if not lines[index].startswith("›"):
             continue
         below = [line for line in lines[index + 1 : index + 5] if line.strip()]
-        if any("for shortcuts" in line or "esc to interrupt" in line for line in below):
+        if any(_is_footer(line) for line in below):
             return index
     return None
+
+
+def _is_footer(line: str) -> bool:
+    if "for shortcuts" in line or "esc to interrupt" in line:
+        return True
+    return line.startswith("  ") and not line.startswith("   ") and " · " in line
 
 
 def trust_target(lines: list[str]) -> str | None:

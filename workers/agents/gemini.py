@@ -250,11 +250,14 @@ class Gemini(HookedDriver):
         held = found.group(1) if found else ""
         if not held or held == PLACEHOLDER:
             return EMPTY
-        prompt = launch.prompt_file.read_text(encoding="utf-8").strip()
+        text = launch.prompt_file.read_text(encoding="utf-8")
+        prompt = text.strip()
         shown = _PASTED.search(held)
         if shown:
-            whole = int(shown.group(1)) in (prompt.count("\n"), prompt.count("\n") + 1)
-            return PROMPT_HELD if whole else OTHER_HELD
+            # It counts the pieces between newlines: a prompt file's final
+            # newline makes one more (0.61.0: 41 for 40 lines).
+            counts = {prompt.count("\n"), prompt.count("\n") + 1, text.count("\n") + 1}
+            return PROMPT_HELD if int(shown.group(1)) in counts else OTHER_HELD
         first = prompt.splitlines()[:1]
         return PROMPT_HELD if first and held == first[0].strip() else OTHER_HELD
 
