@@ -154,7 +154,7 @@ def bench_agent_cli(
         own = _own_start_ms(argv, env, ready, socket, runs, root, trusted)
         results[f"{name}_own_start_ms_p50"] = round(statistics.median(own), 1) if own else None
         how = _how(name, binary, flags, env)
-        with bench._bench_host(root / "start", {"starter": "phase=done"}, 1, how) as (
+        with bench.bench_host(root / "start", {"starter": "phase=done"}, 1, how) as (
             stack,
             server,
         ):
@@ -164,9 +164,9 @@ def bench_agent_cli(
             sent = {}
             for _ in range(runs):
                 at = time.time()
-                run_id = bench._send(app, "starter")
+                run_id = bench.send_run(app, "starter")
                 sent[run_id] = at
-                bench._wait(lambda run_id=run_id: bench._ended(client, run_id), 120)
+                bench.wait_for(lambda run_id=run_id: bench.run_ended(client, run_id), 120)
             observer.close()
         starts = [
             (observer.seen[(r, "RUNNING")] - t) * 1000
