@@ -34,6 +34,7 @@ from workers import lifecycle, registry
 from workers import run as outcomes
 from workers.config import Config
 from workers.errors import ConfigError, FormulabeatError
+from workers.lanes import with_redis
 from workers.phases import state_name
 from workers.run import Run
 
@@ -70,7 +71,7 @@ def _fail(run: Run, step: str, exc: Exception) -> None:
 
 def _claim(step: str, take: Callable[[redis.Redis], bool]) -> None:
     """Take this step of the run, or ignore a repeated delivery."""
-    if not watching.with_redis(lambda: take(redis_client(config()))):
+    if not with_redis(lambda: take(redis_client(config()))):
         # The first delivery owns the step; this one must leave no trace.
         log.warning("run %s: delivered again; ignored", step)
         raise Ignore()
@@ -96,7 +97,7 @@ def run(self: Task, project: str, agent: str, trigger: str = "manual") -> None:
         # would; sent by hand so that a Redis restart is waited out.
         data = current.to_dict()
         try:
-            watching.with_redis(
+            with_redis(
                 lambda: session.apply_async((data,), task_id=current.id, queue=host_queue(cfg.host))
             )
         except (OperationalError, redis.exceptions.RedisError) as exc:
@@ -124,7 +125,7 @@ def _prepare(current: Run, cfg: Config, sink: lifecycle.ProgressSink) -> Run:
                 current.end(outcomes.FAILED, f"Redis kept going away while it was prepared: {exc}")
                 return current
             log.warning("run %s: Redis went away while preparing (%s); again", current.id, exc)
-            watching.with_redis(lambda: redis_client(cfg).ping())
+            with_redis(lambda: redis_client(cfg).ping())
             lifecycle.undo_prepare(current, cfg, redis_client(cfg))
             current = Run.from_dict(pristine)
         except Exception as exc:
@@ -142,7 +143,7 @@ def session(self: Task, data: dict[str, Any]) -> None:
     owner = watching.claim_owner()
     _claim(step, lambda client: registry.claim(client, step, owner))
     client = redis_client(cfg)
-    ended = (watching.with_redis(lambda: registry.get(client, current.id)) or {}).get("outcome")
+    ended = (with_redis(lambda: registry.get(client, current.id)) or {}).get("outcome")
     if ended:
         # Reaped (its host was silent) or cancelled before this message came:
         # its verdict stands, and no session may outlive it.
@@ -174,7 +175,7 @@ def session(self: Task, data: dict[str, Any]) -> None:
             metrics.LIVE.dec()
         if current.usage:
             watching.count_usage(current, current.usage)
-    elif watching.with_redis(lifecycle.renewer(current, cfg, client)) is False:
+    elif with_redis(lifecycle.renewer(current, cfg, client)) is False:
         # The queue held the step longer than the lease lasts, and another run
         # took the agent meanwhile: this one must not start a second agent.
         current.end(outcomes.LOST_LEASE, "the agent's lease is no longer ours")

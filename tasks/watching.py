@@ -28,7 +28,7 @@ from workers import lifecycle, quota, registry, spending, usage, waiting
 from workers import run as outcomes
 from workers.apierrors import RESET_MARGIN, ApiFailure, format_time
 from workers.errors import FormulabeatError
-from workers.lanes import RETRYABLE, Lanes
+from workers.lanes import RETRYABLE, Lanes, with_redis
 from workers.monitor import MonitorExit, SessionWatch, WaitOver, WatchEnd
 from workers.phases import state_name
 from workers.run import Run
@@ -42,8 +42,6 @@ T = TypeVar("T")
 # The watcher's Redis calls are cut short: it must not stall every session
 # for one slow answer (the lease tells when an unreachable Redis ends a run).
 WATCHER_REDIS_TIMEOUT = 3.0
-# How long a step waits for Redis to come back (a restart) before it gives up.
-REDIS_PATIENCE = 120.0
 # How often a run's tokens go to Redis (the day's counters, its live state).
 USAGE_REPORT_SECONDS = 30.0
 # States in which the run's session was being started when its worker died.
@@ -107,20 +105,6 @@ class _LaneSink:
 def sink() -> lifecycle.ProgressSink:
     """Where this worker's run steps publish their progress: the run's lane."""
     return _LaneSink(_this_host())
-
-
-def with_redis(call: Callable[[], T], patience: float = REDIS_PATIENCE) -> T:
-    """``call()``, tried again while Redis is unreachable (for up to ``patience`` s)."""
-    deadline = time.monotonic() + patience
-    pause = 0.1
-    while True:
-        try:
-            return call()
-        except RETRYABLE:
-            if time.monotonic() + pause > deadline:
-                raise
-            time.sleep(pause)
-            pause = min(2.0, pause * 2)
 
 
 def follow(run: Run) -> None:

@@ -29,7 +29,7 @@ import redis
 from tasks.app import client_app
 from tasks.demo import commit_all
 from tasks.reporting import result_of
-from tasks.stack import Stack
+from tasks.stack import Stack, beat_argv, child_env
 from tests import messages_api as anthropic
 from tests import scenario
 from tests.gemini_api import GeminiAPI
@@ -385,6 +385,21 @@ class Fleet:
         """Send a run of ``agent``; return its AsyncResult."""
         app = client_app(load_config(self.config_path))
         return app.send_task("formulabeat.run", args=["proj", agent], queue="formulabeat")
+
+    def start_beat(self, name: str = "beat") -> tuple[subprocess.Popen[bytes], Path]:
+        """Start ``celery beat`` (redbeat) for this fleet's config in its own process
+        group; the process and its log. The caller stops it."""
+        cfg = load_config(self.config_path)
+        log = self.root / f"{name}.log"
+        with log.open("wb") as handle:
+            proc = subprocess.Popen(
+                beat_argv(cfg),
+                env=child_env(cfg),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return proc, log
 
     def send_live(self, agent: str, timeout: float = 60.0) -> Any:
         """Send a run of ``agent``; return its AsyncResult once the run is AWAITING_CI."""

@@ -114,7 +114,19 @@ class SentinelLab:
     def failover(self) -> int:
         """``SENTINEL FAILOVER``; the new master's port once every Sentinel names it."""
         old = self.master_port()
-        self.sentinel(self.sentinel_ports[0]).execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.sentinel(self.sentinel_ports[0]).execute_command(
+                    "SENTINEL", "FAILOVER", MASTER_NAME
+                )
+                break
+            except redis.ResponseError as exc:
+                # NOGOODSLAVE: a replica just started is promotable only once
+                # the Sentinel has its INFO (every 10 s before a failover).
+                if "NOGOODSLAVE" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         return self._moved_from(old)
 
     def kill_master(self) -> int:

@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-from pathlib import Path
 
-from tasks.stack import beat_argv, child_env
 from tests.conftest import Fleet, wait_until
-from workers.config import load_config
-
-
-def _beat(fleet: Fleet, name: str) -> tuple[subprocess.Popen[bytes], Path]:
-    cfg = load_config(fleet.config_path)
-    log = fleet.root / f"beat-{name}.log"
-    handle = log.open("wb")
-    proc = subprocess.Popen(
-        beat_argv(cfg),
-        env=child_env(cfg),
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    handle.close()
-    return proc, log
 
 
 def test_one_beat_schedules_and_the_standby_takes_over(fleet: Fleet) -> None:
     fleet.add_agent("planner", run_on_start=True)
     fleet.write_config("\n[beat]\nlock_timeout = 4\n")
-    first, first_log = _beat(fleet, "a")
+    first, first_log = fleet.start_beat("beat-a")
     second = None
     try:
         wait_until(lambda: "Sending due task proj/planner" in first_log.read_text(), 60, "beat A")
-        second, second_log = _beat(fleet, "b")
+        second, second_log = fleet.start_beat("beat-b")
         wait_until(lambda: "beat: Starting..." in second_log.read_text(), 60, "beat B to start")
         # While A lives, A keeps scheduling (the reaper, every 15 s) and B does not.
         sent_by_a = first_log.read_text().count("Sending due task")

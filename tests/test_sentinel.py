@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import collections
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-from tests.conftest import Fleet, commit_files, held_claims, tmux_sessions, wait_result
+from tests.conftest import (
+    Fleet,
+    commit_files,
+    held_claims,
+    tmux_sessions,
+    wait_result,
+    wait_until,
+)
 from tests.sentinels import MASTER_NAME, SentinelLab
+from workers import registry, sentinel
+from workers.locks import Lease
 
 
 @pytest.fixture
@@ -95,3 +110,96 @@ def test_doctor_names_the_master_the_sentinels_agree_on_and_fails_an_unknown_one
     assert unknown.returncode == 4, unknown.stdout + unknown.stderr
     assert "knows no master 'nope'" in unknown.stdout
     assert "Traceback" not in unknown.stderr
+
+
+def test_a_lease_is_on_a_replica_before_it_counts_and_a_demoted_master_never_keeps_one(
+    lab: SentinelLab,
+) -> None:
+    # A client as formulabeat's, but without the thread that leaves a demoted
+    # master within a second: its pooled connection still reaches the old one.
+    group = sentinel.EpochSentinel(  # type: ignore[no-untyped-call]
+        [("127.0.0.1", port) for port in lab.sentinel_ports],
+        socket_timeout=5,
+        password=lab.password,
+    )
+    client: redis.Redis = group.master_for(MASTER_NAME)  # type: ignore[no-untyped-call]
+    first = Lease.acquire(client, "formulabeat:lock:p:first", "run-1", "host-a", 60)
+    assert first is not None
+    replica = next(port for port in lab.data_ports if port != lab.master_port())
+    on_replica = redis.Redis(port=replica, password=lab.password, socket_timeout=5)
+    # Acknowledged by a replica before acquire returned, not merely soon after.
+    assert on_replica.get(first.key) == first.token.encode()
+    lab.failover()
+    try:
+        second = Lease.acquire(client, "formulabeat:lock:p:second", "run-2", "host-a", 60)
+    except redis.ConnectionError as exc:
+        # The old master took it and its replicas were gone: refused, not lost.
+        assert "no longer the master" in str(exc)
+        second = Lease.acquire(client, "formulabeat:lock:p:second", "run-2", "host-a", 60)
+    assert second is not None
+    master = lab.master()
+    assert master.get(second.key) == second.token.encode()
+    assert master.get(first.key) == first.token.encode()
+    client.close()
+
+
+def _prompts(log: Path) -> dict[str, set[int]]:
+    """Each run's agents that were given its prompt, from the scripted agents' log."""
+    prompted: dict[str, set[int]] = collections.defaultdict(set)
+    for line in log.read_text().splitlines() if log.exists() else []:
+        event = json.loads(line)
+        if event.get("event") == "prompt" and event.get("run"):
+            prompted[event["run"]].add(event["pid"])
+    return prompted
+
+
+@pytest.mark.sentinel
+def test_twenty_runs_started_across_a_failover_each_start_one_agent(
+    ha_fleet: Fleet, lab: SentinelLab, tmp_path: Path
+) -> None:
+    log = tmp_path / "agents.jsonl"
+    names = [f"a{index:02d}" for index in range(20)]
+    for name in names:
+        ha_fleet.add_agent(name, f"log={log} phase=awaiting_ci sleep=3 phase=done")
+    ha_fleet.write_config()
+    ha_fleet.start_worker()
+    sent = [ha_fleet.send(name) for name in names]
+    lab.failover()
+    results = [wait_result(one, 240) for one in sent]
+    assert [r["outcome"] for r in results] == ["done"] * 20, [r.get("reason") for r in results]
+    for result in results:
+        assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
+    prompted = _prompts(log)
+    assert {r["run_id"]: len(prompted[r["run_id"]]) for r in results} == {
+        r["run_id"]: 1 for r in results
+    }
+    assert held_claims(lab.master()) == []
+    assert lab.master().zcard("formulabeat:slots:default") == 0
+    assert tmux_sessions(ha_fleet.tmux_socket) == []
+
+
+@pytest.mark.sentinel
+def test_a_beat_entry_due_during_a_failover_is_sent_once(ha_fleet: Fleet, lab: SentinelLab) -> None:
+    ha_fleet.add_agent("minutely", "phase=done", schedule="* * * * *")
+    ha_fleet.write_config("\n[beat]\nlock_timeout = 6\n")
+    ha_fleet.start_worker()
+    beat, beat_log = ha_fleet.start_beat()
+    try:
+        wait_until(lambda: "beat: Starting..." in beat_log.read_text(), 60, "beat to start")
+        # The failover starts a second before the minute's entry is due.
+        time.sleep(60 - time.time() % 60 - 1 + (60 if time.time() % 60 > 50 else 0))
+        due = int(time.time() // 60 + 1) * 60
+        lab.failover()
+        # That minute's run and the next one's: each sent once.
+        wait_until(lambda: time.time() > due + 75, 120, "the minute after")
+        sends = beat_log.read_text().count("Sending due task proj/minutely")
+        assert sends == 2, beat_log.read_text()[-3000:]
+    finally:
+        os.killpg(beat.pid, signal.SIGTERM)
+        beat.wait(timeout=30)
+    client = lab.master()
+    runs = registry.recent(client)
+    mine = [r for r in runs if r.get("agent") == "minutely"]
+    assert len(mine) == 2, mine
+    assert all(r.get("outcome") == "done" for r in mine), mine
+    assert held_claims(client) == []

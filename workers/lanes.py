@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 from kombu.exceptions import OperationalError
@@ -23,6 +24,9 @@ from kombu.exceptions import OperationalError
 log = logging.getLogger("formulabeat.lanes")
 
 Job = Callable[[], None]
+T = TypeVar("T")
+# How long a step waits for Redis to come back (a restart, a failover) before it gives up.
+REDIS_PATIENCE = 120.0
 # Errors that mean "Redis is away": anything else is a bug, logged and dropped.
 RETRYABLE = (
     redis.exceptions.ConnectionError,
@@ -30,6 +34,20 @@ RETRYABLE = (
     OperationalError,
     OSError,
 )
+
+
+def with_redis(call: Callable[[], T], patience: float = REDIS_PATIENCE) -> T:
+    """``call()``, tried again while Redis is unreachable (for up to ``patience`` s)."""
+    deadline = time.monotonic() + patience
+    pause = 0.1
+    while True:
+        try:
+            return call()
+        except RETRYABLE:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
 
 
 class Lanes:

@@ -35,6 +35,7 @@ from workers.errors import ConfigError, ContextError, PhaseFileError, RepoError,
 from workers.forge import git_auth_env, resolve_identity
 from workers.formula import Formula, load_formula
 from workers.hooks import hook_command
+from workers.lanes import with_redis
 from workers.locks import Lease, agent_lock_key, holder, release_run
 from workers.monitor import MonitorExit, SessionWatch, judge_api_error
 from workers.oneshot import run_oneshot, wait_out
@@ -306,13 +307,19 @@ def release_claims(run: Run, client: redis.Redis, cfg: Config) -> None:
     credentials = {run.slot} if run.slot else set()
     with contextlib.suppress(ConfigError):
         credentials.add(cfg.agent(run.project, run.agent).credential)
-    with contextlib.suppress(redis.exceptions.RedisError):
+
+    def release() -> None:
         if run.lease_key and run.lease_token:
             Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
         else:
             release_run(client, agent_lock_key(run.project, run.agent), run.id)
         for credential in credentials:
             Slots(client, credential, 0).release(run.id)
+
+    # Through a restart or a failover, for as long as the lease would last:
+    # given up earlier, the agent stays locked until it expires.
+    with contextlib.suppress(redis.exceptions.RedisError):
+        with_redis(release, cfg.monitor.lease_seconds)
 
 
 def scratch_file(cfg: Config, run: Run) -> Path:

@@ -3,7 +3,10 @@
 A lease is ``SET key value NX PX ttl``; the value is an owner record (run id,
 host, random token) so that only its owner can extend or release it, through
 compare-and-extend and compare-and-delete scripts. A lease whose owner died
-simply expires: there is no stale file to clean.
+simply expires: there is no stale file to clean. Taking, taking back and
+giving back a lease are writes a replica must have before they count
+(workers.sentinel.replicated): a failover must not hand an agent's lease to
+a second run while the first lives.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+
+from workers.sentinel import replicated
 
 _EXTEND = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -100,7 +105,7 @@ class Lease:
             {"run_id": run_id, "host": host, "nonce": secrets.token_hex(8)}, sort_keys=True
         )
         ttl_ms = max(1, int(ttl_seconds * 1000))
-        fence = int(client.eval(_ACQUIRE, 2, key, fence_key(key), token, ttl_ms))
+        fence = int(replicated(client, "EVAL", _ACQUIRE, 2, key, fence_key(key), token, ttl_ms))
         if fence:
             return cls(key=key, token=token, ttl_ms=ttl_ms, fence=fence)
         return None
@@ -117,7 +122,9 @@ class Lease:
         renewing it, is the only one entitled to it.
         """
         keys = (self.key, fence_key(self.key))
-        return bool(client.eval(_REASSERT, 2, *keys, self.token, self.ttl_ms, self.fence))
+        return bool(
+            replicated(client, "EVAL", _REASSERT, 2, *keys, self.token, self.ttl_ms, self.fence)
+        )
 
     def still_ours(self, client: redis.Redis) -> bool:
         """Whether this lease is held by us and no later acquisition happened (fencing)."""
@@ -144,12 +151,12 @@ class Lease:
 
     def release(self, client: redis.Redis) -> bool:
         """Drop the lease if it is still ours; False when it had already gone."""
-        return bool(client.eval(_RELEASE, 1, self.key, self.token))
+        return bool(replicated(client, "EVAL", _RELEASE, 1, self.key, self.token))
 
 
 def release_run(client: redis.Redis, key: str, run_id: str) -> bool:
     """Drop the lease at ``key`` if run ``run_id`` holds it; False otherwise."""
-    return bool(client.eval(_RELEASE_RUN, 1, key, run_id))
+    return bool(replicated(client, "EVAL", _RELEASE_RUN, 1, key, run_id))
 
 
 def holder(client: redis.Redis, key: str) -> LeaseHolder | None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import redis
 
+from workers.sentinel import replicated
+
 RUNS_KEY = "formulabeat:runs"
 RUN_TTL_SECONDS = 7 * 24 * 3600
 
@@ -146,7 +148,7 @@ return 1
 def claim(client: redis.Redis, step: str, owner: str) -> bool:
     """Take a run's step for ``owner``; False when another owner took it (a redelivery)."""
     keys = (_claim_key(step), SENT_KEY, _sent_key(step))
-    return bool(client.eval(_CLAIM, len(keys), *keys, owner, RUN_TTL_SECONDS, step))
+    return bool(replicated(client, "EVAL", _CLAIM, len(keys), *keys, owner, RUN_TTL_SECONDS, step))
 
 
 def claimed_by(client: redis.Redis, step: str) -> str | None:
@@ -181,7 +183,7 @@ def claim_run(client: redis.Redis, state: dict[str, Any], owner: str) -> bool:
         _sent_key(run_id),
     )
     args = (owner, RUN_TTL_SECONDS, json.dumps(state), run_id)
-    return bool(client.eval(_CLAIM_RUN, len(keys), *keys, *args))
+    return bool(replicated(client, "EVAL", _CLAIM_RUN, len(keys), *keys, *args))
 
 
 # -- the ledger of steps sent and not yet taken (a message the broker lost) --

@@ -3,23 +3,30 @@
 Celery's Sentinel form is ``sentinel://[:password@]host:port;sentinel://host:port;...``;
 the password, when given, is the Redis (data) password. redis-py's
 SentinelConnectionPool asks the Sentinels for the master again after a
-connection error or a READONLY reply, so a client built here follows a
-failover without a restart; but only then: a master demoted by SENTINEL
-FAILOVER kept taking writes for more than 10 s (Redis 7.0.15), and a client
-still connected to it wrote there (issue 21 is not done).
+connection error or a READONLY reply; a master demoted by SENTINEL FAILOVER
+kept taking writes for more than 10 s (Redis 7.0.15), so a client built here
+also asks every second and leaves the old master at once (``_follow``).
+
+Replication is asynchronous: a write the master acknowledged may be missing
+on the replica promoted in its place. The writes a run's safety rests on
+(its lease, fencing number, claims and slot) go through ``replicated``,
+which does not return until a replica has the write too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
-from redis.sentinel import MasterNotFoundError, Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+
+log = logging.getLogger("formulabeat.sentinel")
 
 SCHEMES = ("sentinel://", "sentinels://")
 # How often a client asks the Sentinels who the master is. After a failover
@@ -28,6 +35,8 @@ SCHEMES = ("sentinel://", "sentinels://")
 # writes are lost when it resyncs: a client must leave it as soon as the
 # Sentinels name another master, not when it first refuses a write.
 FOLLOW_SECONDS = 1.0
+# How long a write that must survive a failover waits for a replica to have it.
+REPLICA_WAIT_MS = 2000
 
 
 class EpochSentinel(Sentinel):
@@ -144,6 +153,49 @@ def _follow(client: redis.Redis) -> None:
                 pool.disconnect(inuse_connections=True)
             known = address
         time.sleep(FOLLOW_SECONDS)
+
+
+def replicated(client: redis.Redis, *command: Any) -> Any:
+    """``command``'s reply, once a replica has its write too (on a Sentinel-managed Redis).
+
+    The command and a ``WAIT 1`` go on one connection, so the WAIT counts
+    this write. No replica acknowledging it in time on a server the
+    Sentinels no longer name as master means the write went to a demoted
+    master and will be lost: every connection is dropped and ConnectionError
+    raised, which the callers' Redis retries take to the new master (each of
+    these writes may be repeated). With no replica up at all the write is
+    kept as a plain Redis would keep it, and a warning says so. A plain
+    Redis URL runs the command alone.
+    """
+    pool = client.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        return _command(client, *command)
+    one: redis.Redis = redis.Redis(connection_pool=pool, single_connection_client=True)
+    try:
+        reply = _command(one, *command)
+        acked = int(_command(one, "WAIT", 1, REPLICA_WAIT_MS))
+        assert one.connection is not None
+        wrote_to = (one.connection.host, one.connection.port)
+    finally:
+        one.close()
+    if acked < 1:
+        master = pool.get_master_address()  # type: ignore[no-untyped-call]
+        if master != wrote_to:
+            pool.disconnect(inuse_connections=True)
+            raise redis.ConnectionError(
+                f"{wrote_to[0]}:{wrote_to[1]} is no longer the master (the Sentinels name "
+                f"{master[0]}:{master[1]}): the write would be lost"
+            )
+        log.warning(
+            "no replica of %s:%s acknowledged a write within %d ms: a failover now may lose it",
+            *wrote_to,
+            REPLICA_WAIT_MS,
+        )
+    return reply
+
+
+def _command(client: redis.Redis, *command: Any) -> Any:
+    return client.execute_command(*command)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import redis
 
+from workers.sentinel import replicated
+
 _NOW = """
 local t = redis.call('time')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -68,7 +70,9 @@ class Slots:
 
     def try_acquire(self, holder: str, limit: int) -> bool:
         """Take a slot for ``holder`` if fewer than ``limit`` are held; True when held."""
-        return bool(self.client.eval(_ACQUIRE, 1, self.key, holder, limit, self.ttl_ms))
+        return bool(
+            replicated(self.client, "EVAL", _ACQUIRE, 1, self.key, holder, limit, self.ttl_ms)
+        )
 
     def acquire(
         self,
@@ -93,7 +97,7 @@ class Slots:
 
     def release(self, holder: str) -> None:
         """Give ``holder``'s slot back (nothing when it had none)."""
-        self.client.zrem(self.key, holder)
+        replicated(self.client, "ZREM", self.key, holder)
 
     def holders(self) -> list[str]:
         """The runs holding a slot now (expired holds not yet dropped included)."""
