@@ -19,7 +19,9 @@ which follows the result backend's own publications (``celery-task-meta-*``).
    cost of ``--real-sessions`` CLIs at their input box, theirs and
    formulabeat's; and phase write → result backend among as many live CLIs.
 
-It prints a table and writes bench/results.json.
+It prints a table and writes bench/results.json. ``--sentinel`` runs the fleet
+series alone, twice: on a plain Redis URL and through a Sentinel group (a
+master, two replicas, three Sentinels: tests/sentinels.py), and prints both.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from tasks.demo import commit_all
 from tasks.stack import Stack
 from tests.messages_api import MessagesAPI
 from tests.real_cli import BYPASS, INSTALLED, cli_env, run_by_hand_once
+from tests.sentinels import MASTER_NAME, SentinelLab
 from workers import registry
 from workers.agents.claude_code import edit_json, input_box, trust
 from workers.config import load_config
@@ -104,7 +107,9 @@ def _formula(name: str, scenario: str) -> str:
 MONITOR: dict[str, float] = {}  # [monitor] settings from the command line
 
 
-def _config(root: Path, url: str, agents: dict[str, str], sessions: int, how: str) -> Path:
+def _config(
+    root: Path, url: str, agents: dict[str, str], sessions: int, how: str, broker: str = ""
+) -> Path:
     blocks = "".join(
         f'[[agents]]\nname = "{name}"\nproject = "bench"\n'
         f'formula = "project/formulas/{name}.toml"\nschedule = "0 0 1 1 *"\n'
@@ -113,7 +118,7 @@ def _config(root: Path, url: str, agents: dict[str, str], sessions: int, how: st
     )
     path = root / "formulabeat.toml"
     path.write_text(
-        f'state_dir = "state"\n[broker]\nurl = "{url}"\n'
+        f'state_dir = "state"\n[broker]\nurl = "{url}"\n{broker}'
         f'[worker]\nhost = "bench"\n'
         f'[tmux]\nsocket = "fbbench-{os.getpid()}"\n'
         "[metrics]\nport = 0\n"
@@ -127,13 +132,21 @@ def _config(root: Path, url: str, agents: dict[str, str], sessions: int, how: st
 
 @contextmanager
 def bench_host(
-    root: Path, agents: dict[str, str], sessions: int, how: str = SCRIPTED
+    root: Path, agents: dict[str, str], sessions: int, how: str = SCRIPTED, sentinel: bool = False
 ) -> Iterator[tuple[Any, Any]]:
-    """A private Redis and one worker for ``agents`` (name → scenario), run as ``how`` says."""
+    """A private Redis (``sentinel``: a Sentinel group) and one worker for ``agents``
+    (name → scenario), run as ``how`` says."""
     files = {f"formulas/{name}.toml": _formula(name, s) for name, s in agents.items()}
     commit_all(root / "project", {"README.md": "# bench\n", **files}, "bench")
-    server: EmbeddedRedis = start_redis(root / "redis")
-    cfg = load_config(_config(root, server.url, agents, sessions, how))
+    server: EmbeddedRedis | _Group
+    if sentinel:
+        server = _Group(SentinelLab(root / "sentinels"))
+        server.lab.start()
+        path = _config(root, server.url, agents, sessions, how, f'master_name = "{MASTER_NAME}"\n')
+    else:
+        server = start_redis(root / "redis")
+        path = _config(root, server.url, agents, sessions, how)
+    cfg = load_config(path)
     stack = Stack(cfg, flower=False, beat=False, log_dir=root / "logs")
     try:
         stack.start()
@@ -141,7 +154,24 @@ def bench_host(
     finally:
         stack.stop()
         TmuxServer(cfg.tmux_socket).shut_down()
-        stop_redis(server)
+        if isinstance(server, _Group):
+            server.lab.stop()
+        else:
+            stop_redis(server)
+
+
+class _Group:
+    """A Sentinel group where the series take an EmbeddedRedis: its URL, its master's client."""
+
+    def __init__(self, lab: SentinelLab) -> None:
+        self.lab = lab
+
+    @property
+    def url(self) -> str:
+        return self.lab.url
+
+    def client(self) -> redis.Redis:
+        return self.lab.master()
 
 
 def _events(log: Path) -> list[dict[str, Any]]:
@@ -224,7 +254,9 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
 
 
-def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[str, Any]:
+def bench_fleet(
+    root: Path, sessions: int, idle: float, spread: float, sentinel: bool = False
+) -> dict[str, Any]:
     """Many live sessions: concurrency, idle cost, then phase latency."""
     log = root / "agents.jsonl"
     go = root / "go"
@@ -240,7 +272,7 @@ def bench_fleet(root: Path, sessions: int, idle: float, spread: float) -> dict[s
         )
         for i, offset in enumerate(offsets)
     }
-    with bench_host(root, agents, sessions) as (stack, server):
+    with bench_host(root, agents, sessions, sentinel=sentinel) as (stack, server):
         cfg = stack.cfg
         app = client_app(cfg)
         observer = Observer(server.client())
@@ -612,6 +644,26 @@ def where_and_when(redis_version: str | None = None) -> dict[str, Any]:
     }
 
 
+def _plain_and_sentinel(args: argparse.Namespace) -> int:
+    """The fleet series on a plain URL, then through a Sentinel group; both printed."""
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="formulabeat-bench-") as tmp:
+        for how in ("plain", "sentinel"):
+            figures = bench_fleet(
+                Path(tmp) / how, args.sessions, args.idle, args.spread, how == "sentinel"
+            )
+            results[how] = figures
+            print(
+                f"{how}: phase write → result backend p50 / p99 "
+                f"{figures['phase_latency_ms_p50']} / {figures['phase_latency_ms_p99']} ms "
+                f"({figures['phase_sessions']} live sessions, outcomes {figures['fleet_outcomes']})"
+            )
+    results.update(where_and_when())
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; print the table and write bench/results.json."""
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
@@ -633,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only-agents", action="store_true", help="only the Codex and Gemini CLI series"
     )
+    parser.add_argument(
+        "--sentinel",
+        action="store_true",
+        help="only the fleet series, on a plain Redis URL and through a Sentinel group",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument(
         "--monitor",
@@ -646,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = setting.partition("=")
         MONITOR[key] = float(value)
     results: dict[str, Any] = {}
+    if args.sentinel:
+        return _plain_and_sentinel(args)
     with tempfile.TemporaryDirectory(prefix="formulabeat-bench-") as tmp:
         root = Path(tmp)
         if not args.only_agents:
