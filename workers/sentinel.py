@@ -159,13 +159,13 @@ def replicated(client: redis.Redis, *command: Any) -> Any:
     """``command``'s reply, once a replica has its write too (on a Sentinel-managed Redis).
 
     The command and a ``WAIT 1`` go on one connection, so the WAIT counts
-    this write. No replica acknowledging it in time on a server the
-    Sentinels no longer name as master means the write went to a demoted
-    master and will be lost: every connection is dropped and ConnectionError
-    raised, which the callers' Redis retries take to the new master (each of
-    these writes may be repeated). With no replica up at all the write is
-    kept as a plain Redis would keep it, and a warning says so. A plain
-    Redis URL runs the command alone.
+    this write; then the Sentinels are asked whether the server written to
+    is still the master. If not, the write went to a demoted master and will
+    be lost: every connection is dropped and ConnectionError raised, which
+    the callers' Redis retries take to the new master (each of these writes
+    may be repeated). With no replica up at all the write is kept as a plain
+    Redis would keep it, and a warning says so. A plain Redis URL runs the
+    command alone.
     """
     pool = client.connection_pool
     if not isinstance(pool, SentinelConnectionPool):
@@ -178,14 +178,17 @@ def replicated(client: redis.Redis, *command: Any) -> Any:
         wrote_to = (one.connection.host, one.connection.port)
     finally:
         one.close()
+    # A replica's acknowledgement is not enough: a master just demoted may
+    # still have a replica attached (measured: the write acknowledged, then
+    # gone once the Sentinels moved that replica to the new master).
+    master = pool.get_master_address()  # type: ignore[no-untyped-call]
+    if master != wrote_to:
+        pool.disconnect(inuse_connections=True)
+        raise redis.ConnectionError(
+            f"{wrote_to[0]}:{wrote_to[1]} is no longer the master (the Sentinels name "
+            f"{master[0]}:{master[1]}): the write would be lost"
+        )
     if acked < 1:
-        master = pool.get_master_address()  # type: ignore[no-untyped-call]
-        if master != wrote_to:
-            pool.disconnect(inuse_connections=True)
-            raise redis.ConnectionError(
-                f"{wrote_to[0]}:{wrote_to[1]} is no longer the master (the Sentinels name "
-                f"{master[0]}:{master[1]}): the write would be lost"
-            )
         log.warning(
             "no replica of %s:%s acknowledged a write within %d ms: a failover now may lose it",
             *wrote_to,
