@@ -25,6 +25,7 @@ from typing import Any
 import git
 import pytest
 import redis
+import requests
 
 from tasks.app import client_app
 from tasks.demo import commit_all
@@ -53,7 +54,7 @@ from tests.real_cli import (
 from tests.responses_api import ResponsesAPI
 from workers import launcher as launcher_module
 from workers.config import Config, load_config
-from workers.embedded import EmbeddedRedis, start_redis, stop_redis
+from workers.embedded import EmbeddedRedis, free_port, start_redis, stop_redis
 from workers.run import FINAL_STATES, final_state
 from workers.tmux import AgentSession, TmuxServer, socket_dir
 
@@ -401,11 +402,31 @@ class Fleet:
             )
         return proc, log
 
+    def start_flower(self) -> tuple[Config, str]:
+        """A worker and Flower for the fleet's agents; its config and Flower's API URL."""
+        self.write_config(f"\n[flower]\nport = {free_port()}\n")
+        cfg = dataclasses.replace(load_config(self.config_path), host="host-a")
+        stack = Stack(cfg, flower=True, beat=False, log_dir=self.root / "logs")
+        stack.start()
+        self.stacks.append(stack)
+        api = f"http://127.0.0.1:{cfg.flower_port}/api"
+        wait_until(lambda: get_json(f"{api}/workers") is not None, 60, "Flower's API")
+        return cfg, api
+
     def send_live(self, agent: str, timeout: float = 60.0) -> Any:
         """Send a run of ``agent``; return its AsyncResult once the run is AWAITING_CI."""
         sent = self.send(agent)
         wait_until(lambda: sent.state == "AWAITING_CI", timeout, "the run to be live")
         return sent
+
+
+def get_json(url: str) -> object | None:
+    """What ``url`` answers in JSON; None when it does not answer 200."""
+    try:
+        response = requests.get(url, timeout=5)
+    except requests.RequestException:
+        return None
+    return response.json() if response.status_code == 200 else None
 
 
 def _toml(value: Any) -> str:

@@ -18,6 +18,7 @@ import redis
 from tests.conftest import (
     Fleet,
     commit_files,
+    get_json,
     held_claims,
     tmux_sessions,
     wait_result,
@@ -206,3 +207,25 @@ def test_a_beat_entry_due_during_a_failover_is_sent_once(ha_fleet: Fleet, lab: S
     assert len(mine) == 2, mine
     assert all(r.get("outcome") == "done" for r in mine), mine
     assert held_claims(client) == []
+
+
+@pytest.mark.sentinel
+def test_flower_shows_the_runs_before_and_after_a_failover(
+    ha_fleet: Fleet, lab: SentinelLab
+) -> None:
+    for name in ("before", "after"):
+        ha_fleet.add_agent(name, "phase=done")
+    _, api = ha_fleet.start_flower()
+
+    def shown(run_id: str) -> bool:
+        task = get_json(f"{api}/task/info/{run_id}")
+        return isinstance(task, dict) and task.get("state") == "SUCCESS"
+
+    first = ha_fleet.send("before")
+    assert wait_result(first, 120)["outcome"] == "done"
+    wait_until(lambda: shown(first.id), 60, "Flower to show the first run")
+    lab.failover()
+    second = ha_fleet.send("after")
+    assert wait_result(second, 120)["outcome"] == "done"
+    # Flower's event receiver found the new master by itself.
+    wait_until(lambda: shown(second.id), 120, "Flower to show the run after the failover")

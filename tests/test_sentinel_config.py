@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from workers import sentinel
-from workers.config import BROKER_URL_ENV, parse_config
+from workers.config import BROKER_URL_ENV, MASTER_NAME_ENV, parse_config
 from workers.errors import ConfigError
 
 URL = "sentinel://:s3cret@10.0.0.1:26379;sentinel://10.0.0.2:26380;sentinel://10.0.0.3"
@@ -43,6 +43,12 @@ def test_the_env_url_takes_the_sentinel_form(
     monkeypatch.setenv(BROKER_URL_ENV, URL)
     cfg = parse_config(_text('master_name = "fb"'), tmp_path / "f.toml")
     assert cfg.broker_url == URL
+    # A compose file gives both by the environment; the file names neither.
+    monkeypatch.setenv(MASTER_NAME_ENV, "from-env")
+    assert parse_config(_text(""), tmp_path / "f.toml").master_name == "from-env"
+    monkeypatch.setenv(BROKER_URL_ENV, "redis://h:6379/0")
+    with pytest.raises(ConfigError, match=r"\$FORMULABEAT_MASTER_NAME.*only with a sentinel"):
+        parse_config(_text(""), tmp_path / "f.toml")
 
 
 def test_a_master_name_beside_a_plain_url_is_an_error(

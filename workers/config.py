@@ -28,6 +28,8 @@ HOST_ENV = "FORMULABEAT_HOST"
 # the environment rather than in a file every part mounts; the state dir is
 # per host, and hosts that share a filesystem each need their own.
 BROKER_URL_ENV = "FORMULABEAT_BROKER_URL"
+# Beside a sentinel:// $FORMULABEAT_BROKER_URL (a compose file sets both).
+MASTER_NAME_ENV = "FORMULABEAT_MASTER_NAME"
 STATE_DIR_ENV = "FORMULABEAT_STATE_DIR"
 CONFIG_NAME = "formulabeat.toml"
 DEFAULT_COMMAND = "claude --dangerously-skip-permissions"
@@ -399,6 +401,9 @@ class _Parser:
                     "(redis://, rediss://, unix:// or sentinel://)",
                 )
         master_name = self.get(broker, "broker", "master_name", str)
+        name_where = "broker.master_name"
+        if os.environ.get(MASTER_NAME_ENV):
+            master_name, name_where = os.environ[MASTER_NAME_ENV], f"${MASTER_NAME_ENV}"
         sentinel_password = self.get(broker, "broker", "sentinel_password", str)
         if broker_url is not None and sentinel.is_sentinel_url(broker_url):
             try:
@@ -409,7 +414,7 @@ class _Parser:
                 raise self.fail("broker.master_name", "required with a sentinel:// url")
         else:
             # A master name beside a plain URL would be silently unused: say so.
-            self.check("broker.master_name", master_name is None, "only with a sentinel:// url")
+            self.check(name_where, master_name is None, "only with a sentinel:// url")
             self.check(
                 "broker.sentinel_password", sentinel_password is None, "only with a sentinel:// url"
             )
