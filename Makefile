@@ -115,8 +115,9 @@ soak: setup
 # Builds deploy/Dockerfile and runs deploy/compose.yaml for real (a run to
 # done, Flower's login), then removes the stack; not part of `make test`.
 # Needs root or a Docker engine (see deploy/README.md). COLD=1: no cached images.
+# HA=1: with compose.ha.yaml, the master failed over while the run is live.
 compose-check: setup
-	$(BIN)/python deploy/compose_check.py --claude-code-version $(CLAUDE_CODE_VERSION) $(if $(COLD),--cold)
+	$(BIN)/python deploy/compose_check.py --claude-code-version $(CLAUDE_CODE_VERSION) $(if $(COLD),--cold) $(if $(HA),--ha)
 
 clean:
 	rm -rf $(VENV) $(CLAUDE_DIR) $(AGENT_CLIS_DIR) .mypy_cache .ruff_cache .pytest_cache

@@ -49,6 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"
+HA_FILE = ROOT / "deploy" / "compose.ha.yaml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 BASE_IMAGE = "formulabeat-base:bookworm"
 IMAGE = "formulabeat:latest"
@@ -57,6 +58,8 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 WORKERS = ("worker-1", "worker-2")
 # The scripted agent's part: two phases, so the run is seen moving.
 SCENARIO = "sleep=0.5 phase=awaiting_ci sleep=0.5 phase=done"
+# With HA=1 the run stays live long enough for the master to be failed over.
+HA_SCENARIO = "sleep=0.5 phase=awaiting_ci sleep=25 phase=done"
 CA_CANDIDATES = ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 SYSTEM_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -307,14 +310,14 @@ def build(engine: Engine, workdir: Path, version: str, uid: int, note: list[str]
     note.append(f"{IMAGE} {int(size.stdout.strip()) / 1e6:.0f} MB")
 
 
-FORMULA = f'''name = "check"
+FORMULA = '''name = "check"
 description = "compose-check: one run of the scripted agent"
 
 [[steps]]
 id = "act"
 title = "Report two phases"
 description = """The scripted agent follows this line:
-SCENARIO: {SCENARIO}
+SCENARIO: {scenario}
 """
 '''
 
@@ -362,12 +365,12 @@ def write_private(path: Path, text: str) -> None:
         handle.write(text)
 
 
-def make_project(workdir: Path, uid: int, port: int) -> tuple[Path, str]:
+def make_project(workdir: Path, uid: int, port: int, scenario: str) -> tuple[Path, str]:
     """The repository, the config and the .env; returns the .env path and the Flower login."""
     repo = workdir / "repos" / "check"
     (repo / "formulas").mkdir(parents=True)
     (repo / "README.md").write_text("# check\nA throwaway project for compose-check.\n")
-    (repo / "formulas" / "check.toml").write_text(FORMULA)
+    (repo / "formulas" / "check.toml").write_text(FORMULA.format(scenario=scenario))
     git = ["git", "-C", str(repo)]
     run([*git, "init", "-q", "-b", "main"], 30)
     run([*git, "add", "."], 30)
@@ -396,18 +399,13 @@ def make_project(workdir: Path, uid: int, port: int) -> tuple[Path, str]:
 class Stack:
     """deploy/compose.yaml under a project name of its own."""
 
-    def __init__(self, compose: list[str], engine: Engine, env_file: Path) -> None:
+    def __init__(
+        self, compose: list[str], engine: Engine, env_file: Path, files: Sequence[Path]
+    ) -> None:
         self.name = f"formulabeat-check-{secrets.token_hex(4)}"
         self.engine = engine
-        self.base = [
-            *compose,
-            "-p",
-            self.name,
-            "-f",
-            str(COMPOSE_FILE),
-            "--env-file",
-            str(env_file),
-        ]
+        chosen = [arg for path in files for arg in ("-f", str(path))]
+        self.base = [*compose, "-p", self.name, *chosen, "--env-file", str(env_file)]
         # Only the env file sets the stack's variables.
         names = ("REDIS_PASSWORD", "FLOWER_BASIC_AUTH", "FORMULABEAT_", "FLOWER_PUBLISH")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(names)}
@@ -425,6 +423,16 @@ class Stack:
 
     def exec(self, service: str, *argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return self.compose("exec", "-T", service, *argv, timeout=timeout, check=False)
+
+    def start_exec(self, service: str, *argv: str) -> subprocess.Popen[str]:
+        """``exec`` left running; the caller waits for it."""
+        return subprocess.Popen(
+            [*self.base, "exec", "-T", service, *argv],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def wait_for_workers(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -504,29 +512,81 @@ def wait_for_flower(url: str, timeout: float) -> None:
     raise CheckFailed(f"Flower did not answer at {url} within {timeout:g} s ({problem})")
 
 
+RUN_ARGV = ("formulabeat", "run", "check", "scripted", "--wait", "--json", "--timeout", "180")
+
+
 def check_run(stack: Stack, note: list[str]) -> str:
-    proc = stack.exec(
-        WORKERS[0],
-        "formulabeat",
-        "run",
-        "check",
-        "scripted",
-        "--wait",
-        "--json",
-        "--timeout",
-        "120",
-        timeout=180,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise CheckFailed(
-            f"formulabeat run printed no result (exit {proc.returncode}):\n"
-            f"{proc.stdout}{proc.stderr}"
+    proc = stack.exec(WORKERS[0], *RUN_ARGV, timeout=240)
+    return _run_result(proc.returncode, proc.stdout, proc.stderr, note)
+
+
+def check_failover(stack: Stack, note: list[str]) -> str:
+    """A run live while the Sentinels fail the master over must still end done."""
+    waiting = stack.start_exec(WORKERS[0], *RUN_ARGV)
+    try:
+        deadline = time.monotonic() + 120
+        while not _live(stack):
+            if time.monotonic() > deadline or waiting.poll() is not None:
+                raise CheckFailed("the run was not seen live (AWAITING_CI) within 120 s")
+            time.sleep(1)
+        before = _master(stack)
+        failover = stack.exec(
+            "sentinel-1",
+            "redis-cli",
+            "-p",
+            "26379",
+            "sentinel",
+            "failover",
+            "formulabeat",
+            timeout=60,
         )
+        if "OK" not in failover.stdout:
+            raise CheckFailed(f"SENTINEL FAILOVER: {failover.stdout}{failover.stderr}")
+        deadline = time.monotonic() + 60
+        while _master(stack) in (before, ""):
+            if time.monotonic() > deadline:
+                raise CheckFailed(f"the Sentinels still name {before} after 60 s")
+            time.sleep(0.5)
+        note.append(f"master {before} failed over to {_master(stack)} while the run was live;")
+        out, err = waiting.communicate(timeout=240)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait(30)
+    return _run_result(waiting.returncode, out, err, note)
+
+
+def _live(stack: Stack) -> bool:
+    proc = stack.exec(WORKERS[0], "formulabeat", "status", "--json", timeout=60)
+    try:
+        runs = json.loads(proc.stdout or "[]")
+    except ValueError:
+        return False
+    return any(snapshot.get("state") == "AWAITING_CI" for snapshot in runs)
+
+
+def _master(stack: Stack) -> str:
+    proc = stack.exec(
+        "sentinel-1",
+        "redis-cli",
+        "-p",
+        "26379",
+        "sentinel",
+        "get-master-addr-by-name",
+        "formulabeat",
+        timeout=60,
+    )
+    return ":".join(proc.stdout.split())
+
+
+def _run_result(code: int, stdout: str, stderr: str, note: list[str]) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise CheckFailed(f"formulabeat run printed no result (exit {code}):\n{stdout}{stderr}")
     result = json.loads(lines[-1])
     phases = " → ".join(p["phase"] for p in result.get("phases", []))
     note.append(f"outcome {result.get('outcome')} on {result.get('host')} ({phases})")
-    if proc.returncode != 0 or result.get("outcome") != "done":
+    if code != 0 or result.get("outcome") != "done":
         raise CheckFailed(f"the run ended {result.get('outcome')}: {result.get('reason')}")
     return str(result["run_id"])
 
@@ -559,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cold", action="store_true", help="remove the cached images and build cache first"
     )
+    parser.add_argument(
+        "--ha",
+        action="store_true",
+        help="with compose.ha.yaml (Sentinels): fail the master over while a run is live",
+    )
     args = parser.parse_args(argv)
     timings = Timings()
     workdir = Path(tempfile.mkdtemp(prefix="formulabeat-compose-check-"))
@@ -583,14 +648,15 @@ def main(argv: list[str] | None = None) -> int:
             build(engine, workdir, args.claude_code_version, uid, note)
         with timings.step("project") as note:
             port = free_port()
-            env_file, login = make_project(workdir, uid, port)
+            env_file, login = make_project(workdir, uid, port, HA_SCENARIO if args.ha else SCENARIO)
             note.append(f"repository and config in {workdir} (uid {uid})")
-        stack = Stack(compose, engine, env_file)
+        files = [COMPOSE_FILE, HA_FILE] if args.ha else [COMPOSE_FILE]
+        stack = Stack(compose, engine, env_file, files)
         with timings.step("up") as note:
             stack.up()
             note.append(f"project {stack.name}; answering: {stack.wait_for_workers(120)}")
-        with timings.step("run") as note:
-            run_id = check_run(stack, note)
+        with timings.step("run, failed over" if args.ha else "run") as note:
+            run_id = check_failover(stack, note) if args.ha else check_run(stack, note)
         with timings.step("flower") as note:
             check_flower(port, login, run_id, note)
         with timings.step("down") as note:

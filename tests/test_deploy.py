@@ -89,6 +89,32 @@ def test_compose_file_has_redis_beat_flower_and_two_workers() -> None:
     assert "--requirepass" not in redis_command
 
 
+def test_compose_ha_profile_has_two_replicas_three_sentinels_and_points_every_part_at_them() -> (
+    None
+):
+    ha = yaml.safe_load((DEPLOY / "compose.ha.yaml").read_text())
+    services = ha["services"]
+    sentinels = [f"sentinel-{n}" for n in (1, 2, 3)]
+    assert {"redis-replica-1", "redis-replica-2", *sentinels} <= set(services)
+    for name in ("redis-replica-1", "redis-replica-2"):
+        command = " ".join(services[name]["command"])
+        assert "replicaof redis 6379" in command and "masterauth $$REDIS_PASSWORD" in command
+    # The first master can be made a replica: it needs the password too.
+    assert "masterauth $$REDIS_PASSWORD" in " ".join(services["redis"]["command"])
+    for name in sentinels:
+        script = " ".join(services[name]["command"])
+        assert "sentinel monitor formulabeat redis 6379 2" in script
+        assert "--sentinel" in script and "auth-pass formulabeat $$REDIS_PASSWORD" in script
+    for name in ("beat", "flower", "worker-1", "worker-2"):
+        env = services[name]["environment"]
+        assert env["FORMULABEAT_MASTER_NAME"] == "formulabeat"
+        parts = env["FORMULABEAT_BROKER_URL"].split(";")
+        assert [p.rsplit("@", 1)[-1].removeprefix("sentinel://") for p in parts] == [
+            f"{s}:26379" for s in sentinels
+        ]
+        assert set(services[name]["depends_on"]) == set(sentinels)
+
+
 def test_dockerfile_pins_the_makefiles_claude_code_version() -> None:
     makefile = (DEPLOY.parent / "Makefile").read_text()
     pinned = re.search(r"^CLAUDE_CODE_VERSION := (\S+)$", makefile, re.M)
