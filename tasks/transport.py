@@ -21,15 +21,21 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 
-class Channel(kombu_redis.Channel):
-    """A Redis channel that fails like a lost connection once its connection is closed."""
+class _FailsWhenClosed:
+    """A channel that fails like a lost connection once its connection is closed."""
+
+    connection: Any
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         transport = self.connection
         if transport is None or transport.client is None:
             raise redis.exceptions.ConnectionError("this channel's broker connection was closed")
-        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)  # type: ignore[misc]
         return params
+
+
+class Channel(_FailsWhenClosed, kombu_redis.Channel):
+    """kombu's Redis channel, failing like a lost connection once its connection is closed."""
 
 
 class Transport(kombu_redis.Transport):
@@ -38,15 +44,8 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-class SentinelChannel(kombu_redis.SentinelChannel):
+class SentinelChannel(_FailsWhenClosed, kombu_redis.SentinelChannel):
     """kombu's Sentinel channel, failing like a lost connection once its connection is closed."""
-
-    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-        transport = self.connection
-        if transport is None or transport.client is None:
-            raise redis.exceptions.ConnectionError("this channel's broker connection was closed")
-        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
-        return params
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):

@@ -11,7 +11,7 @@ from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
 from tasks.app import client_app
-from tasks.transport import Transport
+from tasks.transport import SentinelChannel, SentinelTransport, Transport
 from workers.config import parse_config
 from workers.embedded import start_redis, stop_redis
 
@@ -50,7 +50,7 @@ def test_a_channel_of_a_connection_lost_with_redis_fails_as_a_lost_connection(
     taken[0].ack_log_error(logging.getLogger("test"), errors)
 
 
-def test_celery_uses_the_transport_for_redis_and_rediss(tmp_path: Path) -> None:
+def test_celery_uses_the_transport_for_redis_rediss_and_sentinel(tmp_path: Path) -> None:
     for url in ("redis://127.0.0.1:9/0", "rediss://127.0.0.1:9/0?ssl_cert_reqs=required"):
         text = (
             f'[broker]\nurl = "{url}"\n[[projects]]\nname = "p"\nrepo_root = "."\n'
@@ -60,3 +60,12 @@ def test_celery_uses_the_transport_for_redis_and_rediss(tmp_path: Path) -> None:
         with app.connection_for_read() as conn:
             assert isinstance(conn.transport, Transport)
             assert bool(conn.ssl) == url.startswith("rediss")
+
+    sentinel = "sentinel://:pw@127.0.0.1:9;sentinel://127.0.0.1:10"
+    text = f'[broker]\nurl = "{sentinel}"\nmaster_name = "fb"\n'
+    app = client_app(parse_config(text, tmp_path / "f.toml"))
+    with app.connection_for_read() as conn:
+        assert isinstance(conn.transport, SentinelTransport)
+        assert conn.transport.Channel is SentinelChannel
+    assert app.conf.broker_transport_options["master_name"] == "fb"
+    assert app.conf.result_backend_transport_options["master_name"] == "fb"
