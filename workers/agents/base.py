@@ -40,8 +40,10 @@ START_WINDOW = 2.0
 POLL_START = 0.04
 # A TUI may still be taking a paste in; an Enter inside it would be text.
 PASTE_SETTLE = 0.02
-# How long a CLI whose input shows what it holds may take to show the paste.
-PASTE_WAIT = 5.0
+# How long a CLI whose input shows what it holds may take to show the paste:
+# a screen read right ends the wait at once, so it is long enough for a busy
+# machine (a test fails when it runs out).
+PASTE_WAIT = 10.0
 # A paste still held this long after its Enter gets one more Enter.
 ENTER_AGAIN_AFTER = 3.0
 # How often one dialog may be answered before it counts as stuck.
