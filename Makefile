@@ -92,9 +92,10 @@ long: setup claude-cli agent-clis
 
 test: lint typecheck unit
 
-# ≥ 100 runs on three hosts while workers are killed and Redis restarts.
+# ≥ 100 runs on three hosts while workers are killed and Redis restarts;
+# REDIS=sentinel: through a Sentinel group whose master is failed over and killed.
 chaos: setup
-	$(BIN)/python -m tests.chaos
+	$(BIN)/python -m tests.chaos $(if $(REDIS),--redis $(REDIS))
 
 # ≥ 30 runs of the real Claude Code CLI through API outages and rate limits,
 # CLI crashes, worker kill -9s and a Redis restart (not part of `make test`).

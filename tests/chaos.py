@@ -4,9 +4,15 @@ Three hosts (network namespaces when this machine can make them, else plain
 processes with their own worker, tmux socket and state dir) share one Redis.
 Runs of a dozen agents are sent back to back; every few seconds a random
 host's worker is killed with -9 and started again, and once Redis is
-restarted. At the end it prints one line:
+restarted. ``--redis sentinel``: the hosts reach a Sentinel group (a master,
+two replicas, three Sentinels) instead, and its master is failed over
+(``SENTINEL FAILOVER``) once and killed with -9 once, among the worker kills.
+At the end it prints one line:
 
     runs: N, lost: L, duplicated: D, leaked locks: K, leaked sessions: S
+
+(with Sentinel, also ``longest write wait``: the longest a write through
+formulabeat's own client, made every 0.1 s by a probe, waited for a master).
 
 ``lost``: runs with no outcome, or ended ``lost``/``lost_lease`` (no host
 vanished, so none should be). ``duplicated``: runs whose agent got the
@@ -23,12 +29,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import itertools
 import json
 import random
 import sys
 import tempfile
+import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,10 @@ from beat_schedule import DEFAULT_QUEUE, REAP_EVERY_SECONDS, REAP_TASK, RUN_TASK
 from tasks.app import client_app
 from tests.conftest import commit_files, formula_text, held_claims, tmux_sessions
 from tests.netlab import NetLab, host_config, unavailable
+from tests.sentinels import MASTER_NAME, SentinelLab
+from workers import sentinel
+from workers.lanes import REDIS_PATIENCE, RETRYABLE, with_redis
+from workers.sentinel import replicated
 
 TROUBLE = ("lost", "lost_lease")
 # A message its dead worker had reserved comes back after the visibility
@@ -53,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--kill-every", type=float, default=8.0, help="mean seconds between kills")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--redis", choices=("plain", "sentinel"), default="plain")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="formulabeat-chaos-") as tmp:
@@ -68,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
         commit_files(root / "project", {"README.md": "# chaos\n", **formulas})
         commit_files(root / "ops", {"journal.md": "# journal\n"})
         reason = unavailable()
-        lab = NetLab(root, isolated=reason is None)
+        lab = NetLab(root, isolated=reason is None, sentinel=args.redis == "sentinel")
         if reason:
             print(f"chaos: {reason}; hosts share this machine's network", file=sys.stderr)
         try:
             lab.start()
-            text = host_config(lab.host_url, agents, lease_seconds=30, host_timeout=30)
+            broker = f'master_name = "{MASTER_NAME}"\n' if lab.sentinel else ""
+            text = host_config(
+                lab.host_url, agents, lease_seconds=30, host_timeout=30, broker=broker
+            )
             for index in range(args.hosts):
                 lab.start_worker(lab.add_host(f"h{index + 1}", text))
             counts = _chaos(lab, agents, args, rng, log)
@@ -81,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             lab.close()
     if counts["crashed"]:
         print(f"chaos: {counts['crashed']} worker(s) exited on their own", file=sys.stderr)
+    waited = counts.pop("write_wait_ms", None)
     print(
         f"runs: {counts['runs']}, lost: {counts['lost']}, duplicated: {counts['duplicated']}, "
         f"leaked locks: {counts['locks']}, leaked sessions: {counts['sessions']}"
+        + (f", longest write wait: {waited / 1000:.1f} s" if waited is not None else "")
     )
     return 0 if not any(v for k, v in counts.items() if k != "runs") else 1
 
@@ -95,12 +114,13 @@ def _chaos(
     sent: dict[str, str] = {}  # run id -> agent
     busy: dict[str, str] = {}  # agent -> its run in flight
     redis_restarted = False
+    faults = 0
+    probe = _WriteProbe(lab.group) if lab.group is not None else None
     next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every)
     progress = next_note = next_reap = time.monotonic()
     crashed = 0
     while len(sent) < args.runs or busy:
-        assert lab.redis is not None
-        client = lab.redis.client()
+        client = lab.client()
         for agent, run_id in list(busy.items()):
             if _outcome(client, run_id):
                 del busy[agent]
@@ -119,7 +139,16 @@ def _chaos(
             lab.start_worker(host)
             next_kill = time.monotonic() + rng.expovariate(1 / args.kill_every)
         crashed += _restart_crashed(lab)
-        if not redis_restarted and len(sent) >= args.runs // 2:
+        if lab.group is not None:
+            # The master failed over at a third of the runs, killed at two thirds.
+            due = [n for n in (args.runs // 3, 2 * args.runs // 3) if len(sent) >= n]
+            if len(due) > faults:
+                fault = "SENTINEL FAILOVER" if faults == 0 else "kill -9 of the master"
+                print(f"chaos: {fault}", file=sys.stderr)
+                moved = lab.group.failover() if faults == 0 else lab.group.kill_master()
+                print(f"chaos: the master is now on port {moved}", file=sys.stderr)
+                faults += 1
+        elif not redis_restarted and len(sent) >= args.runs // 2:
             print("chaos: restarting Redis", file=sys.stderr)
             lab.restart_redis(down_seconds=2)
             app = client_app(next(iter(lab.hosts.values())).config())
@@ -140,7 +169,39 @@ def _chaos(
                     print(f"chaos: {host.name} log: {line[:300]}", file=sys.stderr)
             break
         time.sleep(0.2)
-    return {**_verdict(lab, sent, log), "crashed": crashed}
+    counts = {**_verdict(lab, sent, log), "crashed": crashed}
+    if probe is not None:
+        counts["write_wait_ms"] = probe.stop()
+    return counts
+
+
+class _WriteProbe:
+    """Writes through formulabeat's own Sentinel client every 0.1 s; the longest one took."""
+
+    def __init__(self, group: SentinelLab) -> None:
+        url = group.url.replace(group.address, "127.0.0.1")
+        self.client = sentinel.master_client(url, MASTER_NAME, None, 5.0)
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write, daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        count = 0
+        while not self._stop.is_set():
+            count += 1
+            started = time.monotonic()
+            # Given up after REDIS_PATIENCE, its time counts all the same.
+            with contextlib.suppress(*RETRYABLE):
+                with_redis(partial(replicated, self.client, "SET", "chaos:probe", count))
+            self.longest = max(self.longest, time.monotonic() - started)
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        """Stop writing; the longest write's time in ms."""
+        self._stop.set()
+        self._thread.join(REDIS_PATIENCE + 10)
+        return round(self.longest * 1000)
 
 
 def _restart_crashed(lab: NetLab) -> int:
@@ -187,8 +248,7 @@ def _outcome(client: Any, run_id: str) -> str | None:
 
 
 def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
-    assert lab.redis is not None
-    client = lab.redis.client()
+    client = lab.client()
     outcomes = {run_id: _outcome(client, run_id) for run_id in sent}
     tally = collections.Counter(o or "none" for o in outcomes.values())
     print(f"chaos: outcomes {dict(tally)}", file=sys.stderr)

@@ -20,7 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis import Redis
+
 from tasks.stack import Stack
+from tests.sentinels import SentinelLab
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, start_redis, stop_redis
 from workers.tmux import TmuxServer
@@ -35,11 +38,13 @@ def host_config(
     host_timeout: float,
     agent_settings: str | None = None,
     monitor: str = "",
+    broker: str = "",
 ) -> str:
     """A lab host's config: project ``proj`` in ./project, ``agents`` with formulas there.
 
     ``agent_settings``: TOML lines for every agent (default: the scripted
-    agent); ``monitor``: more ``[monitor]`` lines. ``{state}``, ``{tmux}`` and
+    agent); ``monitor``: more ``[monitor]`` lines; ``broker``: more ``[broker]``
+    lines (a Sentinel URL's ``master_name``). ``{state}``, ``{tmux}`` and
     ``{host}`` are left for :meth:`NetLab.add_host`.
     """
     # The text is a format string for add_host: the settings' own braces are text.
@@ -57,7 +62,7 @@ def host_config(
     )
     return (
         'state_dir = "{state}"\n'
-        f'[broker]\nurl = "{redis_url}"\n'
+        f'[broker]\nurl = "{redis_url}"\n{broker}'
         '[worker]\nhost = "{host}"\nconcurrency = 8\n'
         '[tmux]\nsocket = "{tmux}"\n'
         "[monitor]\npoll_interval = 0.1\nready_quiet = 0.2\n"
@@ -126,6 +131,9 @@ class NetLab:
     token: str = field(default_factory=lambda: secrets.token_hex(2))
     hosts: dict[str, LabHost] = field(default_factory=dict)
     redis: EmbeddedRedis | None = None
+    # A Sentinel group (a master, two replicas, three Sentinels) instead of one Redis.
+    sentinel: bool = False
+    group: SentinelLab | None = None
 
     def __post_init__(self) -> None:
         # 10.<a>.<b>.0/24 from the token: two labs at once do not collide.
@@ -138,14 +146,26 @@ class NetLab:
         return f"{self.prefix}.1"
 
     def start(self) -> None:
-        """Make the bridge and start Redis on it."""
-        if not self.isolated:
+        """Make the bridge and start Redis (or the Sentinel group) on it."""
+        if self.isolated:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+        address = self.gateway if self.isolated else "127.0.0.1"
+        if self.sentinel:
+            self.group = SentinelLab(self.root / "sentinels", address=address)
+            self.group.start()
+        elif self.isolated:
+            self.redis = start_redis(self.root / "redis", bind=(address, "127.0.0.1"))
+        else:
             self.redis = start_redis(self.root / "redis")
-            return
-        _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
-        self.redis = start_redis(self.root / "redis", bind=(self.gateway, "127.0.0.1"))
+
+    def client(self) -> Redis:
+        """A client of the Redis (the group's master now), from this machine."""
+        if self.group is not None:
+            return self.group.master()
+        assert self.redis is not None
+        return self.redis.client()
 
     def add_host(self, name: str, config_text: str) -> LabHost:
         """Make a namespace for host ``name`` and write its config (``{state}``, ``{tmux}``)."""
@@ -181,6 +201,8 @@ class NetLab:
     @property
     def host_url(self) -> str:
         """The Redis URL as the hosts see it (over the bridge)."""
+        if self.group is not None:
+            return self.group.url
         assert self.redis is not None
         return self.redis.url
 
@@ -242,5 +264,7 @@ class NetLab:
                 _ip("netns", "del", host.netns, check=False)
         if self.redis is not None:
             stop_redis(self.redis)
+        if self.group is not None:
+            self.group.stop()
         if self.isolated:
             _ip("link", "del", self.bridge, check=False)

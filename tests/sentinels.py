@@ -30,6 +30,9 @@ class SentinelLab:
     """The servers of one Sentinel group and what a client needs to reach its master."""
 
     root: Path
+    # Where every server listens besides loopback, and the address the
+    # Sentinels hand out (a bridge's for hosts in network namespaces).
+    address: str = "127.0.0.1"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     data_ports: list[int] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
@@ -39,9 +42,13 @@ class SentinelLab:
     def url(self) -> str:
         """Celery's Sentinel form, the data password in its first part."""
         first, *rest = self.sentinel_ports
-        parts = [f"sentinel://:{self.password}@127.0.0.1:{first}"]
-        parts += [f"sentinel://127.0.0.1:{port}" for port in rest]
+        parts = [f"sentinel://:{self.password}@{self.address}:{first}"]
+        parts += [f"sentinel://{self.address}:{port}" for port in rest]
         return ";".join(parts)
+
+    @property
+    def _bind(self) -> str:
+        return " ".join(dict.fromkeys((self.address, "127.0.0.1")))
 
     def start(self) -> None:
         """Start the master, its two replicas and three Sentinels; wait until all agree."""
@@ -51,21 +58,21 @@ class SentinelLab:
         for index, port in enumerate(self.data_ports):
             lines = [
                 f"port {port}",
-                "bind 127.0.0.1",
+                f"bind {self._bind}",
                 f"requirepass {self.password}",
                 f"masterauth {self.password}",
                 "appendonly yes",
             ]
             if index:
-                lines.append(f"replicaof 127.0.0.1 {master}")
+                lines.append(f"replicaof {self.address} {master}")
             self._spawn(binary, port, lines, sentinel=False)
         for _ in range(3):
             port = free_port()
             self.sentinel_ports.append(port)
             lines = [
                 f"port {port}",
-                "bind 127.0.0.1",
-                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2",
+                f"bind {self._bind}",
+                f"sentinel monitor {MASTER_NAME} {self.address} {master} 2",
                 f"sentinel auth-pass {MASTER_NAME} {self.password}",
                 f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
                 f"sentinel failover-timeout {MASTER_NAME} 10000",
