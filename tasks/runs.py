@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, ParamSpec
 
 import redis
-from celery import Task
+from celery import Task, signals, states
 from celery.exceptions import Ignore
 from kombu.exceptions import OperationalError
 
@@ -67,6 +67,18 @@ def _fail(run: Run, step: str, exc: Exception) -> None:
     else:
         log.error("run %s: %s failed", run.id, step, exc_info=exc)
         run.end(outcomes.FAILED, f"internal error in {step}: {exc!r}")
+
+
+@signals.task_postrun.connect
+def _forget_ignored_traceback(retval: object = None, state: str | None = None, **_: object) -> None:
+    """Drop the traceback of the Ignore every run step ends with.
+
+    It holds Celery's tracer frame, whose locals hold the ExceptionInfo made
+    of it: a cycle left to the garbage collector, some 50 KB a step (billiard
+    copies the tracer's code positions), churned through on every run.
+    """
+    if state == states.IGNORED and isinstance(retval, BaseException):
+        retval.__traceback__ = None
 
 
 def _claim(step: str, take: Callable[[redis.Redis], bool]) -> None:
