@@ -512,17 +512,18 @@ def wait_for_flower(url: str, timeout: float) -> None:
     raise CheckFailed(f"Flower did not answer at {url} within {timeout:g} s ({problem})")
 
 
-RUN_ARGV = ("formulabeat", "run", "check", "scripted", "--wait", "--json", "--timeout", "180")
+RUN_ARGV = ("formulabeat", "run", "check", "scripted", "--wait", "--json", "--timeout")
 
 
 def check_run(stack: Stack, note: list[str]) -> str:
-    proc = stack.exec(WORKERS[0], *RUN_ARGV, timeout=240)
+    proc = stack.exec(WORKERS[0], *RUN_ARGV, "120", timeout=180)
     return _run_result(proc.returncode, proc.stdout, proc.stderr, note)
 
 
 def check_failover(stack: Stack, note: list[str]) -> str:
     """A run live while the Sentinels fail the master over must still end done."""
-    waiting = stack.start_exec(WORKERS[0], *RUN_ARGV)
+    # Longer than check_run's: the agent stays 25 s after its first phase.
+    waiting = stack.start_exec(WORKERS[0], *RUN_ARGV, "180")
     try:
         deadline = time.monotonic() + 120
         while not _live(stack):
@@ -530,16 +531,7 @@ def check_failover(stack: Stack, note: list[str]) -> str:
                 raise CheckFailed("the run was not seen live (AWAITING_CI) within 120 s")
             time.sleep(1)
         before = _master(stack)
-        failover = stack.exec(
-            "sentinel-1",
-            "redis-cli",
-            "-p",
-            "26379",
-            "sentinel",
-            "failover",
-            "formulabeat",
-            timeout=60,
-        )
+        failover = _sentinel_cli(stack, "failover")
         if "OK" not in failover.stdout:
             raise CheckFailed(f"SENTINEL FAILOVER: {failover.stdout}{failover.stderr}")
         deadline = time.monotonic() + 60
@@ -566,17 +558,13 @@ def _live(stack: Stack) -> bool:
 
 
 def _master(stack: Stack) -> str:
-    proc = stack.exec(
-        "sentinel-1",
-        "redis-cli",
-        "-p",
-        "26379",
-        "sentinel",
-        "get-master-addr-by-name",
-        "formulabeat",
-        timeout=60,
-    )
-    return ":".join(proc.stdout.split())
+    return ":".join(_sentinel_cli(stack, "get-master-addr-by-name").stdout.split())
+
+
+def _sentinel_cli(stack: Stack, command: str) -> subprocess.CompletedProcess[str]:
+    """``SENTINEL <command> formulabeat`` asked of the first Sentinel."""
+    argv = ("redis-cli", "-p", "26379", "sentinel", command, "formulabeat")
+    return stack.exec("sentinel-1", *argv, timeout=60)
 
 
 def _run_result(code: int, stdout: str, stderr: str, note: list[str]) -> str:

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from tasks import metrics
 from tasks.app import app, config, redis_client
@@ -37,7 +36,6 @@ from workers.usage import Usage
 from workers.watcher import HostWatcher
 
 log = logging.getLogger("formulabeat.watching")
-T = TypeVar("T")
 
 # The watcher's Redis calls are cut short: it must not stall every session
 # for one slow answer (the lease tells when an unreachable Redis ends a run).
