@@ -62,6 +62,7 @@ KEPT_PER_RUN = (
     "formulabeat:claimed:",
     "formulabeat:cancel:",
     "formulabeat:sent:",
+    "formulabeat:usage-applied:",
 )
 RUN_INDEX = "formulabeat:runs"  # a sorted set with one member per run, kept as long
 

@@ -182,11 +182,15 @@ def _report_usage(host: _Host, run: Run) -> None:
         return
     cfg = config()
     agent = cfg.agent(run.project, run.agent)
-    # A lane step of its own: a retry after Redis came back adds the tokens once.
-    host.lanes.submit(
-        run.id,
-        lambda: spending.record(redis_client(cfg), agent, batch, cfg.prices, cfg.history_keep_days),
-    )
+    number = time.time_ns()
+
+    def add() -> None:
+        # A lane step of its own, numbered: tried again, it adds the tokens once.
+        client = redis_client(cfg)
+        keep = cfg.history_keep_days
+        spending.record(client, agent, batch, cfg.prices, keep, run_id=run.id, batch=number)
+
+    host.lanes.submit(run.id, add)
 
 
 def claimant() -> str:

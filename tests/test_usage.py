@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -138,8 +139,14 @@ def agent(name: str = "planner", project: str = "proj", credential: str = "defau
 
 def test_budgets_count_the_day_of_a_project_or_a_credential(redis_client: redis.Redis) -> None:
     usage = {MODEL: {"input": 600, "output": 100, "cache_read": 0, "cache_creation": 0}}
-    spending.record(redis_client, agent(), usage, {MODEL: PRICE}, 30, day="2026-12-01")
-    spending.record(redis_client, agent("gardener", credential="ci"), usage, {}, 30, "2026-12-01")
+    day, first, second = "2026-12-01", uuid.uuid4().hex, uuid.uuid4().hex
+    prices = {MODEL: PRICE}
+    spending.record(redis_client, agent(), usage, prices, 30, run_id=first, batch=1, day=day)
+    gardener = agent("gardener", credential="ci")
+    assert spending.record(redis_client, gardener, usage, {}, 30, run_id=second, batch=1, day=day)
+    # A batch tried again (its first write was kept after all) is added once.
+    again = spending.record(redis_client, gardener, usage, {}, 30, run_id=second, batch=1, day=day)
+    assert not again
     project = Budget("project", "proj", max_tokens=1000)
     credential = Budget("credential", "ci", max_tokens=1000)
     assert spending.spent_today(redis_client, project, "2026-12-01") == (
@@ -157,7 +164,7 @@ def test_the_history_survives_a_redis_restart_with_aof(tmp_path: Path) -> None:
     server = start_redis(tmp_path / "redis", port=port, password=password)
     usage = {MODEL: {"input": 5, "output": 6, "cache_read": 7, "cache_creation": 8}}
     try:
-        spending.record(server.client(), agent(), usage, {MODEL: PRICE}, 30)
+        spending.record(server.client(), agent(), usage, {MODEL: PRICE}, 30, run_id="r", batch=1)
     finally:
         stop_redis(server)
     server = start_redis(tmp_path / "redis", port=port, password=password)

@@ -1,7 +1,9 @@
 """The run registry in Redis: every run's latest snapshot, by start time.
 
 It lets any host (the CLI, the demo, a reaper) see runs without holding a
-result handle, the way rq keeps registries of jobs by state.
+result handle, the way rq keeps registries of jobs by state. What a run's
+record, its live state, its claims and the ledger of steps sent hold must
+come through a failover: those writes are kept (workers.sentinel.kept).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import redis
 
-from workers.sentinel import replicated
+from workers.sentinel import kept, replicated
 
 RUNS_KEY = "formulabeat:runs"
 RUN_TTL_SECONDS = 7 * 24 * 3600
@@ -27,11 +29,13 @@ def run_key(run_id: str) -> str:
 def record(client: redis.Redis, snapshot: dict[str, Any]) -> None:
     """Store a run's latest snapshot and index it (first sight sets its position)."""
     run_id = snapshot["run_id"]
-    pipe = client.pipeline()
-    pipe.set(run_key(run_id), json.dumps(snapshot), ex=RUN_TTL_SECONDS)
-    pipe.zadd(RUNS_KEY, {run_id: time.time()}, nx=True)
-    pipe.zremrangebyscore(RUNS_KEY, 0, time.time() - RUN_TTL_SECONDS)
-    pipe.execute()
+    now = time.time()
+    kept(
+        client,
+        ("SET", run_key(run_id), json.dumps(snapshot), "EX", RUN_TTL_SECONDS),
+        ("ZADD", RUNS_KEY, "NX", now, run_id),
+        ("ZREMRANGEBYSCORE", RUNS_KEY, 0, now - RUN_TTL_SECONDS),
+    )
 
 
 def get(client: redis.Redis, run_id: str) -> dict[str, Any] | None:
@@ -204,10 +208,11 @@ def _sent_key(step: str) -> str:
 
 def note_sent(client: redis.Redis, step: str, message: dict[str, Any]) -> None:
     """Write down a step being sent (its task, task id, args, kwargs, queue) until it is claimed."""
-    pipe = client.pipeline()
-    pipe.set(_sent_key(step), json.dumps(message), ex=RUN_TTL_SECONDS)
-    pipe.zadd(SENT_KEY, {step: time.time()})
-    pipe.execute()
+    kept(
+        client,
+        ("SET", _sent_key(step), json.dumps(message), "EX", RUN_TTL_SECONDS),
+        ("ZADD", SENT_KEY, time.time(), step),
+    )
 
 
 def awaits_claim(client: redis.Redis, step: str) -> bool:
@@ -255,18 +260,16 @@ def _host_key(host: str) -> str:
 
 def save_state(client: redis.Redis, state: dict[str, Any]) -> None:
     """Keep a live run's whole state, so its host can adopt it after a restart."""
-    pipe = client.pipeline()
-    pipe.set(_state_key(state["id"]), json.dumps(state), ex=RUN_TTL_SECONDS)
-    pipe.sadd(_live_key(state["host"]), state["id"])
-    pipe.execute()
+    kept(
+        client,
+        ("SET", _state_key(state["id"]), json.dumps(state), "EX", RUN_TTL_SECONDS),
+        ("SADD", _live_key(state["host"]), state["id"]),
+    )
 
 
 def forget(client: redis.Redis, run_id: str, host: str) -> None:
     """The run has ended: it is no longer live anywhere."""
-    pipe = client.pipeline()
-    pipe.srem(_live_key(host), run_id)
-    pipe.delete(_state_key(run_id))
-    pipe.execute()
+    kept(client, ("SREM", _live_key(host), run_id), ("DEL", _state_key(run_id)))
 
 
 def live_states(client: redis.Redis, host: str) -> list[dict[str, Any]]:

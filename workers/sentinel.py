@@ -19,11 +19,14 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 
 log = logging.getLogger("formulabeat.sentinel")
@@ -41,6 +44,8 @@ REPLICA_WAIT_MS = 2000
 # name it: a write acknowledged by the other replicas only is asked about again
 # after this (measured: about 1 s in the tests' group).
 PROMOTION_GRACE = 2.5
+# How long a Sentinel may take to answer before the next one is asked.
+SENTINEL_TIMEOUT = 2.0
 
 
 class EpochSentinel(Sentinel):
@@ -109,6 +114,29 @@ def parse(url: str) -> SentinelURL:
     return SentinelURL(tuple(sentinels), password, ssl)
 
 
+def group(
+    sentinels: list[tuple[str, int]],
+    sentinel_kwargs: dict[str, Any] | None = None,
+    **connection_kwargs: Any,
+) -> EpochSentinel:
+    """An :class:`EpochSentinel` of ``sentinels`` whose Sentinel connections fail fast.
+
+    redis-py tries a connection three times with a backoff of up to 10 s
+    before it gives up; asking every Sentinel, one that is down would then
+    hold up every question by seconds (and a process whose Sentinels are all
+    gone would wait minutes in a result consumer's reconnect): a Sentinel
+    that does not answer at once is passed over, the next one asked.
+    """
+    asked: dict[str, Any] = {
+        "socket_timeout": SENTINEL_TIMEOUT,
+        "socket_connect_timeout": SENTINEL_TIMEOUT,
+        **(sentinel_kwargs or {}),
+        "retry": Retry(NoBackoff(), 0),
+    }
+    # redis-py's Sentinel API carries no annotations.
+    return EpochSentinel(sentinels, sentinel_kwargs=asked, **connection_kwargs)  # type: ignore[no-untyped-call]
+
+
 def master_client(
     url: str,
     master_name: str,
@@ -117,69 +145,90 @@ def master_client(
 ) -> redis.Redis:
     """A client of the master the Sentinels of ``url`` name for ``master_name``."""
     parsed = parse(url)
-    sentinel_kwargs: dict[str, object] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "ssl": parsed.ssl,
-    }
+    asked: dict[str, Any] = {"ssl": parsed.ssl}
     if sentinel_password:
-        sentinel_kwargs["password"] = sentinel_password
-    # redis-py's Sentinel API carries no annotations.
-    sentinel = EpochSentinel(  # type: ignore[no-untyped-call]
+        asked["password"] = sentinel_password
+    sentinels = group(
         list(parsed.sentinels),
-        sentinel_kwargs=sentinel_kwargs,
+        asked,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         password=parsed.password,
         ssl=parsed.ssl,
     )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
         master_name, health_check_interval=30
     )
-    threading.Thread(
-        target=_follow, args=(client,), name=f"sentinel-follow-{master_name}", daemon=True
-    ).start()
+    follow(client.connection_pool)
     return client
 
 
-def _follow(client: redis.Redis) -> None:
-    """Ask the Sentinels for ``client``'s master every FOLLOW_SECONDS.
+_followed: list[weakref.ref[redis.ConnectionPool]] = []
+_followed_lock = threading.Lock()
+
+
+def follow(pool: redis.ConnectionPool) -> None:
+    """Ask the Sentinels for ``pool``'s master every FOLLOW_SECONDS, while the pool lives.
 
     When they name another, redis-py's pool drops its idle connections and
     every connection to the old master as it comes back from use, so the
     next command of each goes to the new master. Connections in use are
     never closed under their thread: that broke commands half-way with
     errors no retry expects (ValueError: I/O operation on closed file).
+    One thread follows every pool of the process (formulabeat's client,
+    the broker's, the result backend's).
     """
-    pool = client.connection_pool
+    with _followed_lock:
+        _followed.append(weakref.ref(pool))
+        if len(_followed) == 1:
+            threading.Thread(target=_follow, name="sentinel-follow", daemon=True).start()
+
+
+def _follow() -> None:
     while True:
-        with contextlib.suppress(redis.RedisError):
-            pool.get_master_address()  # type: ignore[attr-defined]
+        with _followed_lock:
+            _followed[:] = [ref for ref in _followed if ref() is not None]
+            pools = [pool for pool in (ref() for ref in _followed) if pool is not None]
+        for pool in pools:
+            if isinstance(pool, SentinelConnectionPool):
+                with contextlib.suppress(redis.RedisError):
+                    pool.get_master_address()  # type: ignore[no-untyped-call]
+        del pools
         time.sleep(FOLLOW_SECONDS)
 
 
 def replicated(client: redis.Redis, *command: Any) -> Any:
-    """``command``'s reply, once every replica up has its write too (on a Sentinel-managed Redis).
+    """``command``'s reply, once every replica up has its write too (see :func:`kept`)."""
+    return kept(client, command)[0]
 
-    The command and a ``WAIT`` for every replica the Sentinels see up go on
-    one connection, so the WAIT counts this write; then the Sentinels are
-    asked whether the server written to is still the master. If not, the
-    write went to a demoted master and will be lost: ConnectionError is
-    raised, which the callers' Redis retries take to the new master (each of
-    these writes may be repeated). A replica missing from the acknowledgements
-    may be the one a failover is promoting (detached, the old master still
-    taking writes, the Sentinels not yet naming it): the Sentinels are asked
-    again after PROMOTION_GRACE. With no replica up at all the write is kept
-    as a plain Redis would keep it, and a warning says so. A plain Redis URL
-    runs the command alone.
+
+def kept(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
+    """The replies of ``commands``, once every replica up has their writes too.
+
+    On a Sentinel-managed Redis the commands and a ``WAIT`` for every
+    replica the Sentinels see up go on one connection, so the WAIT counts
+    these writes; then the Sentinels are asked whether the server written to
+    is still the master. If not, the writes went to a demoted master and
+    will be lost: ConnectionError is raised, which the callers' Redis retries
+    take to the new master (each of these writes may be repeated). A replica
+    missing from the acknowledgements may be the one a failover is promoting
+    (detached, the old master still taking writes, the Sentinels not yet
+    naming it): the Sentinels are asked again after PROMOTION_GRACE. With no
+    replica up at all the writes are kept as a plain Redis would keep them,
+    and a warning says so. A plain Redis URL runs the commands in one
+    transaction; on Sentinel they run one after another (a transaction's
+    replies come on a connection of its own, where no WAIT could count them).
     """
     pool = client.connection_pool
     if not isinstance(pool, SentinelConnectionPool):
-        return _command(client, *command)
+        pipe = client.pipeline()
+        for command in commands:
+            pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+        return list(pipe.execute())
     wanted = max(1, _replicas_up(pool))
     one: redis.Redis = redis.Redis(connection_pool=pool, single_connection_client=True)
     try:
-        reply = _command(one, *command)
+        replies = [_command(one, *command) for command in commands]
         acked = int(_command(one, "WAIT", wanted, REPLICA_WAIT_MS))
         assert one.connection is not None
         wrote_to = (one.connection.host, one.connection.port)
@@ -198,7 +247,7 @@ def replicated(client: redis.Redis, *command: Any) -> Any:
             *wrote_to,
             REPLICA_WAIT_MS,
         )
-    return reply
+    return replies
 
 
 def _still_master(pool: SentinelConnectionPool, wrote_to: tuple[str, int]) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import redis
 
 from workers.config import AgentConfig, Budget, Config
+from workers.sentinel import kept
 from workers.usage import cost_usd
 
 KEY_PREFIX = "formulabeat:usage:"
@@ -46,28 +47,61 @@ class Row:
     value: float
 
 
+# A run's batch of tokens adds to the day's counters once: a batch tried
+# again (a failover refused its write after a replica may have taken it, a
+# reply lost in a restart) finds its number already applied. A run's
+# batches go in order (its lane), numbered by the clock, so a later worker
+# of the same run numbers its batches above the earlier worker's.
+_ADD_ONCE = """
+if tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+for i = 4, #ARGV, 3 do
+  if ARGV[i + 1] == 'f' then
+    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 2])
+  else
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 2])
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+APPLIED_PREFIX = "formulabeat:usage-applied:"
+# Long past any retry of a batch (a lane retries until Redis answers).
+APPLIED_TTL_SECONDS = 86400
+
+
 def record(
     client: redis.Redis,
     agent: AgentConfig,
     fresh: Mapping[str, Mapping[str, int]],
     prices: Mapping[str, Mapping[str, float]],
     keep_days: int,
+    *,
+    run_id: str,
+    batch: int,
     day: str | None = None,
-) -> None:
-    """Add tokens a run of ``agent`` just used to the day's counters (one round trip)."""
+) -> bool:
+    """Add tokens a run of ``agent`` just used to the day's counters (one round trip).
+
+    ``batch`` numbers this run's batches in the order they are added: one
+    numbered no higher than the run's last applied is not added again
+    (False). Kept through a failover (workers.sentinel.kept).
+    """
     key = day_key(day or day_of())
     base = SEP.join((agent.project, agent.name, agent.credential))
-    pipe = client.pipeline(transaction=False)
+    changes: list[str | int | float] = []
     for model, kinds in fresh.items():
         for kind, tokens in kinds.items():
             if tokens:
-                pipe.hincrby(key, f"{base}{SEP}{model}{SEP}{kind}", tokens)
+                changes += [f"{base}{SEP}{model}{SEP}{kind}", "i", tokens]
         cost = cost_usd({model: kinds}, prices)
         if cost:
-            pipe.hincrbyfloat(key, f"{base}{SEP}{model}{SEP}{COST}", cost)
-    # Kept for keep_days after the day ends.
-    pipe.expire(key, (keep_days + 1) * 86400)
-    pipe.execute()
+            changes += [f"{base}{SEP}{model}{SEP}{COST}", "f", repr(cost)]
+    if not changes:
+        return False
+    # The day's hash is kept for keep_days after the day ends.
+    args = (batch, (keep_days + 1) * 86400, APPLIED_TTL_SECONDS, *changes)
+    return bool(kept(client, ("EVAL", _ADD_ONCE, 2, key, APPLIED_PREFIX + run_id, *args))[0])
 
 
 def rows(client: redis.Redis, days: int, today: str | None = None) -> list[Row]:
