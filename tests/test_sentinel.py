@@ -8,12 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from redis.sentinel import MasterNotFoundError
 
 from tests.conftest import (
     Fleet,
@@ -52,6 +54,7 @@ def ha_fleet(tmp_path: Path, lab: SentinelLab, tmux_socket: str) -> Iterator[Fle
         broker_settings=f'master_name = "{MASTER_NAME}"\n',
     )
     yield fleet
+    fleet.close_clients()
     for stack in fleet.stacks:
         stack.stop()
 
@@ -150,6 +153,37 @@ def test_a_lease_is_on_a_replica_before_it_counts_and_a_demoted_master_never_kee
     client.close()
 
 
+@pytest.mark.sentinel
+def test_no_client_is_sent_to_the_old_master_once_a_new_one_is_promoted(lab: SentinelLab) -> None:
+    # The Sentinel that leads a failover names the old master (with the new
+    # epoch) until the replicas have moved; for about a second after the
+    # promotion every Sentinel does. A client sent there writes what the old
+    # master loses once it is made a replica.
+    group = sentinel.group([("127.0.0.1", port) for port in lab.sentinel_ports], socket_timeout=5)
+    old = ("127.0.0.1", lab.master_port())
+    others = [
+        redis.Redis(port=port, password=lab.password, socket_timeout=5)
+        for port in lab.data_ports
+        if port != old[1]
+    ]
+    failing_over = threading.Thread(target=lab.failover)
+    failing_over.start()
+    answers: collections.Counter[str] = collections.Counter()
+    while failing_over.is_alive():
+        promoted = any(other.info("replication")["role"] == "master" for other in others)
+        try:
+            master = group.discover_master(MASTER_NAME)
+        except MasterNotFoundError:
+            answers["none, while a failover is under way"] += 1
+            continue
+        if promoted:
+            assert master != old, answers
+            answers["the new master"] += 1
+    failing_over.join()
+    assert group.discover_master(MASTER_NAME) != old
+    assert answers["the new master"] > 0, answers
+
+
 def _prompts(log: Path) -> dict[str, set[int]]:
     """Each run's agents that were given its prompt, from the scripted agents' log."""
     prompted: dict[str, set[int]] = collections.defaultdict(set)
@@ -170,9 +204,15 @@ def test_twenty_runs_started_across_a_failover_each_start_one_agent(
         ha_fleet.add_agent(name, f"log={log} phase=awaiting_ci sleep=3 phase=done")
     ha_fleet.write_config()
     ha_fleet.start_worker()
-    sent = [ha_fleet.send(name) for name in names]
-    lab.failover()
-    results = [wait_result(one, 240) for one in sent]
+    # Its reaper sends again a step whose message went to the demoted master.
+    beat, _ = ha_fleet.start_beat()
+    try:
+        sent = [ha_fleet.send(name) for name in names]
+        lab.failover()
+        results = [wait_result(one, 240) for one in sent]
+    finally:
+        os.killpg(beat.pid, signal.SIGTERM)
+        beat.wait(timeout=30)
     assert [r["outcome"] for r in results] == ["done"] * 20, [r.get("reason") for r in results]
     for result in results:
         assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]

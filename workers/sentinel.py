@@ -49,30 +49,44 @@ SENTINEL_TIMEOUT = 2.0
 
 
 class EpochSentinel(Sentinel):
-    """redis-py's Sentinel, following the master of the latest failover.
+    """redis-py's Sentinel, following the master of the latest failover, never the one it replaces.
 
     redis-py takes the master the first Sentinel that answers names. Right
     after a failover, a Sentinel that has not yet heard of it names the old
     master, which still takes writes (and loses them when it is made a
     replica): here every Sentinel is asked, and the master of the highest
-    ``config-epoch`` (the newest failover) wins.
+    ``config-epoch`` (the newest failover) wins. The Sentinel leading a
+    failover goes on naming the old master, with the new epoch, until the
+    replicas are moved (measured: 5 s after the others named the new one),
+    and from the promotion until the others hear of it (about 1 s) every
+    Sentinel names the old one: no master is named while a failover is under
+    way but by a Sentinel that already names a new one (MasterNotFoundError,
+    a connection error the callers wait out).
     """
 
     def discover_master(self, service_name: str) -> tuple[str, int]:
-        best: tuple[int, tuple[str, int]] | None = None
+        named: list[tuple[int, tuple[str, int]]] = []
+        replaced: set[tuple[str, int]] = set()
         for each in self.sentinels:
             try:
                 masters = cast(dict[str, dict[str, object]], each.sentinel_masters())
                 state = masters.get(service_name)
             except (redis.ConnectionError, redis.TimeoutError):
                 continue
-            if state and self.check_master_state(state, service_name):  # type: ignore[no-untyped-call]
-                epoch = int(str(state.get("config-epoch", 0)))
-                if best is None or epoch > best[0]:
-                    best = (epoch, (str(state["ip"]), int(str(state["port"]))))
-        if best is None:
-            raise MasterNotFoundError(f"No master found for {service_name!r}")
-        return best[1]
+            if not state:
+                continue
+            address = (str(state["ip"]), int(str(state["port"])))
+            flags = state.get("flags", "")  # a set in RESP3, a string in RESP2
+            flags = flags if isinstance(flags, set) else set(str(flags).split(","))
+            if "failover_in_progress" in flags:
+                replaced.add(address)
+            elif self.check_master_state(state, service_name):  # type: ignore[no-untyped-call]
+                named.append((int(str(state.get("config-epoch", 0))), address))
+        candidates = [(epoch, address) for epoch, address in named if address not in replaced]
+        if not candidates:
+            during = " (a failover is under way)" if replaced else ""
+            raise MasterNotFoundError(f"No master found for {service_name!r}{during}")
+        return max(candidates)[1]
 
 
 @dataclass(frozen=True)
