@@ -26,6 +26,7 @@ import git
 import pytest
 import redis
 import requests
+from celery import Celery
 
 from tasks.app import client_app
 from tasks.demo import commit_all
@@ -314,6 +315,7 @@ class Fleet:
     # More [broker] settings (a Sentinel URL's master_name).
     broker_settings: str = ""
     stacks: list[Stack] = field(default_factory=list)
+    clients: list[Celery] = field(default_factory=list)
 
     @property
     def repo(self) -> Path:
@@ -385,16 +387,32 @@ class Fleet:
     def send(self, agent: str) -> Any:
         """Send a run of ``agent``; return its AsyncResult."""
         app = client_app(load_config(self.config_path))
+        self.clients.append(app)
         return app.send_task("formulabeat.run", args=["proj", agent], queue="formulabeat")
 
-    def start_beat(self, name: str = "beat") -> tuple[subprocess.Popen[bytes], Path]:
+    def close_clients(self) -> None:
+        """Let go of the result subscriptions of every run sent, while their Redis still answers.
+
+        An AsyncResult left to the garbage collector unsubscribes from its
+        run's result then: with a Sentinel group stopped after its test, that
+        reconnect would hold up a later test.
+        """
+        for app in self.clients:
+            consumer = app.backend.result_consumer
+            consumer.stop()
+            consumer.subscribed_to.clear()
+        self.clients.clear()
+
+    def start_beat(
+        self, name: str = "beat", extra: list[str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         """Start ``celery beat`` (redbeat) for this fleet's config in its own process
-        group; the process and its log. The caller stops it."""
+        group, with ``extra`` arguments; the process and its log. The caller stops it."""
         cfg = load_config(self.config_path)
         log = self.root / f"{name}.log"
         with log.open("wb") as handle:
             proc = subprocess.Popen(
-                beat_argv(cfg),
+                beat_argv(cfg, extra),
                 env=child_env(cfg),
                 stdout=handle,
                 stderr=subprocess.STDOUT,
