@@ -28,12 +28,15 @@ from workers import embedded, registry, sentinel
 from workers.agents import checked
 from workers.config import Config, load_config
 from workers.errors import BrokerError, ConfigError
+from workers.lanes import with_redis
 
 log = logging.getLogger("formulabeat.app")
 
 RESULT_EXPIRES_SECONDS = 7 * 24 * 3600
 VISIBILITY_TIMEOUT = 60
 SESSION_TASK = "formulabeat.session"
+# Celery's ``<backend class>+<url>`` form: the result backend of a Sentinel URL.
+SENTINEL_BACKEND = "tasks.backend:SentinelBackend+"
 # The tasks whose messages must not get lost, and the step each claims,
 # named from its task id (the run id): see FormulabeatCelery.
 LEDGER_STEPS: dict[str, Callable[[str], str]] = {
@@ -244,16 +247,20 @@ def celery_settings(cfg: Config) -> dict[str, Any]:
 def _follow_sentinels(settings: dict[str, Any], cfg: Config, url: str) -> None:
     """Point the broker, the result backend and redbeat at the master the Sentinels name.
 
-    Each of the three asks the Sentinels again after a lost connection, so a
-    failover needs no restart; each takes the master's name and the Sentinels'
-    own password in its own option (README "Redis behind Sentinel").
+    Each of the three asks the Sentinels again after a lost connection (the
+    broker and the result backend every second besides), so a failover needs
+    no restart; each takes the master's name and the Sentinels' own password
+    in its own option (README "Redis behind Sentinel").
     """
     parsed = sentinel.parse(url)
     asked = {"password": cfg.sentinel_password} if cfg.sentinel_password else {}
     options = {"master_name": cfg.master_name, "sentinel_kwargs": asked}
     settings["broker_transport"] = "tasks.transport:SentinelTransport"
     settings["broker_transport_options"] = {**settings["broker_transport_options"], **options}
-    if settings["result_backend"] == url:
+    backend = settings["result_backend"]
+    if sentinel.is_sentinel_url(backend):
+        # tasks.backend's class for it: it follows the master and keeps each store.
+        settings["result_backend"] = SENTINEL_BACKEND + backend
         settings["result_backend_transport_options"] = dict(options)
     # redbeat 2.4.2 takes the Sentinel route only for a URL that starts with
     # "redis-sentinel" and reads the Sentinels and master from its options.
@@ -316,7 +323,10 @@ class FormulabeatCelery(Celery):
             client = _client_for(
                 self.conf.broker_url, 10.0, transport.get("master_name"), asked.get("password")
             )
-            registry.note_sent(client, LEDGER_STEPS[name](task_id), message)
+            step = LEDGER_STEPS[name](task_id)
+            # Through a failover too: on the master (or refused and written
+            # again) before the message goes, which may be lost with it.
+            with_redis(lambda: registry.note_sent(client, step, message))
         return super().send_task(name, args, kwargs, **options)
 
 

@@ -19,6 +19,9 @@ from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.utils.url import _parse_url
+
+from workers import sentinel
 
 
 class _FailsWhenClosed:
@@ -45,7 +48,41 @@ class Transport(kombu_redis.Transport):
 
 
 class SentinelChannel(_FailsWhenClosed, kombu_redis.SentinelChannel):
-    """kombu's Sentinel channel, failing like a lost connection once its connection is closed."""
+    """kombu's Sentinel channel, following the master as formulabeat's own client does.
+
+    It fails like a lost connection once its connection is closed; it takes
+    the master of the newest failover (kombu takes the first Sentinel's
+    answer, which just after a failover may still name the old master); its
+    pool is followed (workers.sentinel.follow), so the acks and sends of a
+    worker leave a demoted master within a second instead of going on to it
+    until it refuses them; and it reads every Sentinel of a ``sentinels://``
+    URL, which kombu passes over (it reads ``sentinel://`` parts only).
+    """
+
+    master_name: str | None
+    sentinel_kwargs: dict[str, Any] | None
+
+    def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
+        params = self._connparams(asynchronous)
+        params.pop("host", None)
+        params.pop("port", None)
+        sentinels = [
+            (url.hostname, url.port or self.connection.default_port)
+            for url in map(_parse_url, self.connection.client.alt)
+            if url.scheme in ("sentinel", "sentinels")
+        ]
+        group = sentinel.group(sentinels, self.sentinel_kwargs, **params)
+        # kombu closes the Sentinels' connections through these (kombu#1108).
+        if asynchronous:
+            self._async_sentinel_manager = group
+        else:
+            self._sentinel_manager = group
+        if self.master_name is None:
+            raise ValueError("'master_name' transport option must be specified.")
+        credentials = {key: params[key] for key in ("username", "password") if key in params}
+        client = group.master_for(self.master_name, redis.Redis, **credentials)
+        sentinel.follow(client.connection_pool)
+        return client.connection_pool
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
