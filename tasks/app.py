@@ -24,6 +24,7 @@ from celery.utils import uuid
 from kombu.entity import Queue
 
 from beat_schedule import CLEANUP_TASK, DEFAULT_QUEUE, REAP_TASK, RUN_TASK, build_schedule
+from tasks.transport import BrokerConnection
 from workers import embedded, registry, sentinel
 from workers.agents import checked
 from workers.config import Config, load_config
@@ -250,18 +251,28 @@ def _follow_sentinels(settings: dict[str, Any], cfg: Config, url: str) -> None:
     Each of the three asks the Sentinels again after a lost connection (the
     broker and the result backend every second besides), so a failover needs
     no restart; each takes the master's name and the Sentinels' own password
-    in its own option (README "Redis behind Sentinel").
+    in its own option (README "Redis behind Sentinel"). A ``sentinels://``
+    URL's TLS settings go to each in its own setting (broker_use_ssl,
+    redis_backend_use_ssl, redbeat_redis_use_ssl: the master's connections)
+    and in ``sentinel_kwargs`` (the Sentinels'); the URLs handed over leave
+    them out (workers.sentinel.without_tls).
     """
     parsed = sentinel.parse(url)
-    asked = {"password": cfg.sentinel_password} if cfg.sentinel_password else {}
-    options = {"master_name": cfg.master_name, "sentinel_kwargs": asked}
+    options = _sentinel_options(cfg, parsed)
+    settings["broker_url"] = sentinel.without_tls(url)
     settings["broker_transport"] = "tasks.transport:SentinelTransport"
     settings["broker_transport_options"] = {**settings["broker_transport_options"], **options}
+    if parsed.tls is not None:
+        # Flower's connection to the broker is the app's: it takes these too.
+        settings["broker_use_ssl"] = dict(parsed.tls)
     backend = settings["result_backend"]
     if sentinel.is_sentinel_url(backend):
         # tasks.backend's class for it: it follows the master and keeps each store.
-        settings["result_backend"] = SENTINEL_BACKEND + backend
-        settings["result_backend_transport_options"] = dict(options)
+        stored = sentinel.parse(backend)
+        settings["result_backend"] = SENTINEL_BACKEND + sentinel.without_tls(backend)
+        settings["result_backend_transport_options"] = _sentinel_options(cfg, stored)
+        if stored.tls is not None:
+            settings["redis_backend_use_ssl"] = dict(stored.tls)
     # redbeat 2.4.2 takes the Sentinel route only for a URL that starts with
     # "redis-sentinel" and reads the Sentinels and master from its options.
     settings["redbeat_redis_url"] = "redis-sentinel://"
@@ -269,9 +280,19 @@ def _follow_sentinels(settings: dict[str, Any], cfg: Config, url: str) -> None:
         "sentinels": list(parsed.sentinels),
         "service_name": cfg.master_name,
         "password": parsed.password,
-        "sentinel_kwargs": asked,
+        "sentinel_kwargs": options["sentinel_kwargs"],
         "socket_timeout": 10,
     }
+    if parsed.tls is not None:
+        settings["redbeat_redis_use_ssl"] = dict(parsed.tls)
+
+
+def _sentinel_options(cfg: Config, parsed: sentinel.SentinelURL) -> dict[str, Any]:
+    """The master's name, and how to reach the Sentinels: their password, TLS."""
+    asked = parsed.connection_kwargs()
+    if cfg.sentinel_password:
+        asked["password"] = cfg.sentinel_password
+    return {"master_name": cfg.master_name, "sentinel_kwargs": asked}
 
 
 # Upkeep every host runs often (the reaper every 15 s): no task events, so
@@ -280,7 +301,13 @@ QUIET_TASKS = frozenset({REAP_TASK, CLEANUP_TASK})
 
 
 class QuietAMQP(AMQP):
-    """Celery's AMQP, sending no ``task-sent`` event for the quiet upkeep tasks."""
+    """Celery's AMQP, sending no ``task-sent`` event for the quiet upkeep tasks.
+
+    Its broker connections stay on a Sentinel URL's transport and password
+    after a connection error (tasks.transport.BrokerConnection).
+    """
+
+    Connection = BrokerConnection
 
     def _create_task_sender(self) -> Callable[..., Any]:
         send = super()._create_task_sender()
@@ -303,6 +330,8 @@ class FormulabeatCelery(Celery):
     """
 
     amqp_cls = QuietAMQP
+    # The config a client app was made for (client_app); else the process's.
+    client_config: Config | None = None
 
     def send_task(
         self, name: str, args: Any = None, kwargs: Any = None, **options: Any
@@ -316,13 +345,9 @@ class FormulabeatCelery(Celery):
                 "kwargs": dict(kwargs or {}),
                 "queue": options.get("queue") or DEFAULT_QUEUE,
             }
-            # A Sentinel URL's master name and the Sentinels' password are
-            # in the transport options (see _follow_sentinels).
-            transport = self.conf.broker_transport_options or {}
-            asked = transport.get("sentinel_kwargs") or {}
-            client = _client_for(
-                self.conf.broker_url, 10.0, transport.get("master_name"), asked.get("password")
-            )
+            # From the config, not the app's broker_url: a Sentinel URL's TLS
+            # settings are not in that one (see _follow_sentinels).
+            client = redis_client(self.client_config or config())
             step = LEDGER_STEPS[name](task_id)
             # Through a failover too: on the master (or refused and written
             # again) before the message goes, which may be lost with it.
@@ -337,5 +362,6 @@ app.add_defaults(lambda: celery_settings(config()))
 def client_app(cfg: Config) -> Celery:
     """A Celery app for clients of ``cfg`` (CLI, demo, tests): sends and reads, runs nothing."""
     client = FormulabeatCelery("formulabeat-client", set_as_current=False)
+    client.client_config = cfg
     client.conf.update(celery_settings(cfg))
     return client

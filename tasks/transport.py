@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from kombu.connection import Connection
 from kombu.transport import redis as kombu_redis
 from kombu.utils.url import _parse_url
 
@@ -56,7 +57,9 @@ class SentinelChannel(_FailsWhenClosed, kombu_redis.SentinelChannel):
     pool is followed (workers.sentinel.follow), so the acks and sends of a
     worker leave a demoted master within a second instead of going on to it
     until it refuses them; and it reads every Sentinel of a ``sentinels://``
-    URL, which kombu passes over (it reads ``sentinel://`` parts only).
+    URL, which kombu passes over (it reads ``sentinel://`` parts only). Over
+    TLS, the master's connections take ``broker_use_ssl`` (kombu puts it in
+    the connection parameters), the Sentinels' the ``sentinel_kwargs``.
     """
 
     master_name: str | None
@@ -89,3 +92,21 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     """kombu's Sentinel transport (``sentinel://``) with :class:`SentinelChannel`."""
 
     Channel = SentinelChannel
+
+
+class BrokerConnection(Connection):
+    """kombu's Connection, which does not switch between the parts of a Sentinel URL.
+
+    After a connection error kombu 5.7.0 switches to the URL's next part and
+    takes that part for the whole broker: its scheme as the transport (the
+    one configured is dropped) and its password, none after the first part.
+    A ``sentinel://`` broker then went on with kombu's own Sentinel transport
+    and no Redis password; a ``sentinels://`` one failed every reconnect with
+    KeyError 'No such transport: sentinels'. Every part names the same group,
+    which :class:`SentinelChannel` asks whole: there is nothing to switch to.
+    """
+
+    def maybe_switch_next(self) -> None:
+        first = self.alt[0] if self.alt else None
+        if not (isinstance(first, str) and sentinel.is_sentinel_url(first)):
+            super().maybe_switch_next()

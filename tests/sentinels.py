@@ -3,7 +3,9 @@
 Every server is a real ``redis-server`` (the Sentinels with ``--sentinel``),
 on free ports, its config (with the password) in a private directory, never
 on the command line. ``down-after-milliseconds`` is short so that a master
-killed is replaced within a few seconds.
+killed is replaced within a few seconds. With ``tls``, every server speaks
+TLS only (replication and the Sentinels' own links too), with certificates
+from trustme, and asks each client for a certificate.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import redis
+import trustme
 
 from workers.embedded import free_port, redis_server_binary
 from workers.statedir import private_dir, write_private
@@ -37,28 +42,95 @@ class SentinelLab:
     data_ports: list[int] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # TLS only, every client presenting a certificate (see _tls_lines).
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        """Celery's Sentinel form, the data password in its first part."""
+        """Celery's Sentinel form, the data password in its first part.
+
+        With TLS: the CA on the first part, the client's certificate on the
+        last, as a URL may give them (kombu would read the first part only).
+        """
         first, *rest = self.sentinel_ports
-        parts = [f"sentinel://:{self.password}@{self.address}:{first}"]
-        parts += [f"sentinel://{self.address}:{port}" for port in rest]
+        scheme = "sentinels" if self.tls else "sentinel"
+        parts = [f"{scheme}://:{self.password}@{self.address}:{first}"]
+        parts += [f"{scheme}://{self.address}:{port}" for port in rest]
+        if self.tls:
+            files = self.tls_files
+            parts[0] += f"?ssl_cert_reqs=required&ssl_ca_certs={quote(str(files['ca']))}"
+            parts[-1] += (
+                f"?ssl_certfile={quote(str(files['client']))}"
+                f"&ssl_keyfile={quote(str(files['client_key']))}"
+            )
         return ";".join(parts)
+
+    @property
+    def tls_files(self) -> dict[str, Path]:
+        """The CA, the servers' certificate and key, a client's (written by start)."""
+        where = self.root / "tls"
+        names = ("ca", "server", "server_key", "client", "client_key")
+        return {name: where / f"{name}.pem" for name in names}
+
+    @property
+    def client_tls(self) -> dict[str, Any]:
+        """redis-py's arguments for a client of any server of the lab."""
+        if not self.tls:
+            return {}
+        files = self.tls_files
+        return {
+            "ssl": True,
+            "ssl_ca_certs": str(files["ca"]),
+            "ssl_certfile": str(files["client"]),
+            "ssl_keyfile": str(files["client_key"]),
+        }
 
     @property
     def _bind(self) -> str:
         return " ".join(dict.fromkeys((self.address, "127.0.0.1")))
 
+    def _listen(self, port: int) -> list[str]:
+        """Where a server listens: ``port`` in plain TCP, or TLS only."""
+        if not self.tls:
+            return [f"port {port}", f"bind {self._bind}"]
+        files = self.tls_files
+        return [
+            "port 0",
+            f"tls-port {port}",
+            f"bind {self._bind}",
+            f'tls-cert-file "{files["server"]}"',
+            f'tls-key-file "{files["server_key"]}"',
+            f'tls-ca-cert-file "{files["ca"]}"',
+            # A client without a certificate the CA signed is refused: a
+            # connection that leaves out the URL's ssl_certfile fails.
+            "tls-auth-clients yes",
+            # Replicas to their master, the Sentinels to the servers and to
+            # one another: over TLS too (the server's certificate as the client's).
+            "tls-replication yes",
+        ]
+
+    def _write_certificates(self) -> None:
+        files = self.tls_files
+        private_dir(files["ca"].parent)
+        ca = trustme.CA()
+        ca.cert_pem.write_to_path(str(files["ca"]))
+        server = ca.issue_cert(*dict.fromkeys((self.address, "127.0.0.1", "localhost")))
+        server.cert_chain_pems[0].write_to_path(str(files["server"]))
+        server.private_key_pem.write_to_path(str(files["server_key"]))
+        client = ca.issue_cert("formulabeat-client")
+        client.cert_chain_pems[0].write_to_path(str(files["client"]))
+        client.private_key_pem.write_to_path(str(files["client_key"]))
+
     def start(self) -> None:
         """Start the master, its two replicas and three Sentinels; wait until all agree."""
         binary = redis_server_binary()
+        if self.tls:
+            self._write_certificates()
         self.data_ports = [free_port() for _ in range(3)]
         master = self.data_ports[0]
         for index, port in enumerate(self.data_ports):
             lines = [
-                f"port {port}",
-                f"bind {self._bind}",
+                *self._listen(port),
                 f"requirepass {self.password}",
                 f"masterauth {self.password}",
                 "appendonly yes",
@@ -70,8 +142,7 @@ class SentinelLab:
             port = free_port()
             self.sentinel_ports.append(port)
             lines = [
-                f"port {port}",
-                f"bind {self._bind}",
+                *self._listen(port),
                 f"sentinel monitor {MASTER_NAME} {self.address} {master} 2",
                 f"sentinel auth-pass {MASTER_NAME} {self.password}",
                 f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
@@ -90,7 +161,7 @@ class SentinelLab:
         self.procs[port] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
     def sentinel(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, socket_timeout=5, decode_responses=True)
+        return redis.Redis(port=port, socket_timeout=5, decode_responses=True, **self.client_tls)
 
     def master_port(self) -> int:
         """The master's port as the first Sentinel that answers names it."""
@@ -102,7 +173,9 @@ class SentinelLab:
 
     def master(self) -> redis.Redis:
         """A client of the current master."""
-        return redis.Redis(port=self.master_port(), password=self.password, socket_timeout=5)
+        return redis.Redis(
+            port=self.master_port(), password=self.password, socket_timeout=5, **self.client_tls
+        )
 
     def _agreed(self, replicas: int) -> bool:
         seen = set()

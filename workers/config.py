@@ -393,23 +393,26 @@ class _Parser:
             broker_url, url_where = os.environ[BROKER_URL_ENV], f"${BROKER_URL_ENV}"
         result_backend = self.get(broker, "broker", "result_backend", str)
         for where, url in ((url_where, broker_url), ("broker.result_backend", result_backend)):
-            if url is not None and not sentinel.is_sentinel_url(url):
-                self.check(
-                    where,
-                    url.startswith(("redis://", "rediss://", "unix://")),
-                    f"{redact_url(url)!r} is not a Redis URL "
-                    "(redis://, rediss://, unix:// or sentinel://)",
-                )
+            if url is None:
+                continue
+            if sentinel.is_sentinel_url(url):
+                try:
+                    sentinel.parse(url)
+                except ValueError as exc:
+                    raise self.fail(where, f"not a Sentinel URL: {exc}") from None
+                continue
+            self.check(
+                where,
+                url.startswith(("redis://", "rediss://", "unix://")),
+                f"{redact_url(url)!r} is not a Redis URL "
+                "(redis://, rediss://, unix:// or sentinel://)",
+            )
         master_name = self.get(broker, "broker", "master_name", str)
         name_where = "broker.master_name"
         if os.environ.get(MASTER_NAME_ENV):
             master_name, name_where = os.environ[MASTER_NAME_ENV], f"${MASTER_NAME_ENV}"
         sentinel_password = self.get(broker, "broker", "sentinel_password", str)
         if broker_url is not None and sentinel.is_sentinel_url(broker_url):
-            try:
-                sentinel.parse(broker_url)
-            except ValueError as exc:
-                raise self.fail(url_where, f"not a Sentinel URL: {exc}") from None
             if not master_name:
                 raise self.fail("broker.master_name", "required with a sentinel:// url")
         else:

@@ -1,7 +1,9 @@
 """Redis behind Sentinel: the ``sentinel://`` URL form and a client that follows the master.
 
 Celery's Sentinel form is ``sentinel://[:password@]host:port;sentinel://host:port;...``;
-the password, when given, is the Redis (data) password. redis-py's
+the password, when given, is the Redis (data) password. ``sentinels://`` is
+TLS to every Sentinel and to the master, with a ``rediss://`` URL's query
+parameters (TLS_PARAMETERS) on any part. redis-py's
 SentinelConnectionPool asks the Sentinels for the master again after a
 connection error or a READONLY reply; a master demoted by SENTINEL FAILOVER
 kept taking writes for more than 10 s (Redis 7.0.15), so a client built here
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import threading
 import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -32,6 +35,11 @@ from redis.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 log = logging.getLogger("formulabeat.sentinel")
 
 SCHEMES = ("sentinel://", "sentinels://")
+# What a sentinels:// URL takes in its query, as a rediss:// URL does (the
+# keys of redis-py's TLS arguments and of Celery's broker_use_ssl).
+TLS_PARAMETERS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+# ssl_cert_reqs's values, in redis-py's spelling or Celery's (CERT_REQUIRED).
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 # How often a client asks the Sentinels who the master is. After a failover
 # the old master keeps accepting writes until the Sentinels turn it into a
 # replica (measured: more than 10 s after SENTINEL FAILOVER), and those
@@ -95,7 +103,13 @@ class SentinelURL:
 
     sentinels: tuple[tuple[str, int], ...]
     password: str | None
-    ssl: bool
+    # sentinels:// only: the TLS_PARAMETERS of every part, ssl_cert_reqs as
+    # ssl.VerifyMode; the form Celery's broker_use_ssl takes.
+    tls: dict[str, Any] | None = None
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """redis-py's arguments for TLS to a Sentinel or the master, if the URL asks for it."""
+        return {} if self.tls is None else {"ssl": True, **self.tls}
 
 
 def is_sentinel_url(url: str) -> bool:
@@ -104,28 +118,81 @@ def is_sentinel_url(url: str) -> bool:
 
 
 def parse(url: str) -> SentinelURL:
-    """The Sentinels and password of ``url``; ValueError (without the password) if malformed."""
+    """The Sentinels, password and TLS settings of ``url``; ValueError (without the password).
+
+    The TLS parameters may be given on any part, and apply to every Sentinel
+    and the master; one given on two parts must have one value.
+    """
     sentinels: list[tuple[str, int]] = []
     password: str | None = None
-    ssl = url.startswith("sentinels://")
+    tls_scheme = url.startswith("sentinels://")
+    tls: dict[str, Any] = {}
     for part in (p.strip() for p in url.split(";")):
         if not part:
             continue
+        where = f"{len(sentinels) + 1}. part"
         if not part.startswith(SCHEMES):
-            raise ValueError(f"{len(sentinels) + 1}. part is not sentinel://host:port")
+            raise ValueError(f"{where} is not sentinel://host:port")
+        if part.startswith("sentinels://") != tls_scheme:
+            raise ValueError(
+                f"{where} mixes sentinel:// and sentinels:// (TLS): use one for every part"
+            )
         split = urlsplit(part)
         try:
             port = split.port or 26379
         except ValueError:
-            raise ValueError(f"{len(sentinels) + 1}. part has an invalid port") from None
+            raise ValueError(f"{where} has an invalid port") from None
         if not split.hostname:
-            raise ValueError(f"{len(sentinels) + 1}. part has no host")
+            raise ValueError(f"{where} has no host")
         if split.password:
             password = unquote(split.password)
+        for name, value in _tls_parameters(split.query, where, tls_scheme):
+            if tls.get(name, value) != value:
+                raise ValueError(f"{where} gives {name} another value than an earlier part")
+            tls[name] = value
         sentinels.append((split.hostname, port))
     if not sentinels:
         raise ValueError("names no Sentinel")
-    return SentinelURL(tuple(sentinels), password, ssl)
+    if not tls_scheme:
+        return SentinelURL(tuple(sentinels), password)
+    # redis-py's default, and what a rediss:// URL without it gets from formulabeat's client.
+    tls.setdefault("ssl_cert_reqs", ssl.CERT_REQUIRED)
+    return SentinelURL(tuple(sentinels), password, tls)
+
+
+def _tls_parameters(query: str, where: str, tls_scheme: bool) -> list[tuple[str, Any]]:
+    """The TLS parameters of one part's ``query``; ValueError naming what is wrong."""
+    found: list[tuple[str, Any]] = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in TLS_PARAMETERS:
+            raise ValueError(
+                f"{where} has an unknown parameter {name!r} (it takes {', '.join(TLS_PARAMETERS)})"
+            )
+        if not tls_scheme:
+            raise ValueError(f"{where} has {name}, which needs TLS: use sentinels://")
+        if any(name == seen for seen, _ in found):
+            raise ValueError(f"{where} gives {name} twice")
+        if not value:
+            raise ValueError(f"{where} has an empty {name}")
+        if name == "ssl_cert_reqs":
+            mode = _CERT_REQS.get(value.lower().removeprefix("cert_"))
+            if mode is None:
+                raise ValueError(
+                    f"{where} has ssl_cert_reqs={value!r}: use required, optional or none"
+                )
+            found.append((name, mode))
+        else:
+            found.append((name, value))
+    return found
+
+
+def without_tls(url: str) -> str:
+    """``url`` without its TLS parameters, for Celery and kombu, which take them as settings.
+
+    kombu reads the query of the first part only (and then in place of
+    broker_use_ssl), Celery's Sentinel result backend none.
+    """
+    return ";".join(part.split("?", 1)[0] for part in (p.strip() for p in url.split(";")) if part)
 
 
 def group(
@@ -159,7 +226,7 @@ def master_client(
 ) -> redis.Redis:
     """A client of the master the Sentinels of ``url`` name for ``master_name``."""
     parsed = parse(url)
-    asked: dict[str, Any] = {"ssl": parsed.ssl}
+    asked = parsed.connection_kwargs()
     if sentinel_password:
         asked["password"] = sentinel_password
     sentinels = group(
@@ -168,7 +235,7 @@ def master_client(
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         password=parsed.password,
-        ssl=parsed.ssl,
+        **parsed.connection_kwargs(),
     )
     client: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
         master_name, health_check_interval=30
@@ -326,10 +393,10 @@ def survey(url: str, master_name: str, sentinel_password: str | None, timeout: f
             host=host,
             port=port,
             password=sentinel_password,
-            ssl=parsed.ssl,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             decode_responses=True,
+            **parsed.connection_kwargs(),
         )
         try:
             info = cast(dict[str, object], client.sentinel_master(master_name))
@@ -338,7 +405,9 @@ def survey(url: str, master_name: str, sentinel_password: str | None, timeout: f
             problems.append(f"{host}:{port} knows no master {master_name!r} ({exc})")
             continue
         except redis.RedisError as exc:
-            problems.append(f"{host}:{port} did not answer ({type(exc).__name__})")
+            # redis-py's message says why: refused, a certificate refused, or
+            # a CA file not found (the config does not check it, as for rediss://).
+            problems.append(f"{host}:{port} did not answer ({type(exc).__name__}: {exc})")
             continue
         finally:
             client.close()
