@@ -62,8 +62,9 @@ class SentinelChannel(_FailsWhenClosed, kombu_redis.SentinelChannel):
     the connection parameters), the Sentinels' the ``sentinel_kwargs``.
     """
 
-    master_name: str | None
-    sentinel_kwargs: dict[str, Any] | None
+    # Set from the transport options (kombu's from_transport_options).
+    master_name: str | None = None
+    sentinel_kwargs: dict[str, Any] | None = None
 
     def _sentinel_managed_pool(self, asynchronous: bool = False) -> Any:
         params = self._connparams(asynchronous)
