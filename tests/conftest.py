@@ -53,6 +53,7 @@ from tests.real_cli import (
     run_by_hand_once,
 )
 from tests.responses_api import ResponsesAPI
+from tests.sentinels import MASTER_NAME, SentinelLab
 from workers import launcher as launcher_module
 from workers.config import Config, load_config
 from workers.embedded import EmbeddedRedis, free_port, start_redis, stop_redis
@@ -499,5 +500,33 @@ def fleet(
     commit_files(tmp_path / "ops", {"journal.md": "# journal\n"})
     fleet = Fleet(root=tmp_path, redis_url=redis_server.url, tmux_socket=tmux_socket)
     yield fleet
+    for stack in fleet.stacks:
+        stack.stop()
+
+
+@pytest.fixture
+def sentinel_lab(tmp_path: Path) -> Iterator[SentinelLab]:
+    """A master, two replicas and three Sentinels, stopped after the test."""
+    group = SentinelLab(tmp_path / "sentinels")
+    try:
+        group.start()
+        yield group
+    finally:
+        group.stop()
+
+
+@pytest.fixture
+def ha_fleet(tmp_path: Path, sentinel_lab: SentinelLab, tmux_socket: str) -> Iterator[Fleet]:
+    """A fleet whose broker URL names the Sentinels, not a Redis."""
+    commit_files(tmp_path / "project", {"README.md": "# proj\n"})
+    commit_files(tmp_path / "ops", {"journal.md": "# journal\n"})
+    fleet = Fleet(
+        root=tmp_path,
+        redis_url=sentinel_lab.url,
+        tmux_socket=tmux_socket,
+        broker_settings=f'master_name = "{MASTER_NAME}"\n',
+    )
+    yield fleet
+    fleet.close_clients()
     for stack in fleet.stacks:
         stack.stop()

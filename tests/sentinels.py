@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -241,3 +242,17 @@ class SentinelLab:
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
+
+
+def doctor(where: Path, url: str, master_name: str) -> subprocess.CompletedProcess[str]:
+    """``formulabeat doctor`` for a config in ``where`` naming ``url`` and ``master_name``."""
+    config = where / "formulabeat.toml"
+    broker = f'[broker]\nurl = "{url}"\nmaster_name = "{master_name}"\n'
+    config.write_text(f'state_dir = "state"\n{broker}')
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "--config", str(config), "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -6,11 +6,8 @@ import collections
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,124 +16,85 @@ from redis.sentinel import MasterNotFoundError
 
 from tests.conftest import (
     Fleet,
-    commit_files,
     get_json,
     held_claims,
     tmux_sessions,
     wait_result,
     wait_until,
 )
-from tests.sentinels import MASTER_NAME, SentinelLab
+from tests.sentinels import MASTER_NAME, SentinelLab, doctor
 from workers import registry, sentinel
 from workers.locks import Lease
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[SentinelLab]:
-    """A master, two replicas and three Sentinels, stopped after the test."""
-    group = SentinelLab(tmp_path / "sentinels")
-    try:
-        group.start()
-        yield group
-    finally:
-        group.stop()
-
-
-@pytest.fixture
-def ha_fleet(tmp_path: Path, lab: SentinelLab, tmux_socket: str) -> Iterator[Fleet]:
-    """A fleet whose broker URL names the Sentinels, not a Redis."""
-    commit_files(tmp_path / "project", {"README.md": "# proj\n"})
-    commit_files(tmp_path / "ops", {"journal.md": "# journal\n"})
-    fleet = Fleet(
-        root=tmp_path,
-        redis_url=lab.url,
-        tmux_socket=tmux_socket,
-        broker_settings=f'master_name = "{MASTER_NAME}"\n',
-    )
-    yield fleet
-    fleet.close_clients()
-    for stack in fleet.stacks:
-        stack.stop()
-
-
-def test_a_run_through_sentinel_ends_done(ha_fleet: Fleet, lab: SentinelLab) -> None:
+def test_a_run_through_sentinel_ends_done(ha_fleet: Fleet, sentinel_lab: SentinelLab) -> None:
     ha_fleet.add_agent("planner", "phase=awaiting_ci phase=done")
     ha_fleet.write_config()
     ha_fleet.start_worker()
     result = ha_fleet.run("planner", timeout=120)
     assert result["outcome"] == "done", result
     assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
-    assert held_claims(lab.master()) == []
+    assert held_claims(sentinel_lab.master()) == []
 
 
 @pytest.mark.sentinel  # make sentinel
 @pytest.mark.parametrize("fault", ["failover", "kill_master"])
-def test_live_runs_come_through_a_new_master(ha_fleet: Fleet, lab: SentinelLab, fault: str) -> None:
+def test_live_runs_come_through_a_new_master(
+    ha_fleet: Fleet, sentinel_lab: SentinelLab, fault: str
+) -> None:
     for name in ("first", "second"):
         ha_fleet.add_agent(name, "phase=awaiting_ci sleep=8 phase=done")
     ha_fleet.write_config()
     ha_fleet.start_worker()
     live = [ha_fleet.send_live(name, timeout=120) for name in ("first", "second")]
-    old = lab.master_port()
-    assert getattr(lab, fault)() != old
+    old = sentinel_lab.master_port()
+    assert getattr(sentinel_lab, fault)() != old
     for sent in live:
         result = wait_result(sent, 180)
         assert result["outcome"] == "done", result
         assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
         assert result["recoveries"] == 0 and result.get("restarts", 0) == 0
-    assert held_claims(lab.master()) == []
+    assert held_claims(sentinel_lab.master()) == []
     assert tmux_sessions(ha_fleet.tmux_socket) == []
     # The worker still serves on the new master.
     assert ha_fleet.run("first", timeout=120)["outcome"] == "done"
 
 
 def test_doctor_names_the_master_the_sentinels_agree_on_and_fails_an_unknown_one(
-    tmp_path: Path, lab: SentinelLab
+    tmp_path: Path, sentinel_lab: SentinelLab
 ) -> None:
-    def doctor(master_name: str) -> subprocess.CompletedProcess[str]:
-        config = tmp_path / "formulabeat.toml"
-        config.write_text(
-            f'state_dir = "state"\n[broker]\nurl = "{lab.url}"\nmaster_name = "{master_name}"\n'
-        )
-        return subprocess.run(
-            [sys.executable, "-m", "tasks.cli", "--config", str(config), "doctor"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-    known = doctor(MASTER_NAME)
-    line = f"master '{MASTER_NAME}' at 127.0.0.1:{lab.master_port()}: 3 of 3 Sentinels answered"
+    known = doctor(tmp_path, sentinel_lab.url, MASTER_NAME)
+    port = sentinel_lab.master_port()
+    line = f"master '{MASTER_NAME}' at 127.0.0.1:{port}: 3 of 3 Sentinels answered"
     assert line in known.stdout and "3 agree; 2 replicas" in known.stdout, known.stdout
-    assert lab.password not in known.stdout + known.stderr
-    unknown = doctor("nope")
+    assert sentinel_lab.password not in known.stdout + known.stderr
+    unknown = doctor(tmp_path, sentinel_lab.url, "nope")
     assert unknown.returncode == 4, unknown.stdout + unknown.stderr
     assert "knows no master 'nope'" in unknown.stdout
     assert "Traceback" not in unknown.stderr
 
 
 def test_a_lease_is_on_a_replica_before_it_counts_and_a_demoted_master_never_keeps_one(
-    lab: SentinelLab,
+    sentinel_lab: SentinelLab,
 ) -> None:
     # A client as formulabeat's, but without the thread that leaves a demoted
     # master within a second: its pooled connection still reaches the old one.
     group = sentinel.EpochSentinel(  # type: ignore[no-untyped-call]
-        [("127.0.0.1", port) for port in lab.sentinel_ports],
+        [("127.0.0.1", port) for port in sentinel_lab.sentinel_ports],
         socket_timeout=5,
-        password=lab.password,
+        password=sentinel_lab.password,
     )
     client: redis.Redis = group.master_for(MASTER_NAME)  # type: ignore[no-untyped-call]
     first = Lease.acquire(client, "formulabeat:lock:p:first", "run-1", "host-a", 60)
     assert first is not None
     replicas = [
-        redis.Redis(port=port, password=lab.password, socket_timeout=5)
-        for port in lab.data_ports
-        if port != lab.master_port()
+        redis.Redis(port=port, password=sentinel_lab.password, socket_timeout=5)
+        for port in sentinel_lab.data_ports
+        if port != sentinel_lab.master_port()
     ]
     # On a replica (WAIT 1: one at least), where a failover finds it.
     assert first.token.encode() in [replica.get(first.key) for replica in replicas]
-    lab.failover()
+    sentinel_lab.failover()
     try:
         second = Lease.acquire(client, "formulabeat:lock:p:second", "run-2", "host-a", 60)
     except redis.ConnectionError as exc:
@@ -144,25 +102,29 @@ def test_a_lease_is_on_a_replica_before_it_counts_and_a_demoted_master_never_kee
         assert "no longer the master" in str(exc)
         second = Lease.acquire(client, "formulabeat:lock:p:second", "run-2", "host-a", 60)
     assert second is not None
-    master = lab.master()
+    master = sentinel_lab.master()
     assert master.get(second.key) == second.token.encode()
     assert master.get(first.key) == first.token.encode()
     client.close()
 
 
-def test_no_client_is_sent_to_the_old_master_once_a_new_one_is_promoted(lab: SentinelLab) -> None:
+def test_no_client_is_sent_to_the_old_master_once_a_new_one_is_promoted(
+    sentinel_lab: SentinelLab,
+) -> None:
     # The Sentinel that leads a failover names the old master (with the new
     # epoch) until the replicas have moved; for about a second after the
     # promotion every Sentinel does. A client sent there writes what the old
     # master loses once it is made a replica.
-    group = sentinel.group([("127.0.0.1", port) for port in lab.sentinel_ports], socket_timeout=5)
-    old = ("127.0.0.1", lab.master_port())
+    group = sentinel.group(
+        [("127.0.0.1", port) for port in sentinel_lab.sentinel_ports], socket_timeout=5
+    )
+    old = ("127.0.0.1", sentinel_lab.master_port())
     others = [
-        redis.Redis(port=port, password=lab.password, socket_timeout=5)
-        for port in lab.data_ports
+        redis.Redis(port=port, password=sentinel_lab.password, socket_timeout=5)
+        for port in sentinel_lab.data_ports
         if port != old[1]
     ]
-    failing_over = threading.Thread(target=lab.failover)
+    failing_over = threading.Thread(target=sentinel_lab.failover)
     failing_over.start()
     answers: collections.Counter[str] = collections.Counter()
     while failing_over.is_alive():
@@ -176,8 +138,10 @@ def test_no_client_is_sent_to_the_old_master_once_a_new_one_is_promoted(lab: Sen
             assert master != old, answers
             answers["the new master"] += 1
     failing_over.join()
-    # (The lab's first Sentinel named the new master; another may still be moving its replicas.)
-    lab.wait_for(lambda: group.discover_master(MASTER_NAME) != old, 30, "the new master named")
+    # (The lab's first Sentinel named the new master; another may still move its replicas.)
+    sentinel_lab.wait_for(
+        lambda: group.discover_master(MASTER_NAME) != old, 30, "the new master named"
+    )
 
 
 def _prompts(log: Path) -> dict[str, set[int]]:
@@ -192,7 +156,7 @@ def _prompts(log: Path) -> dict[str, set[int]]:
 
 @pytest.mark.sentinel
 def test_twenty_runs_started_across_a_failover_each_start_one_agent(
-    ha_fleet: Fleet, lab: SentinelLab, tmp_path: Path
+    ha_fleet: Fleet, sentinel_lab: SentinelLab, tmp_path: Path
 ) -> None:
     log = tmp_path / "agents.jsonl"
     names = [f"a{index:02d}" for index in range(20)]
@@ -204,7 +168,7 @@ def test_twenty_runs_started_across_a_failover_each_start_one_agent(
     beat, _ = ha_fleet.start_beat()
     try:
         sent = [ha_fleet.send(name) for name in names]
-        lab.failover()
+        sentinel_lab.failover()
         results = [wait_result(one, 240) for one in sent]
     finally:
         os.killpg(beat.pid, signal.SIGTERM)
@@ -216,13 +180,15 @@ def test_twenty_runs_started_across_a_failover_each_start_one_agent(
     assert {r["run_id"]: len(prompted[r["run_id"]]) for r in results} == {
         r["run_id"]: 1 for r in results
     }
-    assert held_claims(lab.master()) == []
-    assert lab.master().zcard("formulabeat:slots:default") == 0
+    assert held_claims(sentinel_lab.master()) == []
+    assert sentinel_lab.master().zcard("formulabeat:slots:default") == 0
     assert tmux_sessions(ha_fleet.tmux_socket) == []
 
 
 @pytest.mark.sentinel
-def test_a_beat_entry_due_during_a_failover_is_sent_once(ha_fleet: Fleet, lab: SentinelLab) -> None:
+def test_a_beat_entry_due_during_a_failover_is_sent_once(
+    ha_fleet: Fleet, sentinel_lab: SentinelLab
+) -> None:
     ha_fleet.add_agent("minutely", "phase=done", schedule="* * * * *")
     ha_fleet.write_config("\n[beat]\nlock_timeout = 6\n")
     ha_fleet.start_worker()
@@ -233,7 +199,7 @@ def test_a_beat_entry_due_during_a_failover_is_sent_once(ha_fleet: Fleet, lab: S
         time.sleep(60 - time.time() % 60 - 1 + (60 if time.time() % 60 > 50 else 0))
         due = int(time.time() // 60 + 1) * 60
         before = len(beat_log.read_text())
-        lab.failover()
+        sentinel_lab.failover()
         # That minute's run and the next one's: each sent once.
         wait_until(lambda: time.time() > due + 75, 120, "the minute after")
         text = beat_log.read_text()
@@ -242,7 +208,7 @@ def test_a_beat_entry_due_during_a_failover_is_sent_once(ha_fleet: Fleet, lab: S
     finally:
         os.killpg(beat.pid, signal.SIGTERM)
         beat.wait(timeout=30)
-    client = lab.master()
+    client = sentinel_lab.master()
 
     def mine() -> list[dict[str, object]]:
         return [r for r in registry.recent(client) if r.get("agent") == "minutely"]
@@ -255,7 +221,7 @@ def test_a_beat_entry_due_during_a_failover_is_sent_once(ha_fleet: Fleet, lab: S
 
 @pytest.mark.sentinel
 def test_flower_shows_the_runs_before_and_after_a_failover(
-    ha_fleet: Fleet, lab: SentinelLab
+    ha_fleet: Fleet, sentinel_lab: SentinelLab
 ) -> None:
     for name in ("before", "after"):
         ha_fleet.add_agent(name, "phase=done")
@@ -268,7 +234,7 @@ def test_flower_shows_the_runs_before_and_after_a_failover(
     first = ha_fleet.send("before")
     assert wait_result(first, 120)["outcome"] == "done"
     wait_until(lambda: shown(first.id), 60, "Flower to show the first run")
-    lab.failover()
+    sentinel_lab.failover()
     second = ha_fleet.send("after")
     assert wait_result(second, 120)["outcome"] == "done"
     # Flower's event receiver found the new master by itself.

@@ -9,8 +9,6 @@ is refused.
 from __future__ import annotations
 
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +18,8 @@ from redbeat.schedulers import get_redis
 
 from tasks.app import client_app
 from tasks.transport import SentinelTransport
-from tests.conftest import Fleet, commit_files, held_claims
-from tests.sentinels import MASTER_NAME, SentinelLab
+from tests.conftest import Fleet, held_claims
+from tests.sentinels import MASTER_NAME, SentinelLab, doctor
 from tests.test_tls_broker import _supports_tls
 from workers.config import Config, parse_config
 from workers.embedded import redis_server_binary
@@ -76,7 +74,7 @@ def test_a_broker_connection_stays_on_its_sentinel_transport_after_an_error(
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelLab]:
+def sentinel_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelLab]:
     """A master, two replicas and three Sentinels, all over TLS."""
     binary = redis_server_binary()
     if not _supports_tls(binary):
@@ -89,68 +87,41 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelLab]:
         group.stop()
 
 
-def test_a_run_through_tls_sentinels_ends_done(
-    tmp_path: Path, lab: SentinelLab, tmux_socket: str
-) -> None:
-    commit_files(tmp_path / "project", {"README.md": "# proj\n"})
-    commit_files(tmp_path / "ops", {"journal.md": "# journal\n"})
-    fleet = Fleet(
-        root=tmp_path,
-        redis_url=lab.url,
-        tmux_socket=tmux_socket,
-        broker_settings=f'master_name = "{MASTER_NAME}"\n',
-    )
-    try:
-        fleet.add_agent("planner", "phase=awaiting_ci phase=done")
-        cfg = fleet.write_config()
-        fleet.start_worker()
-        result = fleet.run("planner", timeout=120)
-        assert result["outcome"] == "done", result
-        assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
-        assert held_claims(lab.master()) == []
-        # redbeat (beat's schedule and lock), and the broker connection as
-        # kombu has it after a connection error (Flower's too: the app's).
-        app = client_app(cfg)
-        assert get_redis(app).ping()
-        with app.connection_for_write() as conn:
-            conn.maybe_switch_next()
-            channel = conn.default_channel
-            assert channel.client.ping()
-            # Every Sentinel of the URL, which kombu's own channel passes over
-            # for sentinels:// parts (it asks only the first part's host).
-            group = channel._sentinel_manager or channel._async_sentinel_manager
-            assert len(group.sentinels) == len(lab.sentinel_ports)
-    finally:
-        fleet.close_clients()
-        for stack in fleet.stacks:
-            stack.stop()
-    logs = [path for path in (tmp_path / "logs-host-a").iterdir() if path.is_file()]
-    assert logs and all(lab.password not in path.read_text() for path in logs)
+def test_a_run_through_tls_sentinels_ends_done(ha_fleet: Fleet, sentinel_lab: SentinelLab) -> None:
+    ha_fleet.add_agent("planner", "phase=awaiting_ci phase=done")
+    cfg = ha_fleet.write_config()
+    ha_fleet.start_worker()
+    result = ha_fleet.run("planner", timeout=120)
+    assert result["outcome"] == "done", result
+    assert [p["phase"] for p in result["phases"]] == ["PHASE:awaiting_ci", "PHASE:done"]
+    assert held_claims(sentinel_lab.master()) == []
+    # redbeat (beat's schedule and lock), and the broker connection as
+    # kombu has it after a connection error (Flower's too: the app's).
+    app = client_app(cfg)
+    assert get_redis(app).ping()
+    with app.connection_for_write() as conn:
+        conn.maybe_switch_next()
+        channel = conn.default_channel
+        assert channel.client.ping()
+        # Every Sentinel of the URL, which kombu's own channel passes over
+        # for sentinels:// parts (it asks only the first part's host).
+        group = channel._sentinel_manager or channel._async_sentinel_manager
+        assert len(group.sentinels) == len(sentinel_lab.sentinel_ports)
+    logs = [path for path in (ha_fleet.root / "logs-host-a").iterdir() if path.is_file()]
+    assert logs and all(sentinel_lab.password not in path.read_text() for path in logs)
 
 
 def test_doctor_names_the_master_over_tls_and_a_missing_ca(
-    tmp_path: Path, lab: SentinelLab
+    tmp_path: Path, sentinel_lab: SentinelLab
 ) -> None:
-    def doctor(url: str) -> subprocess.CompletedProcess[str]:
-        config = tmp_path / "formulabeat.toml"
-        config.write_text(
-            f'state_dir = "state"\n[broker]\nurl = "{url}"\nmaster_name = "{MASTER_NAME}"\n'
-        )
-        return subprocess.run(
-            [sys.executable, "-m", "tasks.cli", "--config", str(config), "doctor"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-
-    found = doctor(lab.url)
-    line = f"master '{MASTER_NAME}' at 127.0.0.1:{lab.master_port()}: 3 of 3 Sentinels answered"
+    found = doctor(tmp_path, sentinel_lab.url, MASTER_NAME)
+    port = sentinel_lab.master_port()
+    line = f"master '{MASTER_NAME}' at 127.0.0.1:{port}: 3 of 3 Sentinels answered"
     assert line in found.stdout and "3 agree; 2 replicas" in found.stdout, found.stdout
     assert "Redis 7." in found.stdout, found.stdout
-    assert lab.password not in found.stdout + found.stderr
+    assert sentinel_lab.password not in found.stdout + found.stderr
     # As for a rediss:// URL, a CA file that is not there is found when connecting.
-    missing = doctor(lab.url.replace("ca.pem", "gone.pem"))
+    missing = doctor(tmp_path, sentinel_lab.url.replace("ca.pem", "gone.pem"), MASTER_NAME)
     assert missing.returncode == 4, missing.stdout + missing.stderr
     assert "No such file or directory" in missing.stdout, missing.stdout
-    assert lab.password not in missing.stdout + missing.stderr
+    assert sentinel_lab.password not in missing.stdout + missing.stderr
