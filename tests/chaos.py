@@ -14,15 +14,15 @@ At the end it prints one line:
 (with Sentinel, also ``longest write wait``: the longest a write through
 formulabeat's own client, made every 0.1 s by a probe, waited for a master).
 
-``lost``: runs with no outcome, or ended ``lost``/``lost_lease`` (no host
-vanished, so none should be). ``duplicated``: runs whose agent got the
-prompt in more than one process, or that overlapped another run of the same
-agent (both from the agents' own logs). ``leaked locks``: leases and session
-slots still held once every run has ended. ``leaked sessions``: tmux
-sessions left on any host. A worker that exits on its own (chaos only
-kills them with -9) is started again, as systemd would, and told on stderr
-with the end of its log. The exit status is 0 only when all are zero and no
-worker exited on its own.
+``lost``: runs with no outcome, ended ``lost``/``lost_lease`` (no host
+vanished, so none should be), or skipped for a lease they held themselves.
+``duplicated``: runs whose agent got the prompt in more than one process, or
+that overlapped another run of the same agent (both from the agents' own logs).
+``leaked locks``: leases and session slots still held once every run has ended.
+``leaked sessions``: tmux sessions left on any host. A worker that exits on its
+own (chaos only kills them with -9) is started again, as systemd would, and
+told on stderr with the end of its log. The exit status is 0 only when all are
+zero and no worker exited on its own.
 """
 
 from __future__ import annotations
@@ -256,7 +256,14 @@ def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
         if outcome != "done":
             record = json.loads(client.get(f"formulabeat:run:{run_id}") or b"{}")
             print(f"chaos: run {run_id} {outcome}: {record.get('reason')}", file=sys.stderr)
-    lost = sum(1 for o in outcomes.values() if o is None or o in TROUBLE)
+    # A run skipped for a lease it holds itself never ran its agent: lost too.
+    reasons = {
+        run_id: str(json.loads(client.get(f"formulabeat:run:{run_id}") or b"{}").get("reason"))
+        for run_id, outcome in outcomes.items()
+        if outcome == "skipped"
+    }
+    self_skipped = {run_id for run_id, reason in reasons.items() if f"run {run_id} " in reason}
+    lost = sum(1 for o in outcomes.values() if o is None or o in TROUBLE) + len(self_skipped)
     events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     prompted: dict[str, set[int]] = collections.defaultdict(set)
     spans: dict[str, list[float]] = {}
@@ -286,7 +293,8 @@ def _verdict(lab: NetLab, sent: dict[str, str], log: Path) -> dict[str, int]:
                     file=sys.stderr,
                 )
                 duplicated.add(run_id)
-    troubled = {r for r, o in outcomes.items() if o is None or o in TROUBLE} | duplicated
+    troubled = {r for r, o in outcomes.items() if o is None or o in TROUBLE}
+    troubled |= duplicated | self_skipped
     for run_id in sorted(troubled):
         _explain(lab, run_id, [e for e in events if e.get("run") == run_id])
     time.sleep(2)  # a session being killed as the last run ended
