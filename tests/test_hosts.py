@@ -86,6 +86,31 @@ def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
     assert held_claims(redis_client) == []
 
 
+def test_a_run_whose_state_names_an_older_lease_token_is_prepared_again_not_skipped(
+    fleet: Fleet, redis_client: redis.Redis
+) -> None:
+    # Its worker took the lease and published PREPARING, gave the lease back
+    # (Redis went away: the preparation starts over), took it again and died
+    # before the new token was published. The saved state names a token no
+    # longer held; the lease is still the run's own (make chaos REDIS=sentinel
+    # found two runs skipped "already running" by themselves).
+    fleet.add_agent("planner")
+    fleet.write_config()
+    run = _run(7, state="CLAIMED")
+    assert registry.claim_run(redis_client, run.to_dict(), "host-a:1:first")
+    key = agent_lock_key("proj", "planner")
+    first = Lease.acquire(redis_client, key, run.id, "host-a", 300)
+    assert first is not None and first.release(redis_client)
+    published = {**run.to_dict(), "state": "PREPARING", "lease_key": key}
+    registry.save_state(redis_client, {**published, "lease_token": first.token})
+    assert Lease.acquire(redis_client, key, run.id, "host-a", 300)
+    fleet.start_worker("host-a")
+    result = wait_result(client_app(load_config(fleet.config_path)).AsyncResult(run.id), 60)
+    assert result["outcome"] == "done", result
+    assert result["restarts"] == 1
+    assert held_claims(redis_client) == []
+
+
 def test_a_prepared_run_whose_session_step_waits_is_left_to_that_step(
     fleet: Fleet, redis_client: redis.Redis
 ) -> None:

@@ -302,17 +302,19 @@ def release_claims(run: Run, client: redis.Redis, cfg: Config) -> None:
 
     A worker killed between taking them and publishing that left them
     unrecorded in the run's state: whoever ends the run (its adopter, the
-    reaper) finds them by the run's id.
+    reaper) finds them by the run's id. No other run holds a lease or a
+    slot under this run's id, so that is always right.
     """
     credentials = {run.slot} if run.slot else set()
     with contextlib.suppress(ConfigError):
         credentials.add(cfg.agent(run.project, run.agent).credential)
 
     def release() -> None:
-        if run.lease_key and run.lease_token:
-            Lease(key=run.lease_key, token=run.lease_token, ttl_ms=0).release(client)
-        else:
-            release_run(client, agent_lock_key(run.project, run.agent), run.id)
+        # By the run's id, not the token its state names: a preparation that
+        # started over took the lease again under a token the dead worker may
+        # not have published (the lease was then never given back, and the
+        # run prepared anew was skipped as "already running" by itself).
+        release_run(client, run.lease_key or agent_lock_key(run.project, run.agent), run.id)
         for credential in credentials:
             Slots(client, credential, 0).release(run.id)
 
