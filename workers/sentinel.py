@@ -75,12 +75,8 @@ class EpochSentinel(Sentinel):
     def discover_master(self, service_name: str) -> tuple[str, int]:
         named: list[tuple[int, tuple[str, int]]] = []
         replaced: set[tuple[str, int]] = set()
-        for each in self.sentinels:
-            try:
-                masters = cast(dict[str, dict[str, object]], each.sentinel_masters())
-                state = masters.get(service_name)
-            except (redis.ConnectionError, redis.TimeoutError):
-                continue
+        for masters in self._ask_every("SENTINEL MASTERS"):
+            state = cast(dict[str, dict[str, object]], masters).get(service_name)
             if not state:
                 continue
             address = (str(state["ip"]), int(str(state["port"])))
@@ -95,6 +91,49 @@ class EpochSentinel(Sentinel):
             during = " (a failover is under way)" if replaced else ""
             raise MasterNotFoundError(f"No master found for {service_name!r}{during}")
         return max(candidates)[1]
+
+    def _ask_every(self, command: str) -> list[Any]:
+        """The replies of the Sentinels that answer ``command``, one each.
+
+        Every write kept through a failover asks this once it is made (is the
+        server written to still the master?): the question goes to all the
+        Sentinels before any answer is read, so it costs one round trip, not
+        one per Sentinel.
+        """
+        asked: list[tuple[redis.Redis, Any]] = []
+        replies: list[Any] = []
+        try:
+            for each in self.sentinels:
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    asked.append((each, _sent(each.connection_pool, command)))
+            while asked:
+                each, connection = asked.pop(0)
+                try:
+                    raw = connection.read_response()
+                except (redis.ConnectionError, redis.TimeoutError):
+                    connection.disconnect()
+                    continue
+                finally:
+                    each.connection_pool.release(connection)
+                replies.append(each.response_callbacks[command](raw))
+        finally:
+            # Interrupted: an answer left unread would be read as the next one's.
+            for each, connection in asked:
+                connection.disconnect()
+                each.connection_pool.release(connection)
+        return replies
+
+
+def _sent(pool: redis.ConnectionPool, *command: Any) -> Any:
+    """A connection of ``pool`` on which ``command`` is sent, its answer not yet read."""
+    connection: Any = pool.get_connection()  # redis-py's Connection is untyped
+    try:
+        connection.send_command(*command)
+    except BaseException:
+        connection.disconnect()
+        pool.release(connection)
+        raise
+    return connection
 
 
 @dataclass(frozen=True)
@@ -297,8 +336,10 @@ def kept(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
     naming it): the Sentinels are asked again after PROMOTION_GRACE. With no
     replica up at all the writes are kept as a plain Redis would keep them,
     and a warning says so. A plain Redis URL runs the commands in one
-    transaction; on Sentinel they run one after another (a transaction's
-    replies come on a connection of its own, where no WAIT could count them).
+    transaction; on Sentinel they are sent at once with the WAIT on one
+    connection (not a transaction, whose replies come on a connection of its
+    own, where no WAIT could count them), and their replies are Redis's own,
+    not parsed by the client.
     """
     pool = client.connection_pool
     if not isinstance(pool, SentinelConnectionPool):
@@ -307,14 +348,21 @@ def kept(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
             pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         return list(pipe.execute())
     wanted = max(1, _replicas_up(pool))
-    one: redis.Redis = redis.Redis(connection_pool=pool, single_connection_client=True)
+    connection: Any = pool.get_connection()  # redis-py's Connection is untyped
     try:
-        replies = [_command(one, *command) for command in commands]
-        acked = int(_command(one, "WAIT", wanted, REPLICA_WAIT_MS))
-        assert one.connection is not None
-        wrote_to = (one.connection.host, one.connection.port)
+        # One round trip: the WAIT counts the writes sent before it on its connection.
+        connection.send_packed_command(
+            connection.pack_commands([*commands, ("WAIT", wanted, REPLICA_WAIT_MS)])
+        )
+        replies = [connection.read_response() for _ in commands]
+        acked = int(connection.read_response())
+        wrote_to = (connection.host, connection.port)
+    except BaseException:
+        # Replies may be left unread: the connection must not be used again.
+        connection.disconnect()
+        raise
     finally:
-        one.close()
+        pool.release(connection)
     # A replica's acknowledgement is not enough: a master just demoted may
     # still have a replica attached (measured: the write acknowledged, then
     # gone once the Sentinels moved that replica to the new master).
@@ -360,10 +408,6 @@ def _replicas_up(pool: SentinelConnectionPool) -> int:
         break
     _replicas_seen[id(pool)] = (time.monotonic(), count)
     return count
-
-
-def _command(client: redis.Redis, *command: Any) -> Any:
-    return client.execute_command(*command)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)
