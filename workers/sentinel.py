@@ -313,6 +313,7 @@ def _follow() -> None:
             if isinstance(pool, SentinelConnectionPool):
                 with contextlib.suppress(redis.RedisError):
                     pool.get_master_address()  # type: ignore[no-untyped-call]
+                    _count_replicas(pool)
         del pools
         time.sleep(FOLLOW_SECONDS)
 
@@ -390,13 +391,22 @@ def _still_master(pool: SentinelConnectionPool, wrote_to: tuple[str, int]) -> No
 
 
 _replicas_seen: dict[int, tuple[float, int]] = {}
+# How old a count of the replicas a kept write may use. The follow thread
+# counts them every FOLLOW_SECONDS, so a write does not wait for the question
+# (asked on the way, it held up the first write of every second); a pool
+# nobody follows is asked on the way.
+REPLICAS_SEEN_FOR = 3 * FOLLOW_SECONDS
 
 
 def _replicas_up(pool: SentinelConnectionPool) -> int:
-    """How many replicas of the pool's master the Sentinels see up (asked once a FOLLOW_SECONDS)."""
+    """How many replicas of the pool's master the Sentinels see up, counted lately."""
     seen = _replicas_seen.get(id(pool))
-    if seen and time.monotonic() - seen[0] < FOLLOW_SECONDS:
+    if seen and time.monotonic() - seen[0] < REPLICAS_SEEN_FOR:
         return seen[1]
+    return _count_replicas(pool)
+
+
+def _count_replicas(pool: SentinelConnectionPool) -> int:
     count = 0
     for each in pool.sentinel_manager.sentinels:
         try:
