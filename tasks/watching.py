@@ -27,7 +27,7 @@ from workers import lifecycle, quota, registry, spending, usage, waiting
 from workers import run as outcomes
 from workers.apierrors import RESET_MARGIN, ApiFailure, format_time
 from workers.errors import FormulabeatError
-from workers.lanes import RETRYABLE, Lanes, with_redis
+from workers.lanes import REDIS_PATIENCE, RETRYABLE, Lanes, with_redis
 from workers.monitor import MonitorExit, SessionWatch, WaitOver, WatchEnd
 from workers.phases import state_name
 from workers.run import Run
@@ -88,7 +88,14 @@ def _this_host() -> _Host:
 
 
 class _LaneSink:
-    """A ProgressSink that publishes through the run's lane (in order, retried)."""
+    """A ProgressSink that publishes through the run's lane (in order, retried).
+
+    STARTING, which names the run's session, is waited for: should the worker
+    die, its adopter tells an agent that has its prompt (follow it) from a run
+    to prepare again by that record, so the record must come before the
+    prompt. (make chaos REDIS=sentinel: with the lane slow through a failover,
+    an agent got its prompt, did its work, and its run was prepared again.)
+    """
 
     def __init__(self, host: _Host) -> None:
         self.host = host
@@ -98,6 +105,8 @@ class _LaneSink:
         snapshot = Run.from_dict(run.to_dict())
         reporter = self.host.reporter
         self.host.lanes.submit(run.id, lambda: reporter.progress(snapshot, state))
+        if state == "STARTING" and not self.host.lanes.settle(run.id, REDIS_PATIENCE):
+            log.warning("run %s: its session is not recorded yet; giving the prompt anyway", run.id)
 
 
 def sink() -> lifecycle.ProgressSink:

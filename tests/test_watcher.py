@@ -52,3 +52,23 @@ def test_a_lane_keeps_a_runs_order_and_retries_while_redis_is_away() -> None:
     assert finished.wait(10)
     assert done == ["first", "second", "third"]
     assert failures["left"] == 0
+
+
+def test_settle_returns_once_a_runs_earlier_jobs_went_through() -> None:
+    lanes = Lanes(count=2, name="test", max_pause=0.05)
+    release = threading.Event()
+    done: list[str] = []
+
+    def slow() -> None:
+        release.wait(10)
+        done.append("recorded")
+
+    lanes.submit("run-1", slow)
+    assert not lanes.settle("run-1", 0.2)  # the job is still held up
+    release.set()
+    assert lanes.settle("run-1", 10)
+    assert done == ["recorded"]
+    inside: list[bool] = []
+    lanes.submit("run-1", lambda: inside.append(lanes.settle("run-1", 10)))
+    assert lanes.settle("run-1", 10)
+    assert inside == [False]  # a lane's own job is not made to wait for itself

@@ -56,14 +56,29 @@ class Lanes:
     def __init__(self, count: int = 4, name: str = "lane", max_pause: float = 5.0) -> None:
         self.max_pause = max_pause
         self._queues: list[queue.SimpleQueue[Job]] = [queue.SimpleQueue() for _ in range(count)]
-        for index, jobs in enumerate(self._queues):
+        self._threads = [
             threading.Thread(
                 target=self._work, args=(jobs,), name=f"formulabeat-{name}-{index}", daemon=True
-            ).start()
+            )
+            for index, jobs in enumerate(self._queues)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, key: str, job: Job) -> None:
         """Queue ``job`` behind the earlier jobs of ``key``."""
         self._queues[zlib.crc32(key.encode()) % len(self._queues)].put(job)
+
+    def settle(self, key: str, timeout: float) -> bool:
+        """Wait until the jobs of ``key`` queued so far have gone through; False after ``timeout``.
+
+        A job of a lane does not wait: its lane would wait for itself.
+        """
+        if threading.current_thread() in self._threads:
+            return False
+        through = threading.Event()
+        self.submit(key, through.set)
+        return through.wait(timeout)
 
     def _work(self, jobs: queue.SimpleQueue[Job]) -> None:
         while True:
