@@ -494,45 +494,80 @@ def cmd_logs(args: argparse.Namespace) -> int:
     client = redis_client(cfg)
     run_id = resolve_run_id(cfg, args.run_id)
     seen: str | None = None  # the pane as last printed
-    while True:
-        snap = _snapshot(cfg, run_id)
-        if snap.get("outcome"):
-            if args.follow:
-                # Its host published the screen once more as the session ended.
-                _print_new_lines(seen, registry.published_pane(client, run_id))
-            print(f"run {run_id} ended: {snap['outcome']} ({_shown(snap.get('reason'))})")
-            return 0
-        # The session's host publishes its pane while someone asks for it.
-        registry.request_pane(client, run_id)
-        text = _next_pane(cfg, run_id, seen if args.follow else None)
-        if text is not None:
-            _print_new_lines(seen, text)
-            seen = text
-        elif seen is None and not _snapshot(cfg, run_id).get("outcome"):
-            raise FormulabeatError(
-                f"run {run_id}: its host {_shown(snap.get('host'))} did not publish the pane; "
-                "is its worker running?"
-            )
-        if not args.follow:
-            return 0
-        time.sleep(1)
+    with _CtrlC() as ctrl_c:
+        while not ctrl_c.pressed:
+            snap = _snapshot(cfg, run_id)
+            if snap.get("outcome"):
+                if args.follow:
+                    # Its host published the screen once more as the session ended.
+                    _print_new_lines(seen, registry.published_pane(client, run_id))
+                print(f"run {run_id} ended: {snap['outcome']} ({_shown(snap.get('reason'))})")
+                return 0
+            # The session's host publishes its pane while someone asks for it.
+            registry.request_pane(client, run_id)
+            text = _next_pane(cfg, run_id, seen if args.follow else None, ctrl_c)
+            if text is not None:
+                _print_new_lines(seen, text)
+                seen = text
+            elif seen is None and not ctrl_c.pressed and not _snapshot(cfg, run_id).get("outcome"):
+                raise FormulabeatError(
+                    f"run {run_id}: its host {_shown(snap.get('host'))} did not publish the pane; "
+                    "is its worker running?"
+                )
+            if not args.follow and not ctrl_c.pressed:
+                return 0
+            ctrl_c.sleep(1)
+    return EXIT_INTERRUPTED
 
 
-def _next_pane(cfg: Config, run_id: str, unlike: str | None, seconds: float = 10) -> str | None:
+class _CtrlC:
+    """A Ctrl-C (SIGINT) noted, not raised, while a loop follows a run.
+
+    Raised as KeyboardInterrupt it can land in a finaliser (a Redis
+    connection's or a result's ``__del__``), where Python prints it and goes
+    on following (the likely cause of a follower in the suite, on a loaded
+    machine, still running 30 s after its Ctrl-C). Noted, the loop sees it
+    at its next step.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._before: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        self._before = signal.signal(signal.SIGINT, self._press)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._before)
+
+    def _press(self, signum: int, frame: object) -> None:
+        self.pressed = True
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, less once Ctrl-C is pressed."""
+        deadline = time.monotonic() + seconds
+        while not self.pressed and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def _next_pane(
+    cfg: Config, run_id: str, unlike: str | None, ctrl_c: _CtrlC, seconds: float = 10
+) -> str | None:
     """The pane the run's host publishes next, other than ``unlike``; None if none came
-    within ``seconds`` or the run ended."""
+    within ``seconds``, the run ended or Ctrl-C was pressed."""
     from tasks.app import redis_client
     from workers import registry
 
     client = redis_client(cfg)
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not ctrl_c.pressed:
         text = registry.published_pane(client, run_id)
         if text is not None and text != unlike:
             return text
         if _snapshot(cfg, run_id).get("outcome"):
             return None
-        time.sleep(0.3)
+        ctrl_c.sleep(0.3)
     return None
 
 
