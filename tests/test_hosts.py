@@ -77,9 +77,14 @@ def test_a_run_claimed_by_a_worker_killed_at_once_is_adopted_not_lost(
     # Killed after taking the lease and a slot, before either was published.
     assert Lease.acquire(redis_client, agent_lock_key("proj", "planner"), state.id, "host-a", 300)
     assert Slots(redis_client, "default", 300).try_acquire(state.id, 64)
-    fleet.start_worker("host-a")
     # No agent had started: the next worker prepares the run again, and it runs.
-    result = wait_result(client_app(load_config(fleet.config_path)).AsyncResult(state.id), 60)
+    _prepared_again_and_done(fleet, redis_client, state.id)
+
+
+def _prepared_again_and_done(fleet: Fleet, redis_client: redis.Redis, run_id: str) -> None:
+    """The host's next worker prepares the run again; it ends done, nothing left held."""
+    fleet.start_worker("host-a")
+    result = wait_result(client_app(load_config(fleet.config_path)).AsyncResult(run_id), 60)
     assert result["outcome"] == "done", result
     assert result["restarts"] == 1
     assert registry.live_states(redis_client, "host-a") == []
@@ -104,11 +109,7 @@ def test_a_run_whose_state_names_an_older_lease_token_is_prepared_again_not_skip
     published = {**run.to_dict(), "state": "PREPARING", "lease_key": key}
     registry.save_state(redis_client, {**published, "lease_token": first.token})
     assert Lease.acquire(redis_client, key, run.id, "host-a", 300)
-    fleet.start_worker("host-a")
-    result = wait_result(client_app(load_config(fleet.config_path)).AsyncResult(run.id), 60)
-    assert result["outcome"] == "done", result
-    assert result["restarts"] == 1
-    assert held_claims(redis_client) == []
+    _prepared_again_and_done(fleet, redis_client, run.id)
 
 
 def test_a_prepared_run_whose_session_step_waits_is_left_to_that_step(
